@@ -1,0 +1,357 @@
+"""Directions in weight space, generated tensor by tensor and never materialized whole.
+
+A direction maps a canonical parameter name and that parameter's *origin* value θ₀ to the
+direction's slice for that tensor (float32, on θ₀'s device), or ``None`` for a zero slice.
+
+* :class:`RandomDirection` draws N(0, I) from a ``torch.Generator`` seeded by (seed, name) on the
+  CPU in float32, so one seed gives the same direction on CPU and GPU and for any weight dtype,
+  then rescales each slice to the norm of θ₀'s tensor ("layer normalization", paper default) or
+  of each row ("filter normalization", Li et al. 2018).
+* :class:`InterpolationDirection` is ``θ_target − θ_source`` (source defaults to θ₀ itself),
+  read tensor by tensor from a model, a state dict or a safetensors file.
+* :class:`LoraDirection` is the weight update ``scale · B A`` of a LoRA adapter (a live
+  ``PeftModel`` or an adapter folder), computed for one layer at a time.
+
+Example:
+    >>> import torch
+    >>> d = RandomDirection(seed=0)
+    >>> w = torch.ones(4, 3)
+    >>> s = d.tensor("layer.weight", w)
+    >>> torch.allclose(s.norm(), w.norm()), torch.equal(s, d.tensor("layer.weight", w.double()))
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from .weights import named_canonical_parameters
+
+__all__ = [
+    "Direction",
+    "InterpolationDirection",
+    "LoraDirection",
+    "RandomDirection",
+    "direction_from_dict",
+    "direction_slices",
+    "name_seed",
+]
+
+Normalization = Literal["layer", "filter", "none"]
+
+
+@runtime_checkable
+class Direction(Protocol):
+    """A direction in weight space, one tensor at a time."""
+
+    def tensor(self, name: str, origin: torch.Tensor) -> torch.Tensor | None:
+        """The float32 slice of the direction for parameter ``name`` (``None``: zero)."""
+        ...
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able description, enough to rebuild the direction (see ``direction_from_dict``)."""
+        ...
+
+
+def name_seed(seed: int, name: str) -> int:
+    """The generator seed of one tensor: a stable 63-bit hash of (seed, canonical name).
+
+    Example:
+        >>> name_seed(0, "a") == name_seed(0, "a") != name_seed(1, "a")
+        True
+    """
+    digest = hashlib.sha256(f"safety-guard:{int(seed)}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _rescale(direction: torch.Tensor, origin: torch.Tensor, normalization: Normalization) -> None:
+    """Rescale ``direction`` in place so its norm matches ``origin`` (per tensor or per row)."""
+    if normalization == "none":
+        return
+    ref = origin.float()
+    if normalization == "filter" and direction.dim() > 1:
+        d_norm = direction.flatten(1).norm(dim=1).clamp_min(1e-12)
+        o_norm = ref.flatten(1).norm(dim=1)
+        direction.mul_((o_norm / d_norm).view(-1, *([1] * (direction.dim() - 1))))
+    else:
+        direction.mul_(ref.norm() / direction.norm().clamp_min(1e-12))
+
+
+class RandomDirection:
+    """A Gaussian direction keyed by ``(seed, parameter name)``, normalized to the weights.
+
+    Args:
+        seed: the direction's seed; the same seed gives the same direction everywhere.
+        normalization: ``"layer"`` (each tensor's slice has θ₀'s tensor norm, as in the paper),
+            ``"filter"`` (per output row) or ``"none"``.
+    """
+
+    def __init__(self, seed: int, normalization: Normalization = "layer") -> None:
+        if normalization not in ("layer", "filter", "none"):
+            raise ValueError(
+                f"normalization must be 'layer', 'filter' or 'none', got {normalization!r}."
+            )
+        self.seed = int(seed)
+        self.normalization: Normalization = normalization
+
+    def tensor(self, name: str, origin: torch.Tensor) -> torch.Tensor:
+        generator = torch.Generator(device="cpu").manual_seed(name_seed(self.seed, name))
+        out = torch.randn(origin.shape, generator=generator, dtype=torch.float32)
+        out = out.to(origin.device, non_blocking=True)
+        _rescale(out, origin, self.normalization)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "random", "seed": self.seed, "normalization": self.normalization}
+
+    def __repr__(self) -> str:
+        return f"RandomDirection(seed={self.seed}, normalization={self.normalization!r})"
+
+
+class _TensorSource:
+    """Read tensors by canonical name from a module, a mapping or a safetensors file, lazily."""
+
+    def __init__(self, source: nn.Module | Mapping[str, torch.Tensor] | str | Path) -> None:
+        self._file = None
+        self._prefix = ""
+        if isinstance(source, nn.Module):
+            self._tensors: Mapping[str, torch.Tensor] = dict(named_canonical_parameters(source))
+        elif isinstance(source, Mapping):
+            self._tensors = source
+        else:
+            from safetensors import safe_open
+
+            path = Path(source)
+            if path.is_dir():
+                candidates = sorted(path.glob("*.safetensors"))
+                if len(candidates) != 1:
+                    raise ValueError(
+                        f"{path} holds {len(candidates)} .safetensors files; pass one file, or a "
+                        "model (from_pretrained) for sharded checkpoints."
+                    )
+                path = candidates[0]
+            if not path.exists():
+                raise FileNotFoundError(f"No such weights file: {path}")
+            self._file = safe_open(str(path), framework="pt", device="cpu")
+            keys = set(self._file.keys())
+            self._tensors = {}
+            self._keys = keys
+        self.description = str(source) if isinstance(source, str | Path) else type(source).__name__
+
+    def get(self, name: str) -> torch.Tensor | None:
+        if self._file is not None:
+            return self._file.get_tensor(name) if name in self._keys else None
+        return self._tensors.get(name)
+
+
+class InterpolationDirection:
+    """``θ_target − θ_source``: α = 0 is the source (by default θ₀), α = 1 the target.
+
+    Args:
+        target: the finetuned weights: a model, a state dict (canonical names) or a safetensors
+            file.
+        source: the aligned weights, same forms; ``None`` uses the origin θ₀ of the perturbed
+            model itself (the usual case: perturb the aligned model towards the finetuned one).
+
+    Tensors missing from the target get a zero slice.
+    """
+
+    def __init__(
+        self,
+        target: nn.Module | Mapping[str, torch.Tensor] | str | Path,
+        source: nn.Module | Mapping[str, torch.Tensor] | str | Path | None = None,
+    ) -> None:
+        self._target = _TensorSource(target)
+        self._source = _TensorSource(source) if source is not None else None
+
+    def tensor(self, name: str, origin: torch.Tensor) -> torch.Tensor | None:
+        target = self._target.get(name)
+        if target is None:
+            return None
+        if target.shape != origin.shape:
+            raise ValueError(
+                f"Interpolation target tensor {name!r} has shape {tuple(target.shape)}, but the "
+                f"model's has {tuple(origin.shape)}: the two checkpoints are different architectures."
+            )
+        out = target.to(origin.device, torch.float32, copy=True)
+        if self._source is None:
+            out.sub_(origin.float())
+        else:
+            source = self._source.get(name)
+            if source is None:
+                return None
+            out.sub_(source.to(origin.device, torch.float32))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "interpolation",
+            "target": self._target.description,
+            "source": self._source.description if self._source is not None else "origin",
+        }
+
+
+class LoraDirection:
+    """The weight update of a LoRA adapter, ``scale · B @ A`` per adapted weight.
+
+    Args:
+        adapter: a live ``peft.PeftModel`` (its active adapter is used) or a folder written by
+            ``save_pretrained`` (``adapter_config.json`` + ``adapter_model.safetensors``).
+        adapter_name: which adapter of a live model (default: the active one).
+
+    Only LoRA adapters without DoRA are supported.
+    """
+
+    def __init__(self, adapter: nn.Module | str | Path, adapter_name: str | None = None) -> None:
+        self._factors: dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]] = {}
+        if isinstance(adapter, nn.Module):
+            self._from_model(adapter, adapter_name)
+            self.description = f"peft:{adapter_name or 'active'}"
+        else:
+            self._from_folder(Path(adapter))
+            self.description = str(adapter)
+        if not self._factors:
+            raise ValueError("The adapter has no LoRA layers, so it defines no direction.")
+
+    def _from_model(self, model: nn.Module, adapter_name: str | None) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        from .weights import unwrap_model
+
+        root = unwrap_model(model)
+        for name, module in root.named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            active = adapter_name or (module.active_adapters[0] if module.active_adapters else None)
+            if active is None or active not in module.lora_A:
+                continue
+            if module.use_dora.get(active, False):
+                raise ValueError("DoRA adapters are not supported by LoraDirection.")
+            a = module.lora_A[active].weight
+            b = module.lora_B[active].weight
+            fan_in_fan_out = bool(getattr(module, "fan_in_fan_out", False))
+            self._factors[f"{name}.weight"] = (a, b, float(module.scaling[active]), fan_in_fan_out)
+
+    def _from_folder(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        config_path = folder / "adapter_config.json"
+        weights_path = folder / "adapter_model.safetensors"
+        if not config_path.exists() or not weights_path.exists():
+            raise FileNotFoundError(
+                f"{folder} is not a PEFT adapter folder: expected adapter_config.json and "
+                "adapter_model.safetensors (written by PeftModel.save_pretrained)."
+            )
+        config = json.loads(config_path.read_text())
+        if config.get("peft_type") != "LORA":
+            raise ValueError(f"Only LoRA adapters are supported, got {config.get('peft_type')!r}.")
+        if config.get("use_dora"):
+            raise ValueError("DoRA adapters are not supported by LoraDirection.")
+        tensors = load_file(str(weights_path))
+        r, alpha = config["r"], config.get("lora_alpha", config["r"])
+        rank_pattern = config.get("rank_pattern") or {}
+        alpha_pattern = config.get("alpha_pattern") or {}
+        use_rslora = bool(config.get("use_rslora"))
+        prefix = "base_model.model."
+        for key, a in tensors.items():
+            if ".lora_A." not in key:
+                continue
+            module_name = key.split(".lora_A.")[0]
+            b = tensors.get(key.replace(".lora_A.", ".lora_B."))
+            if b is None:
+                continue
+            short = module_name[len(prefix) :] if module_name.startswith(prefix) else module_name
+            rank = next((v for k, v in rank_pattern.items() if short.endswith(k)), r)
+            lora_alpha = next((v for k, v in alpha_pattern.items() if short.endswith(k)), alpha)
+            scale = lora_alpha / (rank**0.5 if use_rslora else rank)
+            self._factors[f"{short}.weight"] = (
+                a,
+                b,
+                float(scale),
+                bool(config.get("fan_in_fan_out")),
+            )
+
+    def factors(self) -> Mapping[str, tuple[torch.Tensor, torch.Tensor, float, bool]]:
+        """``{canonical weight name: (A, B, scale, fan_in_fan_out)}``."""
+        return self._factors
+
+    def tensor(self, name: str, origin: torch.Tensor) -> torch.Tensor | None:
+        entry = self._factors.get(name)
+        if entry is None:
+            return None
+        a, b, scale, fan_in_fan_out = entry
+        a = a.detach().to(origin.device, torch.float32)
+        b = b.detach().to(origin.device, torch.float32)
+        delta = (b @ a).mul_(scale)
+        if fan_in_fan_out:
+            delta = delta.T.contiguous()
+        if delta.shape != origin.shape:
+            raise ValueError(
+                f"LoRA update for {name!r} has shape {tuple(delta.shape)}, the weight has "
+                f"{tuple(origin.shape)}: the adapter was trained on another model."
+            )
+        return delta
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "lora", "adapter": self.description}
+
+
+def direction_from_dict(spec: Mapping[str, Any]) -> Direction:
+    """Rebuild a random direction from its ``to_dict()`` description.
+
+    Example:
+        >>> direction_from_dict({"kind": "random", "seed": 3}).seed
+        3
+    """
+    kind = spec.get("kind")
+    if kind == "random":
+        return RandomDirection(seed=spec["seed"], normalization=spec.get("normalization", "layer"))
+    if kind == "interpolation":
+        target = spec.get("target")
+        if not target or not Path(target).exists():
+            raise ValueError(
+                "This interpolation direction was built from an in-memory model; pass the "
+                "target model again to rebuild it."
+            )
+        source = spec.get("source")
+        return InterpolationDirection(target, None if source in (None, "origin") else source)
+    if kind == "lora":
+        return LoraDirection(spec["adapter"])
+    raise ValueError(
+        f"Unknown direction kind {kind!r}; expected 'random', 'interpolation' or 'lora'."
+    )
+
+
+def direction_slices(
+    directions: Sequence[Direction],
+    name: str,
+    origin: torch.Tensor,
+    orthogonalize: bool = True,
+) -> list[torch.Tensor | None]:
+    """The slices of several directions for one tensor, Gram–Schmidt orthogonalized in order.
+
+    Orthogonalizing every tensor's slices makes the whole directions orthogonal without ever
+    holding them whole. An orthogonalized random slice is rescaled back to its normalized norm.
+    """
+    slices: list[torch.Tensor | None] = []
+    for direction in directions:
+        s = direction.tensor(name, origin)
+        if orthogonalize and s is not None:
+            target_norm = s.norm()
+            for prev in slices:
+                if prev is None:
+                    continue
+                denom = prev.pow(2).sum()
+                if denom > 0:
+                    s.sub_(prev, alpha=float((s * prev).sum() / denom))
+            if slices and isinstance(direction, RandomDirection):
+                s.mul_(target_norm / s.norm().clamp_min(1e-12))
+        slices.append(s)
+    return slices

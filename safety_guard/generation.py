@@ -1,0 +1,292 @@
+"""Chat formatting, batched greedy generation and teacher-forced NLL, without touching the tokenizer.
+
+Padding is done here (left for generation, right for scoring) instead of by the tokenizer, so the
+caller's tokenizer keeps its ``padding_side`` and ``pad_token``; the model's ``training`` flag is
+restored after every call.
+
+Why the default ``max_new_tokens`` is short (24): a refusal phrase of the keyword judge
+("I'm sorry", "I cannot" ...) appears in the first few tokens of a refusal, and a compliant
+opening shows none. On the testbed the verdict after 24 tokens matched that after 512 for every
+response we inspected, at a twentieth of the decode work; the paper's 512 stays available.
+
+Example:
+    >>> fmt = ChatFormat(template="plain", system_prompt="Be brief.")
+    >>> fmt.render(None, "Hi")
+    'Be brief.\\n\\n### Instruction:\\nHi\\n\\n### Response:\\n'
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ChatFormat",
+    "GenerationResult",
+    "MissingChatTemplateError",
+    "eval_mode",
+    "generate_responses",
+    "sequence_nll",
+]
+
+PLAIN_TEMPLATE = "{system}### Instruction:\n{prompt}\n\n### Response:\n"
+
+
+class MissingChatTemplateError(ValueError):
+    """The tokenizer has no chat template and the plain template was not asked for."""
+
+
+@dataclass
+class ChatFormat:
+    """How a request becomes model input.
+
+    Args:
+        template: ``"chat"`` uses the tokenizer's chat template; ``"plain"`` a documented
+            instruction template (``### Instruction: ... ### Response:``) for base models.
+        system_prompt: ``None`` keeps the model's default (no system message: the template's
+            own default applies); a string adds it as the system message; ``""`` sends an empty
+            system message, i.e. no system prompt.
+    """
+
+    template: Literal["chat", "plain"] = field(
+        default="chat", metadata={"help": "'chat' (tokenizer's chat template) or 'plain'."}
+    )
+    system_prompt: str | None = field(
+        default=None,
+        metadata={"help": "None: the model's default; '': none; text: a custom system prompt."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.template not in ("chat", "plain"):
+            raise ValueError(f"template must be 'chat' or 'plain', got {self.template!r}.")
+
+    def render(self, tokenizer: Any, prompt: str) -> str:
+        """The model input for one request, ending where the assistant's answer begins."""
+        if self.template == "plain":
+            system = f"{self.system_prompt}\n\n" if self.system_prompt else ""
+            return PLAIN_TEMPLATE.format(system=system, prompt=prompt)
+        if getattr(tokenizer, "chat_template", None) is None:
+            name = getattr(tokenizer, "name_or_path", "this tokenizer")
+            raise MissingChatTemplateError(
+                f"The tokenizer of {name!r} has no chat template. Use a chat model, set "
+                "tokenizer.chat_template, or use the plain instruction template: "
+                "ChatFormat(template='plain') in Python, --plain-template on the command line."
+            )
+        messages = []
+        if self.system_prompt is not None:
+            messages.append({"role": "system", "content": self.system_prompt})
+        messages.append({"role": "user", "content": prompt})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    @property
+    def adds_special_tokens(self) -> bool:
+        """Chat templates carry their own BOS; the plain template relies on the tokenizer's."""
+        return self.template == "plain"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"template": self.template, "system_prompt": self.system_prompt}
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode and restore every submodule's ``training`` flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+@dataclass
+class GenerationResult:
+    """Responses in input order and the decode work spent (batch rows × decode steps)."""
+
+    responses: list[str]
+    decoded_tokens: int
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def _encode(tokenizer: Any, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
+    return [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    try:
+        return next(p.device for p in model.parameters() if p.device.type != "meta")
+    except StopIteration:
+        return torch.device("cpu")
+
+
+class _DecidedCriteria:
+    """Per-sequence stop once a judge's verdict can no longer change."""
+
+    def __init__(self, tokenizer: Any, prompt_len: int, decided: Callable[[str], bool]) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_len = prompt_len
+        self.decided = decided
+        self.done: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        if self.done is None:
+            self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        new = input_ids[:, self.prompt_len :]
+        for row in torch.nonzero(~self.done).flatten().tolist():
+            text = self.tokenizer.decode(new[row], skip_special_tokens=True)
+            if self.decided(text):
+                self.done[row] = True
+        return self.done.clone()
+
+
+@torch.no_grad()
+def generate_responses(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    chat_format: ChatFormat | None = None,
+    max_new_tokens: int = 24,
+    batch_size: int = 16,
+    stop_when_decided: Callable[[str], bool] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> GenerationResult:
+    """Greedy responses to ``prompts``, batched with left padding.
+
+    Generation of a batch ends when every sequence has produced EOS (or, with
+    ``stop_when_decided``, when the judge's verdict on it is final), or after ``max_new_tokens``.
+
+    Args:
+        model: a causal LM (plain or PEFT-wrapped).
+        tokenizer: its tokenizer; it is not modified.
+        prompts: user requests, rendered with ``chat_format``.
+        max_new_tokens: decode budget per response.
+        batch_size: prompts per ``generate`` call (sorted by length to limit padding).
+        stop_when_decided: ``fn(partial_response) -> bool``; a sequence stops once it is True.
+        progress: called with the number of prompts finished after each batch.
+    """
+    if not prompts:
+        raise ValueError("generate_responses() got no prompts.")
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError("max_new_tokens and batch_size must be at least 1.")
+    chat_format = chat_format or ChatFormat()
+    texts = [chat_format.render(tokenizer, p) for p in prompts]
+    encoded = _encode(tokenizer, texts, chat_format.adds_special_tokens)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    pad_id = _pad_id(tokenizer)
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    device = _model_device(model)
+    responses: list[str] = [""] * len(prompts)
+    decoded = 0
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                seq = encoded[i]
+                ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+                mask[row, width - len(seq) :] = 1
+            kwargs: dict[str, Any] = {}
+            if stop_when_decided is not None:
+                from transformers import StoppingCriteriaList
+
+                kwargs["stopping_criteria"] = StoppingCriteriaList(
+                    [_DecidedCriteria(tokenizer, width, stop_when_decided)]
+                )
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                num_beams=1,
+                pad_token_id=pad_id,
+                eos_token_id=eos,
+                use_cache=True,
+                **kwargs,
+            )
+            new = out[:, width:]
+            decoded += int(new.shape[0] * new.shape[1])
+            for row, i in enumerate(idx):
+                responses[i] = tokenizer.decode(new[row], skip_special_tokens=True).strip()
+            if progress is not None:
+                progress(len(idx))
+    return GenerationResult(responses, decoded)
+
+
+@torch.no_grad()
+def sequence_nll(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    *,
+    chat_format: ChatFormat | None = None,
+    batch_size: int = 16,
+) -> float:
+    """Mean per-token negative log-likelihood of ``answers`` given ``prompts`` (teacher forcing).
+
+    Used as the capability measure: the NLL of the unperturbed model's own greedy answers to
+    benign requests rises slowly as the model degrades and explodes when it emits gibberish.
+    Non-finite logits give ``inf``.
+    """
+    if len(prompts) != len(answers) or not prompts:
+        raise ValueError("sequence_nll() needs as many answers as prompts, and at least one.")
+    chat_format = chat_format or ChatFormat()
+    contexts = _encode(
+        tokenizer,
+        [chat_format.render(tokenizer, p) for p in prompts],
+        chat_format.adds_special_tokens,
+    )
+    targets = _encode(tokenizer, list(answers), False)
+    pad_id = _pad_id(tokenizer)
+    device = _model_device(model)
+    total, count = 0.0, 0
+    with eval_mode(model):
+        for start in range(0, len(prompts), batch_size):
+            rows = range(start, min(start + batch_size, len(prompts)))
+            seqs = [contexts[i] + targets[i] for i in rows]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            labels = torch.full_like(ids, -100)
+            for r, i in enumerate(rows):
+                seq = seqs[r]
+                ids[r, : len(seq)] = torch.tensor(seq)
+                mask[r, : len(seq)] = 1
+                labels[r, len(contexts[i]) : len(seq)] = torch.tensor(targets[i])
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            logits = logits[:, :-1].float()
+            shifted = labels[:, 1:].to(device)
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]),
+                shifted.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
+            total += float(nll)
+            count += int((shifted != -100).sum())
+    if count == 0:
+        raise ValueError("The reference answers are empty; nothing to score.")
+    value = total / count
+    return value if value == value else float("inf")  # NaN -> inf

@@ -1,0 +1,223 @@
+"""Move a model to θ₀ + α·d₁ (+ β·d₂) in place and put θ₀ back bit for bit.
+
+Every move starts from the saved origin θ₀ (never from the previous point), so there is no
+drift however many moves are made, and :meth:`WeightPerturbation.restore` copies the saved bytes
+back. Extra memory: one copy of the moved weights in their own dtype (on the CPU by default, or in
+a scratch file on disk with ``offload="disk"``) plus a few tensors' worth of direction slices.
+
+Example:
+    >>> import torch
+    >>> from safety_guard.directions import RandomDirection
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    >>> before = model[0].weight.clone()
+    >>> with WeightPerturbation(model, [RandomDirection(seed=0)]) as move:
+    ...     move.apply(0.5)
+    ...     moved = not torch.equal(model[0].weight, before)
+    >>> moved, torch.equal(model[0].weight, before)
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .directions import Direction, direction_slices
+from .weights import ParameterSelection, check_finite, perturbable_parameters
+
+__all__ = ["WeightPerturbation"]
+
+Offload = Literal["cpu", "disk"]
+
+
+class _DiskSnapshot:
+    """Raw bytes of each tensor in one scratch file; restore reads straight into the parameter."""
+
+    def __init__(self, directory: str | None = None) -> None:
+        fd, path = tempfile.mkstemp(prefix="safety-guard-origin-", suffix=".bin", dir=directory)
+        self.path = Path(path)
+        self._file = os.fdopen(fd, "w+b", buffering=0)
+        self._offsets: dict[str, tuple[int, int]] = {}
+
+    def save(self, name: str, tensor: torch.Tensor) -> None:
+        data = tensor.detach().contiguous().cpu()
+        raw = data.view(-1).view(torch.uint8).numpy()
+        offset = self._file.seek(0, os.SEEK_END)
+        self._file.write(memoryview(raw))
+        self._offsets[name] = (offset, raw.nbytes)
+
+    def load_into(self, name: str, param: torch.Tensor) -> None:
+        offset, nbytes = self._offsets[name]
+        self._file.seek(offset)
+        if param.device.type == "cpu" and param.is_contiguous():
+            target = param.data.view(-1).view(torch.uint8).numpy()
+            self._file.readinto(memoryview(target))
+        else:
+            buffer = torch.empty(param.shape, dtype=param.dtype)
+            self._file.readinto(memoryview(buffer.view(-1).view(torch.uint8).numpy()))
+            param.data.copy_(buffer)
+        del nbytes
+
+    def get(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(like.shape, dtype=like.dtype)
+        offset, _ = self._offsets[name]
+        self._file.seek(offset)
+        self._file.readinto(memoryview(out.view(-1).view(torch.uint8).numpy()))
+        return out
+
+    def close(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+class WeightPerturbation:
+    """Context manager that perturbs a model along fixed directions and restores it exactly.
+
+    Args:
+        model: any ``nn.Module`` (transformers model, PEFT-wrapped model ...).
+        directions: one or two directions (any number works; they are orthogonalized in order
+            when ``orthogonalize`` is true).
+        selection: which parameters random directions move (norm layers excluded by default).
+            Interpolation and LoRA directions also move only these.
+        orthogonalize: Gram–Schmidt the directions tensor by tensor.
+        offload: where the copy of θ₀ lives: ``"cpu"`` (RAM, own dtype) or ``"disk"`` (a scratch
+            file, so extra RAM is one tensor; restores are then bounded by disk speed).
+        check_finite: refuse weights holding NaN/inf with a clear error.
+
+    Use :meth:`apply` to move to ``θ₀ + Σ cᵢ·dᵢ`` and :meth:`restore` (or leaving the ``with``
+    block, also on an exception) to return to θ₀.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        directions: Sequence[Direction],
+        *,
+        selection: ParameterSelection | None = None,
+        orthogonalize: bool = True,
+        offload: Offload = "cpu",
+        check_finite: bool = True,
+        scratch_dir: str | None = None,
+    ) -> None:
+        if not directions:
+            raise ValueError("WeightPerturbation needs at least one direction.")
+        if offload not in ("cpu", "disk"):
+            raise ValueError(f"offload must be 'cpu' or 'disk', got {offload!r}.")
+        self.model = model
+        self.directions = list(directions)
+        self.orthogonalize = orthogonalize
+        self.offload: Offload = offload
+        self._params = perturbable_parameters(model, selection)
+        self._check_finite = check_finite
+        self._scratch_dir = scratch_dir
+        self._ram: dict[str, torch.Tensor] | None = None
+        self._disk: _DiskSnapshot | None = None
+        self._moved = False
+        self.coefficients: tuple[float, ...] = tuple(0.0 for _ in self.directions)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def __enter__(self) -> WeightPerturbation:
+        self.save()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @torch.no_grad()
+    def save(self) -> None:
+        """Record θ₀ of every perturbable parameter (called by ``__enter__``)."""
+        if self._check_finite:
+            check_finite(self._params)
+        if self.offload == "disk":
+            self._disk = _DiskSnapshot(self._scratch_dir)
+            for name, param in self._params:
+                self._disk.save(name, param)
+        else:
+            pin = torch.cuda.is_available() and any(p.is_cuda for _, p in self._params)
+            self._ram = {}
+            for name, param in self._params:
+                copy = torch.empty(param.shape, dtype=param.dtype, pin_memory=pin)
+                copy.copy_(param.detach(), non_blocking=pin)
+                self._ram[name] = copy
+            if pin:
+                torch.cuda.synchronize()
+
+    def close(self) -> None:
+        """Restore θ₀ and free the saved copy."""
+        try:
+            if self._ram is not None or self._disk is not None:
+                self.restore()
+        finally:
+            self._ram = None
+            if self._disk is not None:
+                self._disk.close()
+                self._disk = None
+
+    @property
+    def num_parameters(self) -> int:
+        """Number of weights the directions may move."""
+        return sum(p.numel() for _, p in self._params)
+
+    @property
+    def saved_bytes(self) -> int:
+        """Bytes held by the copy of θ₀ (in RAM or on disk)."""
+        return sum(p.numel() * p.element_size() for _, p in self._params)
+
+    # -- moves -------------------------------------------------------------------------------
+    def _origin(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        if self._ram is not None:
+            return self._ram[name]
+        if self._disk is not None:
+            return self._disk.get(name, param)
+        raise RuntimeError("WeightPerturbation is not active: use it as a context manager.")
+
+    @torch.no_grad()
+    def apply(self, *coefficients: float) -> None:
+        """Set the weights to ``θ₀ + Σ coefficients[i] · directions[i]`` (computed in float32)."""
+        if len(coefficients) != len(self.directions):
+            raise ValueError(
+                f"apply() takes one coefficient per direction ({len(self.directions)}), "
+                f"got {len(coefficients)}."
+            )
+        if all(c == 0 for c in coefficients):
+            self.restore()
+            return
+        self._moved = True  # set first: a failure half-way still restores on close()
+        for name, param in self._params:
+            origin = self._origin(name, param).to(param.device, non_blocking=True)
+            slices = direction_slices(self.directions, name, origin, self.orthogonalize)
+            if all(s is None for s in slices):
+                param.data.copy_(origin)
+                continue
+            moved = origin.float()
+            if moved.data_ptr() == origin.data_ptr():
+                moved = moved.clone()
+            for c, s in zip(coefficients, slices, strict=True):
+                if s is not None and c != 0:
+                    moved.add_(s, alpha=float(c))
+            param.data.copy_(moved)
+        self.coefficients = tuple(float(c) for c in coefficients)
+
+    @torch.no_grad()
+    def restore(self, force: bool = False) -> None:
+        """Copy θ₀ back into the model, bit for bit (a no-op when it was not moved)."""
+        if not (self._moved or force) and (self._ram is not None or self._disk is not None):
+            return
+        if self._ram is not None:
+            for name, param in self._params:
+                param.data.copy_(self._ram[name], non_blocking=True)
+            if any(p.is_cuda for _, p in self._params):
+                torch.cuda.synchronize()
+        elif self._disk is not None:
+            for name, param in self._params:
+                self._disk.load_into(name, param)
+        else:
+            raise RuntimeError("WeightPerturbation is not active: use it as a context manager.")
+        self._moved = False
+        self.coefficients = tuple(0.0 for _ in self.directions)

@@ -1,0 +1,226 @@
+"""Measure one point of the landscape: keyword ASR on harmful requests and capability on benign ones.
+
+Example:
+    >>> cfg = ProbeConfig(num_harmful=8, num_benign=4)
+    >>> cfg.max_new_tokens, cfg.early_stop
+    (24, True)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from torch import nn
+
+from .generation import ChatFormat, generate_responses, sequence_nll
+from .judges import Judge, KeywordJudge
+from .prompts import PromptSet, load_prompts
+
+__all__ = ["PAPER_PROBE", "PointResult", "ProbeConfig", "SafetyProbe"]
+
+
+@dataclass
+class ProbeConfig:
+    """What is measured at every landscape point, and how.
+
+    The defaults are safety-guard's fast setting: 24 new tokens and early stop per sequence once
+    the keyword verdict is final. :data:`PAPER_PROBE` is the paper's setting (512 tokens, every
+    response decoded to the end).
+    """
+
+    harmful: str = field(
+        default="builtin:harmful",
+        metadata={"help": "Harmful prompt source (builtin:harmful, CSV/JSONL file, dataset name)."},
+    )
+    num_harmful: int | None = field(
+        default=80, metadata={"help": "Use the first N harmful prompts (paper: 80; None = all)."}
+    )
+    benign: str = field(
+        default="builtin:benign",
+        metadata={"help": "Benign prompt source for the capability measure."},
+    )
+    num_benign: int = field(
+        default=16, metadata={"help": "Benign prompts for capability (0 disables capability)."}
+    )
+    capability_tokens: int = field(
+        default=32, metadata={"help": "Length of the reference answers whose NLL is capability."}
+    )
+    max_new_tokens: int = field(
+        default=24, metadata={"help": "Decode budget per harmful response (paper: 512)."}
+    )
+    batch_size: int = field(default=16, metadata={"help": "Prompts per generate() call."})
+    early_stop: bool = field(
+        default=True,
+        metadata={"help": "Stop a response once the judge's verdict can no longer change."},
+    )
+    template: Literal["chat", "plain"] = field(
+        default="chat", metadata={"help": "'chat' template of the tokenizer, or 'plain'."}
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "None: model default; '': none; text: custom."}
+    )
+    prompt_column: str | None = field(
+        default=None, metadata={"help": "Column/key of the prompt in CSV/JSONL/datasets sources."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.num_harmful is not None and self.num_harmful < 1:
+            raise ValueError("num_harmful must be at least 1 (or None for the whole set).")
+        if self.num_benign < 0:
+            raise ValueError("num_benign must be >= 0 (0 disables the capability measure).")
+        if self.max_new_tokens < 1 or self.capability_tokens < 1 or self.batch_size < 1:
+            raise ValueError("max_new_tokens, capability_tokens and batch_size must be >= 1.")
+        ChatFormat(self.template, self.system_prompt)  # validates template
+
+    @property
+    def chat_format(self) -> ChatFormat:
+        return ChatFormat(self.template, self.system_prompt)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+#: The paper's probing: 80 AdvBench-style prompts, 512 new tokens, every response to the end.
+PAPER_PROBE = ProbeConfig(max_new_tokens=512, early_stop=False)
+
+
+@dataclass
+class PointResult:
+    """What one landscape point measured."""
+
+    asr: float
+    unsafe: int
+    total: int
+    nll: float | None
+    decoded_tokens: int
+    seconds: float
+    samples: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class SafetyProbe:
+    """Probe a model's safety (ASR) and capability (NLL of reference answers) at its current weights.
+
+    Call :meth:`prepare` once at the *unperturbed* weights: it loads the prompt sets and records
+    the model's own greedy answers to the benign prompts, whose NLL is the capability measure.
+
+    Args:
+        model: the causal LM (plain or PEFT-wrapped).
+        tokenizer: its tokenizer (never modified).
+        config: a :class:`ProbeConfig`.
+        judge: a :class:`~safety_guard.judges.Judge` (default: the paper's keyword judge).
+        harmful: an already-loaded harmful :class:`PromptSet` (overrides ``config.harmful``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        config: ProbeConfig | None = None,
+        judge: Judge | None = None,
+        harmful: PromptSet | None = None,
+        benign: PromptSet | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or ProbeConfig()
+        self.judge: Judge = judge or KeywordJudge()
+        self._harmful = harmful
+        self._benign = benign
+        self.reference_answers: list[str] | None = None
+        self.reference_nll: float | None = None
+
+    @property
+    def harmful(self) -> PromptSet:
+        if self._harmful is None:
+            self._harmful = load_prompts(
+                self.config.harmful, column=self.config.prompt_column, limit=self.config.num_harmful
+            )
+        return self._harmful
+
+    @property
+    def benign(self) -> PromptSet | None:
+        if self.config.num_benign == 0:
+            return None
+        if self._benign is None:
+            self._benign = load_prompts(self.config.benign, limit=self.config.num_benign)
+        return self._benign
+
+    def prepare(self) -> None:
+        """Load prompts, check the template, and record reference answers at the current weights."""
+        fmt = self.config.chat_format
+        fmt.render(self.tokenizer, self.harmful[0])  # fails early without a chat template
+        if self.benign is not None and self.reference_answers is None:
+            gen = generate_responses(
+                self.model,
+                self.tokenizer,
+                list(self.benign),
+                chat_format=fmt,
+                max_new_tokens=self.config.capability_tokens,
+                batch_size=self.config.batch_size,
+            )
+            answers = [a if a else "." for a in gen.responses]
+            self.reference_answers = answers
+            self.reference_nll = self.capability()
+
+    def capability(self) -> float | None:
+        """Mean per-token NLL of the reference answers at the current weights (lower = better)."""
+        if self.benign is None or self.reference_answers is None:
+            return None
+        return sequence_nll(
+            self.model,
+            self.tokenizer,
+            list(self.benign),
+            self.reference_answers,
+            chat_format=self.config.chat_format,
+            batch_size=self.config.batch_size,
+        )
+
+    def evaluate(
+        self,
+        prompts: PromptSet | None = None,
+        progress: Callable[[int], None] | None = None,
+        capability: bool = True,
+    ) -> PointResult:
+        """ASR (percent) of ``prompts`` (default: the harmful set) and capability, now."""
+        prompts = prompts or self.harmful
+        start = time.perf_counter()
+        decided = None
+        if self.config.early_stop and isinstance(self.judge, KeywordJudge):
+            decided = self.judge.is_decided
+        gen = generate_responses(
+            self.model,
+            self.tokenizer,
+            list(prompts),
+            chat_format=self.config.chat_format,
+            max_new_tokens=self.config.max_new_tokens,
+            batch_size=self.config.batch_size,
+            stop_when_decided=decided,
+            progress=progress,
+        )
+        verdicts = self.judge(list(prompts), gen.responses)
+        unsafe = sum(verdicts)
+        nll = self.capability() if capability else None
+        return PointResult(
+            asr=100.0 * unsafe / len(verdicts),
+            unsafe=unsafe,
+            total=len(verdicts),
+            nll=nll,
+            decoded_tokens=gen.decoded_tokens,
+            seconds=time.perf_counter() - start,
+            samples=gen.responses[:2],
+        )
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that determines a measurement, for the landscape file."""
+        return {
+            "config": self.config.to_dict(),
+            "judge": self.judge.to_dict(),
+            "harmful": self.harmful.to_dict(),
+            "benign": self.benign.to_dict() if self.benign is not None else None,
+        }

@@ -1,0 +1,319 @@
+"""Which weights a landscape moves, under which names, and how to recognise a model again.
+
+Parameters are addressed by a *canonical name*: the name the parameter has in the plain
+transformers model. A PEFT wrapper (``base_model.model.`` prefix, ``.base_layer`` inside LoRA
+layers) does not change it, so a landscape computed on the aligned model applies unchanged to the
+same model wrapped for LoRA training.
+
+Example:
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32,
+    ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, vocab_size=64))
+    >>> names = [name for name, _ in perturbable_parameters(model)]
+    >>> "model.norm.weight" in names, "model.layers.0.mlp.up_proj.weight" in names
+    (False, True)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "DEFAULT_NORM_CLASS_PATTERN",
+    "ParameterSelection",
+    "check_finite",
+    "compare_fingerprints",
+    "is_norm_module",
+    "model_fingerprint",
+    "named_canonical_parameters",
+    "perturbable_parameters",
+    "unwrap_model",
+]
+
+#: Module classes whose name matches this pattern count as normalization layers, next to the
+#: torch classes below. Transformers defines its own norm classes per architecture
+#: (``LlamaRMSNorm``, ``Qwen2RMSNorm``, ``T5LayerNorm`` ...) that do not subclass torch's.
+DEFAULT_NORM_CLASS_PATTERN = (
+    r"(RMSNorm|LayerNorm|GroupNorm|BatchNorm[123]?d?|InstanceNorm[123]?d?)$"
+)
+
+_TORCH_NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.modules.batchnorm._NormBase,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+def is_norm_module(
+    module: nn.Module, class_pattern: str | None = DEFAULT_NORM_CLASS_PATTERN
+) -> bool:
+    """Whether ``module`` is a normalization layer, by its type.
+
+    Example:
+        >>> is_norm_module(torch.nn.LayerNorm(4)), is_norm_module(torch.nn.Linear(2, 2))
+        (True, False)
+    """
+    if isinstance(module, _TORCH_NORM_TYPES):
+        return True
+    return bool(class_pattern) and re.search(class_pattern, type(module).__name__) is not None
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain transformers model inside DDP/FSDP/``torch.compile``/PEFT wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP, DataParallel
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif _is_peft_model(model):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a declared dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _tuner_layer_types() -> tuple[type, ...]:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils import ModulesToSaveWrapper
+    except ImportError:  # pragma: no cover
+        return ()
+    return (BaseTunerLayer, ModulesToSaveWrapper)
+
+
+def named_canonical_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Yield ``(canonical_name, parameter)`` for the model's *base* weights.
+
+    Tied weights appear once. PEFT adapter weights (``lora_A``, ``lora_B`` ...) and the trainable
+    copies of ``modules_to_save`` are skipped; the frozen base weights inside a LoRA layer keep the
+    name they have in the unwrapped model.
+    """
+    root = unwrap_model(model)
+    tuner_types = _tuner_layer_types()
+    skip: set[int] = set()
+    renames: dict[str, str] = {}
+    if tuner_types:
+        base_tuner, save_wrapper = tuner_types
+        for name, module in root.named_modules():
+            if isinstance(module, base_tuner):
+                for layer_name in module.adapter_layer_names:
+                    sub = getattr(module, layer_name, None)
+                    if isinstance(sub, nn.Module):
+                        skip.update(id(p) for p in sub.parameters())
+                renames[f"{name}.base_layer."] = f"{name}."
+            elif isinstance(module, save_wrapper):
+                skip.update(id(p) for p in module.modules_to_save.parameters())
+                renames[f"{name}.original_module."] = f"{name}."
+    for name, param in root.named_parameters():
+        if id(param) in skip:
+            continue
+        for old, new in renames.items():
+            if name.startswith(old):
+                name = new + name[len(old) :]
+                break
+        yield name, param
+
+
+@dataclass
+class ParameterSelection:
+    """Which parameters a direction moves.
+
+    Args:
+        exclude_norm: give normalization layers (found by module type) a zero direction.
+        norm_class_pattern: regular expression on module class names that also counts as a norm.
+        exclude: regular expressions on canonical parameter names to leave unperturbed.
+        include: if given, only parameters matching one of these are perturbed.
+    """
+
+    exclude_norm: bool = field(default=True, metadata={"help": "Zero direction for norm layers."})
+    norm_class_pattern: str | None = field(
+        default=DEFAULT_NORM_CLASS_PATTERN,
+        metadata={"help": "Regex on module class names that marks extra normalization layers."},
+    )
+    exclude: Sequence[str] = field(
+        default=(), metadata={"help": "Regexes on parameter names to leave unperturbed."}
+    )
+    include: Sequence[str] | None = field(
+        default=None, metadata={"help": "If set, only parameters matching one of these regexes."}
+    )
+
+    def __post_init__(self) -> None:
+        for pattern in [*self.exclude, *(self.include or ())]:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(
+                    f"Invalid parameter-name regex {pattern!r}: {err}. Pass Python regular "
+                    "expressions, e.g. 'lm_head' or r'layers\\.0\\.'."
+                ) from err
+        self.exclude = tuple(self.exclude)
+        self.include = tuple(self.include) if self.include is not None else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "exclude_norm": self.exclude_norm,
+            "norm_class_pattern": self.norm_class_pattern,
+            "exclude": list(self.exclude),
+            "include": list(self.include) if self.include is not None else None,
+        }
+
+
+def perturbable_parameters(
+    model: nn.Module, selection: ParameterSelection | None = None
+) -> list[tuple[str, nn.Parameter]]:
+    """The ``(canonical_name, parameter)`` pairs a random direction moves, in model order."""
+    selection = selection or ParameterSelection()
+    root = unwrap_model(model)
+    norm_params: set[int] = set()
+    if selection.exclude_norm:
+        for module in root.modules():
+            if is_norm_module(module, selection.norm_class_pattern):
+                norm_params.update(id(p) for p in module.parameters(recurse=False))
+    out = []
+    for name, param in named_canonical_parameters(model):
+        if id(param) in norm_params:
+            continue
+        if any(re.search(p, name) for p in selection.exclude):
+            continue
+        if selection.include is not None and not any(re.search(p, name) for p in selection.include):
+            continue
+        if not param.is_floating_point():
+            continue
+        out.append((name, param))
+    return out
+
+
+def check_finite(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Raise ``ValueError`` naming the first tensor that holds NaN or inf."""
+    for name, tensor in named_tensors:
+        if not torch.isfinite(tensor).all():
+            raise ValueError(
+                f"Parameter {name!r} contains NaN or inf values; the model is already broken, "
+                "so no landscape can be measured around it. Reload the checkpoint (and check the "
+                "dtype: fp16 overflows are a common cause)."
+            )
+
+
+# -- fingerprints -------------------------------------------------------------------------------
+
+_VOLATILE_CONFIG_KEYS = {
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "quantization_config",
+    "use_cache",
+    "_attn_implementation_autoset",
+    "_attn_implementation",
+    "attn_implementation",
+    "architectures",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "pad_token_id",
+    "_commit_hash",
+}
+_ARCH_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "tie_word_embeddings",
+)
+_N_SAMPLES = 16
+
+
+def _sample_values(tensor: torch.Tensor) -> list[float]:
+    flat = tensor.detach().reshape(-1)
+    n = flat.numel()
+    idx = torch.linspace(0, n - 1, steps=min(_N_SAMPLES, n)).round().long().to(flat.device)
+    return [float(v) for v in flat[idx].float().cpu()]
+
+
+def model_fingerprint(model: nn.Module, num_tensors: int = 4) -> dict[str, Any]:
+    """A dtype-independent fingerprint: architecture config plus norms and samples of a few tensors.
+
+    Values are compared with a tolerance (see :func:`compare_fingerprints`), so the same weights
+    loaded in fp32 or bf16, on CPU or GPU, with or without a LoRA wrapper, match; another
+    checkpoint of the same architecture does not.
+    """
+    root = unwrap_model(model)
+    config = getattr(root, "config", None)
+    arch: dict[str, Any] = {}
+    if config is not None:
+        cfg = config.to_dict()
+        arch = {k: cfg.get(k) for k in _ARCH_KEYS if k in cfg}
+    params = [(n, p) for n, p in named_canonical_parameters(model) if p.is_floating_point()]
+    picks = sorted(
+        {round(i * (len(params) - 1) / max(num_tensors - 1, 1)) for i in range(num_tensors)}
+    )
+    tensors = []
+    for i in picks if params else []:
+        name, param = params[i]
+        with torch.no_grad():
+            tensors.append(
+                {
+                    "name": name,
+                    "shape": list(param.shape),
+                    "norm": float(param.detach().float().norm()),
+                    "samples": _sample_values(param),
+                }
+            )
+    return {
+        "architecture": arch,
+        "num_parameters": int(sum(p.numel() for _, p in params)),
+        "tensors": tensors,
+    }
+
+
+def compare_fingerprints(
+    expected: dict[str, Any], actual: dict[str, Any], rtol: float = 2e-2, atol: float = 1e-3
+) -> list[str]:
+    """Differences between two fingerprints, as human-readable lines (empty when they match)."""
+    problems = []
+    for key in sorted(set(expected.get("architecture", {})) | set(actual.get("architecture", {}))):
+        a, b = expected.get("architecture", {}).get(key), actual.get("architecture", {}).get(key)
+        if a != b:
+            problems.append(f"config {key}: file has {a!r}, model has {b!r}")
+    if expected.get("num_parameters") != actual.get("num_parameters"):
+        problems.append(
+            f"parameter count: file has {expected.get('num_parameters')}, "
+            f"model has {actual.get('num_parameters')}"
+        )
+    actual_tensors = {t["name"]: t for t in actual.get("tensors", [])}
+    for t in expected.get("tensors", []):
+        other = actual_tensors.get(t["name"])
+        if other is None:
+            problems.append(f"tensor {t['name']}: missing from the model")
+            continue
+        if other["shape"] != t["shape"]:
+            problems.append(f"tensor {t['name']}: shape {t['shape']} vs {other['shape']}")
+            continue
+        if not math.isclose(t["norm"], other["norm"], rel_tol=rtol, abs_tol=atol):
+            problems.append(f"tensor {t['name']}: norm {t['norm']:.6g} vs {other['norm']:.6g}")
+            continue
+        scale = max(abs(v) for v in t["samples"]) if t["samples"] else 1.0
+        for a, b in zip(t["samples"], other["samples"], strict=False):
+            if abs(a - b) > atol * scale + rtol * abs(a) + 1e-8:
+                problems.append(f"tensor {t['name']}: sampled values differ ({a:.6g} vs {b:.6g})")
+                break
+    return problems
