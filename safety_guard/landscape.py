@@ -102,6 +102,8 @@ class LandscapeConfig:
         search: ``"grid"`` sweeps every point; ``"adaptive"`` (1D) measures α = 0 and bisects
             the grid on each side for the first point outside the basin.
         edge_asr: ASR (percent) at or above which a point is outside the basin (paper: 100).
+        refine_asr: adaptive search also bisects every gap inside the basin whose two measured
+            ends differ by more than this many percentage points (steps inside the basin).
         normalization: ``"layer"`` (paper), ``"filter"`` or ``"none"`` for random directions.
         selection: which parameters move (norm layers excluded by default).
         offload: where the copy of θ₀ lives (``"cpu"`` or ``"disk"``).
@@ -123,6 +125,10 @@ class LandscapeConfig:
         default="adaptive", metadata={"help": "'grid' sweep or 'adaptive' edge bisection (1D)."}
     )
     edge_asr: float = field(default=100.0, metadata={"help": "ASR % that counts as outside."})
+    refine_asr: float = field(
+        default=5.0,
+        metadata={"help": "Adaptive: bisect gaps inside the basin whose ends differ by more (pp)."},
+    )
     normalization: Literal["layer", "filter", "none"] = field(
         default="layer", metadata={"help": "Random direction normalization."}
     )
@@ -144,6 +150,8 @@ class LandscapeConfig:
             raise ValueError("Adaptive search is 1D only; use search='grid' for a 2D landscape.")
         if self.num_directions < 1:
             raise ValueError("num_directions must be at least 1.")
+        if self.refine_asr < 0:
+            raise ValueError(f"refine_asr must be >= 0, got {self.refine_asr}.")
         if not 0 < self.edge_asr <= 100:
             raise ValueError(f"edge_asr is a percentage in (0, 100], got {self.edge_asr}.")
         if self.offload not in ("cpu", "disk"):
@@ -375,22 +383,47 @@ class Landscape:
 # -- computing ------------------------------------------------------------------------------------
 
 
-def _bisect_side(side: Sequence[float], outside: Callable[[float], bool]) -> None:
-    """Find the first point outside along ``side`` (ordered outward from 0) by bisection.
+def _bisect_side(
+    side: Sequence[float], asr: Callable[[float], float], threshold: float, tolerance: float
+) -> None:
+    """Locate the steps of the ASR curve along ``side`` (grid points ordered outward from 0).
 
-    Checks the far end first: if it is inside, the whole side is taken as inside.
+    First bisects for the first point outside the basin (checking the far end first: if it is
+    inside, the whole side counts as inside). Then, between the origin and that point, bisects
+    every gap whose two measured ends differ by more than ``tolerance`` percentage points, so
+    that a step inside the basin (say 0 % → 75 %) is located too. Unmeasured grid points lie
+    between two measured points of (nearly) equal ASR, so interpolating them is exact for a
+    step-like curve.
     """
     if not side:
         return
+    measured: dict[int, float] = {}
+
+    def value(i: int) -> float:
+        if i not in measured:
+            measured[i] = asr(side[i] if i >= 0 else 0.0)
+        return measured[i]
+
     lo, hi = -1, len(side) - 1  # side[lo] inside (lo = -1 is the origin), side[hi] outside
-    if not outside(side[hi]):
-        return
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if outside(side[mid]):
-            hi = mid
-        else:
-            lo = mid
+    if value(hi) < threshold:
+        lo = hi
+    else:
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if value(mid) >= threshold:
+                hi = mid
+            else:
+                lo = mid
+    value(-1)
+    refined = True
+    while refined:
+        refined = False
+        known = sorted(i for i in measured if i <= hi)
+        for a, b in zip(known, known[1:], strict=False):
+            if b - a > 1 and abs(measured[a] - measured[b]) > tolerance:
+                value((a + b) // 2)
+                refined = True
+                break
 
 
 def _dtype_name(model: nn.Module) -> str:
@@ -560,13 +593,14 @@ def compute_landscape(
                             point(alpha)
                     else:
 
-                        def outside(alpha: float) -> bool:
-                            return point(alpha)["asr"] >= config.edge_asr
+                        def asr_at(alpha: float) -> float:
+                            return point(alpha)["asr"]
 
-                        _bisect_side([a for a in config.alphas if a > 0], outside)
-                        _bisect_side(
-                            sorted((a for a in config.alphas if a < 0), reverse=True), outside
-                        )
+                        for side in (
+                            [a for a in config.alphas if a > 0],
+                            sorted((a for a in config.alphas if a < 0), reverse=True),
+                        ):
+                            _bisect_side(side, asr_at, config.edge_asr, config.refine_asr)
         else:
             axes = [interpolation] if config.kind == "interpolation" else []
             axes += [direction_from_dict(s) for s in random_specs][: 2 - len(axes)]

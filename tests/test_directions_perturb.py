@@ -1,0 +1,189 @@
+"""Directions and in-place perturbation: determinism, normalization, orthogonality, exact restore."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_model
+
+from safety_guard.directions import (
+    InterpolationDirection,
+    LoraDirection,
+    RandomDirection,
+    direction_slices,
+)
+from safety_guard.perturb import WeightPerturbation
+from safety_guard.weights import ParameterSelection, perturbable_parameters
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_same_seed_same_direction_repeated_and_across_dtypes():
+    w = torch.randn(8, 5)
+    d = RandomDirection(seed=7, normalization="none")
+    first = d.tensor("layers.0.w", w)
+    assert torch.equal(first, d.tensor("layers.0.w", w))
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        assert torch.equal(first, d.tensor("layers.0.w", w.to(dtype)))
+    # normalized slices agree up to the rounding of the weight norm in that dtype
+    normed = RandomDirection(seed=7)
+    ref = normed.tensor("layers.0.w", w)
+    assert torch.allclose(ref, normed.tensor("layers.0.w", w.to(torch.bfloat16)), rtol=1e-2)
+    assert not torch.equal(first, d.tensor("layers.1.w", w))
+    assert not torch.equal(
+        first, RandomDirection(seed=8, normalization="none").tensor("layers.0.w", w)
+    )
+
+
+def test_layer_and_filter_normalization():
+    w = torch.randn(6, 4) * torch.arange(1, 7).view(6, 1)
+    layer = RandomDirection(seed=0).tensor("w", w)
+    assert torch.allclose(layer.norm(), w.norm(), rtol=1e-5)
+    filt = RandomDirection(seed=0, normalization="filter").tensor("w", w)
+    assert torch.allclose(filt.norm(dim=1), w.norm(dim=1), rtol=1e-5)
+    with pytest.raises(ValueError, match="normalization"):
+        RandomDirection(seed=0, normalization="batch")
+
+
+def test_norm_layers_excluded_by_module_type_and_configurable():
+    model = make_model()
+    names = [n for n, _ in perturbable_parameters(model)]
+    assert not any(n.endswith("layernorm.weight") or n == "model.norm.weight" for n in names)
+    assert "model.embed_tokens.weight" in names
+    assert "lm_head.weight" not in names  # tied: moved once, via the embedding
+    kept = [n for n, _ in perturbable_parameters(model, ParameterSelection(exclude_norm=False))]
+    assert "model.norm.weight" in kept
+    fewer = [n for n, _ in perturbable_parameters(model, ParameterSelection(exclude=[r"embed"]))]
+    assert "model.embed_tokens.weight" not in fewer
+    with pytest.raises(ValueError, match="regex"):
+        ParameterSelection(exclude=["("])
+
+
+def test_second_direction_is_orthogonal_to_first():
+    model = make_model()
+    dirs = [RandomDirection(0), RandomDirection(1)]
+    dot = sq1 = sq2 = 0.0
+    for name, p in perturbable_parameters(model):
+        s1, s2 = direction_slices(dirs, name, p.detach())
+        dot += float((s1.double() * s2.double()).sum())
+        sq1 += float(s1.double().pow(2).sum())
+        sq2 += float(s2.double().pow(2).sum())
+        assert torch.allclose(s2.norm(), p.detach().norm(), rtol=1e-4)  # still layer-normalized
+    assert abs(dot) / (sq1 * sq2) ** 0.5 < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_bit_exact_after_100_random_moves(dtype, offload):
+    model = make_model(dtype=dtype)
+    before = _state(model)
+    gen = torch.Generator().manual_seed(0)
+    with WeightPerturbation(
+        model, [RandomDirection(3), RandomDirection(4)], offload=offload
+    ) as move:
+        for _ in range(100):
+            a, b = (torch.rand(2, generator=gen) - 0.5).tolist()
+            move.apply(a, b)
+        moved = _state(model)
+    after = _state(model)
+    assert any(not torch.equal(before[k], moved[k]) for k in before)
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+
+
+def test_norm_tensors_untouched_and_tied_weights_moved_once():
+    model = make_model()
+    before = _state(model)
+    direction = RandomDirection(5)
+    with WeightPerturbation(model, [direction]) as move:
+        move.apply(0.25)
+        for name, value in model.state_dict().items():
+            if "norm" in name:
+                assert torch.equal(value, before[name]), name
+        emb = model.model.embed_tokens.weight
+        assert emb.data_ptr() == model.lm_head.weight.data_ptr()
+        expected = before["model.embed_tokens.weight"] + 0.25 * direction.tensor(
+            "model.embed_tokens.weight", before["model.embed_tokens.weight"]
+        )
+        assert torch.allclose(emb, expected, atol=1e-6)
+
+
+def test_restore_on_exception_inside_block():
+    model = make_model()
+    before = _state(model)
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        WeightPerturbation(model, [RandomDirection(0)]) as move,
+    ):
+        move.apply(0.3)
+        raise RuntimeError("boom")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_nan_weights_are_refused_and_nothing_changes():
+    model = make_model()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with (
+        pytest.raises(ValueError, match=r"up_proj.*NaN"),
+        WeightPerturbation(model, [RandomDirection(0)]),
+    ):
+        pass
+
+
+def test_interpolation_direction_reaches_target():
+    aligned, finetuned = make_model(seed=0), make_model(seed=1)
+    target = _state(finetuned)
+    with WeightPerturbation(aligned, [InterpolationDirection(finetuned)]) as move:
+        move.apply(1.0)
+        for name, p in perturbable_parameters(aligned):
+            assert torch.allclose(p, target[name], atol=1e-6), name
+        move.apply(0.5)
+    # state-dict source gives the same slice as a module source
+    sd_dir = InterpolationDirection({k: v for k, v in target.items()})
+    w = aligned.model.layers[0].mlp.up_proj.weight.detach()
+    mod_dir = InterpolationDirection(finetuned)
+    assert torch.equal(
+        sd_dir.tensor("model.layers.0.mlp.up_proj.weight", w),
+        mod_dir.tensor("model.layers.0.mlp.up_proj.weight", w),
+    )
+
+
+def test_peft_wrapped_model_names_and_exact_restore(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base_names = [n for n, _ in perturbable_parameters(make_model())]
+    model = get_peft_model(
+        make_model(), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0)
+    )
+    assert [n for n, _ in perturbable_parameters(model)] == base_names
+    with torch.no_grad():  # non-zero adapter so the LoRA direction is non-trivial
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with WeightPerturbation(model, [RandomDirection(1)]) as move:
+        move.apply(0.4)
+        assert not torch.equal(
+            model.base_model.model.model.layers[0].mlp.up_proj.base_layer.weight,
+            before["base_model.model.model.layers.0.mlp.up_proj.base_layer.weight"],
+        )
+        for k, v in model.state_dict().items():
+            if "lora_" in k:
+                assert torch.equal(v, before[k]), k
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+    # the LoRA direction equals the merged weight update, live or from the saved adapter
+    live = LoraDirection(model)
+    model.save_pretrained(tmp_path / "adapter")
+    saved = LoraDirection(tmp_path / "adapter")
+    name = "model.layers.1.self_attn.q_proj.weight"
+    origin = model.base_model.model.model.layers[1].self_attn.q_proj.base_layer.weight.detach()
+    layer = model.base_model.model.model.layers[1].self_attn.q_proj
+    expected = layer.get_delta_weight("default")
+    assert torch.allclose(live.tensor(name, origin), expected, atol=1e-6)
+    assert torch.allclose(saved.tensor(name, origin), expected, atol=1e-6)
+    assert live.tensor("model.norm.weight", origin) is None
