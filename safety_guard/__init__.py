@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 from .basin import BasinEdges, basin_edges, visage
 from .directions import InterpolationDirection, LoraDirection, RandomDirection
 from .generation import ChatFormat, MissingChatTemplateError, generate_responses
+from .guard import GuardConfig, SafetyGuardCallback
 from .judges import CallableJudge, KeywordJudge, PipelineJudge
 from .landscape import (
     Landscape,
@@ -31,6 +32,7 @@ __all__ = [
     "BasinEdges",
     "CallableJudge",
     "ChatFormat",
+    "GuardConfig",
     "InterpolationDirection",
     "KeywordJudge",
     "Landscape",
@@ -45,6 +47,7 @@ __all__ = [
     "ProbeConfig",
     "PromptSet",
     "RandomDirection",
+    "SafetyGuardCallback",
     "SafetyProbe",
     "WeightPerturbation",
     "__version__",

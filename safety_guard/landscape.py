@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import itertools
 import json
 import logging
 import math
@@ -419,7 +420,7 @@ def _bisect_side(
     while refined:
         refined = False
         known = sorted(i for i in measured if i <= hi)
-        for a, b in zip(known, known[1:], strict=False):
+        for a, b in itertools.pairwise(known):
             if b - a > 1 and abs(measured[a] - measured[b]) > tolerance:
                 value((a + b) // 2)
                 refined = True

@@ -1,0 +1,251 @@
+"""Shared helpers of the benchmarks: a tiny offline tokenizer, a ~100M Llama, RSS and tables.
+
+The tokenizer is the one ``tests/conftest.py`` builds (a 200-token byte-level BPE with a chat
+template, trained in memory on the built-in prompts), so nothing is downloaded.
+
+Example:
+    >>> from _common import markdown_table  # run from benchmarks/
+    >>> print(markdown_table([{"a": 1, "b": "x"}]))
+    | a | b |
+    |---|---|
+    | 1 | x |
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import platform
+import resource
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+MIB = 1024 * 1024
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_tokenizer(vocab_size: int = 200) -> Any:
+    """The tests' offline tokenizer: byte-level BPE (``vocab_size`` ids) with a chat template.
+
+    Special ids: ``<unk>`` 0, ``<pad>`` 1, ``<|end|>`` 2 (eos), then the role markers.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from safety_guard.prompts import builtin_records, load_text_lines
+
+    corpus = [r["prompt"] for r in builtin_records("benign")[:100]] + load_text_lines(
+        "refusals.txt"
+    )
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<pad>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<|end|>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_llama(
+    num_layers: int = 8,
+    hidden: int = 768,
+    intermediate: int = 2048,
+    vocab_size: int = 32000,
+    seed: int = 0,
+) -> Any:
+    """A Llama-shaped causal LM with random weights, float32, eval mode (8 layers ≈ 99.5M params).
+
+    The tokenizer of :func:`build_tokenizer` only produces ids < 200, well below ``vocab_size``;
+    eos/pad ids match it (2 and 1).
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=num_layers,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        eos_token_id=2,
+        pad_token_id=1,
+        bos_token_id=None,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def parameter_stats(model: Any) -> dict[str, int]:
+    """Parameter count, bytes, and the bytes of the largest single parameter tensor."""
+    params = list(model.parameters())
+    return {
+        "params": sum(p.numel() for p in params),
+        "weight_bytes": sum(p.numel() * p.element_size() for p in params),
+        "largest_tensor_bytes": max(p.numel() * p.element_size() for p in params),
+    }
+
+
+def parameters_sha256(model: Any) -> str:
+    """sha256 of every parameter's raw bytes, in ``named_parameters`` order (no full copy)."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        digest.update(name.encode())
+        data = p.detach()
+        if data.device.type != "cpu" or not data.is_contiguous():
+            data = data.contiguous().cpu()
+        digest.update(memoryview(data.view(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def rss_bytes() -> int:
+    """Current resident set size (VmRSS) of this process."""
+    return _status_kib("VmRSS") * 1024
+
+
+def max_rss_bytes() -> int:
+    """Lifetime peak RSS of this process (``ru_maxrss``, KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark (VmHWM) via ``/proc/self/clear_refs`` (Linux ≥ 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def window_peak_rss_bytes() -> int:
+    """VmHWM: the peak RSS since the last :func:`reset_peak_rss` (or since start)."""
+    return _status_kib("VmHWM") * 1024
+
+
+def _status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def machine_info() -> dict[str, str]:
+    """CPU count, RAM, CPU model, Python and torch versions."""
+    import torch
+    import transformers
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ram = "unknown"
+    try:
+        kib = _meminfo_kib("MemTotal")
+        ram = f"{kib / 1024 / 1024:.1f} GiB"
+    except (OSError, RuntimeError):
+        pass
+    return {
+        "nproc": str(os.cpu_count()),
+        "torch_threads": str(torch.get_num_threads()),
+        "ram": ram,
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def _meminfo_kib(key: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/meminfo")
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A GitHub markdown table of ``rows`` (the keys of the first row, unless ``columns``)."""
+    if not rows:
+        return "(no rows)"
+    cols = list(columns or rows[0].keys())
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "n/a"
+        return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def write_table(
+    rows: Sequence[dict[str, Any]],
+    output_dir: Path,
+    stem: str,
+    header: str = "",
+    footer: str = "",
+) -> str:
+    """Write ``rows`` as ``<stem>.csv`` and ``<stem>.md`` in ``output_dir``; return the markdown."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(rows)
+    if rows:
+        with (output_dir / f"{stem}.csv").open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
+            writer.writeheader()
+            writer.writerows(rows)
+    text = "\n\n".join(part for part in (header, table, footer) if part) + "\n"
+    (output_dir / f"{stem}.md").write_text(text, encoding="utf-8")
+    return text
+
+
+def patch_fingerprint_sampling_if_broken(model: Any) -> bool:
+    """Work around ``safety_guard.weights._sample_values`` indexing past the end of big tensors.
+
+    It builds the sample indices with ``torch.linspace`` in float32, so for a tensor of more than
+    2**24 elements ``n - 1`` can round up to ``n`` (e.g. 32000 × 768, SmolLM2's 49152 × 576,
+    Llama-2-7B's 32000 × 4096) and ``model_fingerprint`` — hence ``compute_landscape`` — raises
+    ``IndexError``. When this model triggers it, the function is replaced in memory by the same
+    computation in float64 (the file is not edited). Returns whether the patch was applied.
+    """
+    import torch
+
+    from safety_guard import weights
+
+    n = max(p.numel() for p in model.parameters())
+    steps = min(16, n)
+    if int(torch.linspace(0, n - 1, steps=steps).round().long().max()) < n:
+        return False
+
+    def sample_values(tensor: torch.Tensor) -> list[float]:
+        flat = tensor.detach().reshape(-1)
+        count = flat.numel()
+        idx = torch.linspace(0, count - 1, steps=min(16, count), dtype=torch.float64)
+        idx = idx.round().long().to(flat.device)
+        return [float(v) for v in flat[idx].float().cpu()]
+
+    weights._sample_values = sample_values
+    return True

@@ -1,0 +1,208 @@
+"""How far a finetune has moved, and moving the model along its own finetuning direction.
+
+Two kinds of finetune, one interface (:class:`FullFinetuneTracker`, :class:`LoraTracker`):
+
+* ``displacement(model)`` — the layer-normalized size of δ = θₜ − θ₀: the root mean square over
+  the landscape's tensors of ‖δₜ‖/‖θ₀ₜ‖. A move by α along a layer-normalized random direction
+  has displacement α, so this compares directly with the random basin radius.
+* ``along(model, s)`` — a context manager that puts the model at θ₀ + s·δ and restores θₜ
+  exactly on exit.
+
+For LoRA both are computed from the adapter factors: ‖scale·B A‖²_F = scale²·Σ (BᵀB) ∘ (A Aᵀ)
+needs only r×r products, and θ₀ + s·δ is the adapter with its scaling multiplied by s — no base
+weight is copied or merged. For full finetuning θ₀ is kept on the CPU in its own dtype.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(4, 4))
+    >>> tracker = FullFinetuneTracker.from_model(model)
+    >>> with torch.no_grad():
+    ...     _ = model[0].weight.mul_(1.01)
+    >>> round(tracker.displacement(model), 4)  # weight moved 1 %, bias not at all: rms(0.01, 0)
+    0.0071
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..perturb import WeightPerturbation
+from ..weights import ParameterSelection, perturbable_parameters, unwrap_model
+
+__all__ = ["FullFinetuneTracker", "LoraTracker", "make_tracker"]
+
+
+def _is_lora(model: nn.Module) -> bool:
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover
+        return False
+    return any(isinstance(m, LoraLayer) for m in unwrap_model(model).modules())
+
+
+class _OriginDirection:
+    """δ = θₜ − θ₀ as a direction (θₜ is the origin of the perturbation: the current weights)."""
+
+    def __init__(self, origin: dict[str, torch.Tensor]) -> None:
+        self.origin = origin
+
+    def tensor(self, name: str, current: torch.Tensor) -> torch.Tensor | None:
+        ref = self.origin.get(name)
+        if ref is None:
+            return None
+        return current.float() - ref.to(current.device, torch.float32)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "finetune"}
+
+
+class FullFinetuneTracker:
+    """θ₀ of a full finetune, kept on the CPU in its own dtype."""
+
+    kind = "full"
+
+    def __init__(
+        self, origin: dict[str, torch.Tensor], selection: ParameterSelection | None = None
+    ):
+        self.origin = origin
+        self.selection = selection or ParameterSelection()
+        self.norms = {name: float(t.float().norm()) for name, t in origin.items()}
+
+    @classmethod
+    @torch.no_grad()
+    def from_model(
+        cls, model: nn.Module, selection: ParameterSelection | None = None
+    ) -> FullFinetuneTracker:
+        """Snapshot the model's current weights as θ₀."""
+        origin = {
+            name: p.detach().to("cpu", copy=True)
+            for name, p in perturbable_parameters(model, selection)
+        }
+        return cls(origin, selection)
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, model: nn.Module, selection: ParameterSelection | None = None
+    ) -> FullFinetuneTracker:
+        """Read θ₀ from the pre-finetune checkpoint folder (safetensors, sharded or not)."""
+        from safetensors import safe_open
+
+        folder = Path(path)
+        index = folder / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (folder / "model.safetensors").exists():
+            weight_map = None
+        else:
+            raise FileNotFoundError(
+                f"Cannot read the pre-finetune weights from {folder}: no model.safetensors(.index.json). "
+                "Pass GuardConfig(origin=FOLDER) pointing at the model the finetune started from."
+            )
+        origin: dict[str, torch.Tensor] = {}
+        handles: dict[str, Any] = {}
+        for name, param in perturbable_parameters(model, selection):
+            file = weight_map.get(name) if weight_map is not None else "model.safetensors"
+            if file is None:
+                continue
+            if file not in handles:
+                handles[file] = safe_open(str(folder / file), framework="pt", device="cpu")
+            if name in handles[file].keys():  # noqa: SIM118 (safe_open has no __contains__)
+                origin[name] = handles[file].get_tensor(name).to(param.dtype)
+        if not origin:
+            raise ValueError(f"{folder} holds none of the model's weights; is it the right model?")
+        return cls(origin, selection)
+
+    @torch.no_grad()
+    def displacement(self, model: nn.Module) -> float:
+        total, count = 0.0, 0
+        for name, param in perturbable_parameters(model, self.selection):
+            ref = self.origin.get(name)
+            norm0 = self.norms.get(name, 0.0)
+            count += 1
+            if ref is None or norm0 == 0:
+                continue
+            diff = (param.detach().float() - ref.to(param.device, torch.float32)).norm()
+            total += (float(diff) / norm0) ** 2
+        return math.sqrt(total / max(count, 1))
+
+    @contextlib.contextmanager
+    def along(self, model: nn.Module, multiple: float) -> Iterator[None]:
+        """Model at θ₀ + s·δ = θₜ + (s − 1)·δ inside the block; θₜ restored bit-exactly after."""
+        with WeightPerturbation(
+            model, [_OriginDirection(self.origin)], selection=self.selection, orthogonalize=False
+        ) as move:
+            move.apply(multiple - 1.0)
+            yield
+
+
+class LoraTracker:
+    """A LoRA finetune: δ is the adapters' update, θ₀ the frozen base weights."""
+
+    kind = "lora"
+
+    def __init__(self, model: nn.Module, selection: ParameterSelection | None = None) -> None:
+        self.selection = selection or ParameterSelection()
+        with torch.no_grad():
+            self.norms = {
+                name: float(p.detach().float().norm())
+                for name, p in perturbable_parameters(model, self.selection)
+            }
+
+    @staticmethod
+    def _layers(model: nn.Module) -> Iterator[tuple[str, Any]]:
+        from peft.tuners.lora import LoraLayer
+
+        for name, module in unwrap_model(model).named_modules():
+            if isinstance(module, LoraLayer):
+                yield name, module
+
+    @torch.no_grad()
+    def displacement(self, model: nn.Module) -> float:
+        total = 0.0
+        for name, layer in self._layers(model):
+            norm0 = self.norms.get(f"{name}.weight")
+            if not norm0:
+                continue
+            sq = 0.0
+            for adapter in layer.active_adapters:
+                if adapter not in layer.lora_A:
+                    continue
+                a = layer.lora_A[adapter].weight.detach().float()
+                b = layer.lora_B[adapter].weight.detach().float()
+                scale = float(layer.scaling[adapter])
+                sq += scale**2 * float(((b.T @ b) * (a @ a.T)).sum().clamp_min(0))
+            total += sq / norm0**2
+        return math.sqrt(total / max(len(self.norms), 1))
+
+    @contextlib.contextmanager
+    def along(self, model: nn.Module, multiple: float) -> Iterator[None]:
+        """The adapters' scaling multiplied by ``multiple`` inside the block (θ₀ + s·δ)."""
+        saved: list[tuple[Any, str, float]] = []
+        try:
+            for _, layer in self._layers(model):
+                for adapter in layer.active_adapters:
+                    if adapter in layer.scaling:
+                        saved.append((layer, adapter, layer.scaling[adapter]))
+                        layer.scaling[adapter] = layer.scaling[adapter] * multiple
+            yield
+        finally:
+            for layer, adapter, value in saved:
+                layer.scaling[adapter] = value
+
+
+def make_tracker(
+    model: nn.Module, selection: ParameterSelection | None = None
+) -> FullFinetuneTracker | LoraTracker:
+    """A LoRA tracker for a model with LoRA layers, a full-finetune tracker otherwise."""
+    if _is_lora(model):
+        return LoraTracker(model, selection)
+    return FullFinetuneTracker.from_model(model, selection)

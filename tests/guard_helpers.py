@@ -1,0 +1,51 @@
+"""Helpers for guard tests: a hand-made landscape for a tiny model and a tiny SFT dataset."""
+
+from __future__ import annotations
+
+from datasets import Dataset
+
+from safety_guard.landscape import Landscape, LandscapeConfig
+from safety_guard.weights import model_fingerprint
+
+
+def make_landscape(
+    model, origin_asr: float = 0.0, origin_nll: float = 5.0, radius: float = 0.1
+) -> Landscape:
+    """A landscape file for ``model`` with one random direction whose basin is ±radius."""
+    config = LandscapeConfig(num_directions=1, alphas=(-0.2, -0.1, 0.0, 0.1, 0.2), search="grid")
+    land = Landscape.new(
+        config,
+        {"synthetic": True},
+        model_fingerprint(model),
+        "tiny",
+        "float32",
+        config.direction_specs(),
+    )
+    point = {
+        "asr": origin_asr,
+        "unsafe": 0,
+        "total": 10,
+        "nll": origin_nll,
+        "decoded_tokens": 0,
+        "seconds": 0.0,
+        "samples": [],
+    }
+    land.data["origin"] = point
+    for alpha, asr in [
+        (-0.2, 100.0),
+        (-0.1, origin_asr),
+        (0.0, origin_asr),
+        (0.1, origin_asr),
+        (0.2, 100.0),
+    ]:
+        land.data["directions"][0]["points"].append({**point, "alpha": alpha, "asr": asr})
+    land.data["complete"] = True
+    land.summarize()
+    assert abs(land.basin_radius()["mean"] - 1.5 * radius) < 1e-9
+    return land
+
+
+def tiny_dataset(tokenizer, n: int = 16) -> Dataset:
+    texts = [f"question {i} answer {i % 3}" for i in range(n)]
+    enc = [tokenizer(t)["input_ids"][:16] for t in texts]
+    return Dataset.from_dict({"input_ids": enc, "labels": enc})
