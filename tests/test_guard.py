@@ -115,7 +115,7 @@ def test_model_unchanged_after_probe(tmp_path, tokenizer, lora):
     trainer = _trainer(model, tokenizer, tmp_path, guard, steps=1)
     trainer.train()  # sets up the tracker (no probe at step 1)
     with torch.no_grad():  # move away from θ₀ so lookahead really perturbs
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(0.01)
     model.train()
