@@ -311,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--rebuild", action="store_true", help="Build a new testbed even if one is cached."
     )
     t.set_defaults(func=_cmd_testbed)
+    from .demo import add_demo_parser
+
+    add_demo_parser(sub)
     return parser
 
 
