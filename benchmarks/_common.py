@@ -220,32 +220,3 @@ def write_table(
     text = "\n\n".join(part for part in (header, table, footer) if part) + "\n"
     (output_dir / f"{stem}.md").write_text(text, encoding="utf-8")
     return text
-
-
-def patch_fingerprint_sampling_if_broken(model: Any) -> bool:
-    """Work around ``safety_guard.weights._sample_values`` indexing past the end of big tensors.
-
-    It builds the sample indices with ``torch.linspace`` in float32, so for a tensor of more than
-    2**24 elements ``n - 1`` can round up to ``n`` (e.g. 32000 × 768, SmolLM2's 49152 × 576,
-    Llama-2-7B's 32000 × 4096) and ``model_fingerprint`` — hence ``compute_landscape`` — raises
-    ``IndexError``. When this model triggers it, the function is replaced in memory by the same
-    computation in float64 (the file is not edited). Returns whether the patch was applied.
-    """
-    import torch
-
-    from safety_guard import weights
-
-    n = max(p.numel() for p in model.parameters())
-    steps = min(16, n)
-    if int(torch.linspace(0, n - 1, steps=steps).round().long().max()) < n:
-        return False
-
-    def sample_values(tensor: torch.Tensor) -> list[float]:
-        flat = tensor.detach().reshape(-1)
-        count = flat.numel()
-        idx = torch.linspace(0, count - 1, steps=min(16, count), dtype=torch.float64)
-        idx = idx.round().long().to(flat.device)
-        return [float(v) for v in flat[idx].float().cpu()]
-
-    weights._sample_values = sample_values
-    return True

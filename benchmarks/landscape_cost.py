@@ -58,7 +58,6 @@ from _common import (
     max_rss_bytes,
     parameter_stats,
     parameters_sha256,
-    patch_fingerprint_sampling_if_broken,
     reset_peak_rss,
     rss_bytes,
     window_peak_rss_bytes,
@@ -95,7 +94,6 @@ def run_child(variant: str, num_layers: int, moves: int, result_file: Path) -> N
     gc.collect()
     model_loaded = rss_bytes()
     stats = parameter_stats(model)
-    patched = variant.startswith("landscape") and patch_fingerprint_sampling_if_broken(model)
     digest_before = parameters_sha256(model)
     window_reset = reset_peak_rss()
 
@@ -142,7 +140,6 @@ def run_child(variant: str, num_layers: int, moves: int, result_file: Path) -> N
         "job_window_peak_rss": window_peak,
         "bit_exact": digest_before == digest_after,
         "sha256": digest_before[:12],
-        "fingerprint_patch": patched,
         **extra,
     }
     result_file.write_text(json.dumps(result), encoding="utf-8")
@@ -174,7 +171,6 @@ def part_a_row(r: dict[str, Any]) -> dict[str, Any]:
         "goal": "PASS" if growth <= budget else "FAIL",
         "extra over model-loaded MiB": round((r["peak_rss"] - r["model_rss"]) / MIB, 1),
         "bit-exact": "yes" if r["bit_exact"] else "NO",
-        "fingerprint patch": "yes" if r.get("fingerprint_patch") else "no",
     }
 
 
@@ -223,11 +219,7 @@ def run_part_a(args: argparse.Namespace) -> str:
         "[-0.5, 0.5]. `landscape-*`: compute_landscape, 1 direction, α ∈ "
         f"{list(PART_A_ALPHAS)}, grid, 8 harmful + 4 benign prompts, 8 new tokens; its wall time "
         "includes prepare() (reference answers) and saving the file after every point. "
-        "Bit-exact: sha256 of all parameter bytes equal before and after the job. "
-        "Fingerprint patch = yes: `safety_guard.weights._sample_values` indexes past the end of "
-        "tensors with more than 2**24 elements (float32 `torch.linspace`), so `compute_landscape` "
-        "raises IndexError on this model; the benchmark replaced it in memory by the same "
-        "computation in float64 (see `_common.patch_fingerprint_sampling_if_broken`)."
+        "Bit-exact: sha256 of all parameter bytes equal before and after the job."
     )
     text = write_table(rows, args.output_dir, "landscape_cost_part_a", header, footer)
     for r in results:
@@ -313,8 +305,6 @@ def run_part_b(args: argparse.Namespace) -> str:
 
     torch.set_grad_enabled(False)
     model, tokenizer = load_testbed(progress=False)
-    if patch_fingerprint_sampling_if_broken(model):
-        print("[part B] applied the in-memory fingerprint sampling workaround", flush=True)
     probe_cfg = ProbeConfig(num_harmful=40, num_benign=8)
     rows: list[dict[str, Any]] = []
     lands: dict[str, Any] = {}

@@ -170,16 +170,23 @@ class WeightPerturbation:
         return sum(p.numel() * p.element_size() for _, p in self._params)
 
     # -- moves -------------------------------------------------------------------------------
-    def _origin(self, name: str, param: torch.Tensor) -> torch.Tensor:
+    def _load_origin(self, name: str, param: torch.Tensor) -> None:
+        """Copy θ₀ of one tensor back into the parameter."""
         if self._ram is not None:
-            return self._ram[name]
-        if self._disk is not None:
-            return self._disk.get(name, param)
-        raise RuntimeError("WeightPerturbation is not active: use it as a context manager.")
+            param.data.copy_(self._ram[name], non_blocking=True)
+        elif self._disk is not None:
+            self._disk.load_into(name, param)
+        else:
+            raise RuntimeError("WeightPerturbation is not active: use it as a context manager.")
 
     @torch.no_grad()
     def apply(self, *coefficients: float) -> None:
-        """Set the weights to ``θ₀ + Σ coefficients[i] · directions[i]`` (computed in float32)."""
+        """Set the weights to ``θ₀ + Σ coefficients[i] · directions[i]`` (computed in float32).
+
+        Tensor by tensor: θ₀ is copied back into the parameter, the direction slices are
+        generated against it, and added in place (float32 weights) or through one float32
+        temporary (bf16/fp16 weights) — at most a few tensors' worth of extra memory.
+        """
         if len(coefficients) != len(self.directions):
             raise ValueError(
                 f"apply() takes one coefficient per direction ({len(self.directions)}), "
@@ -190,18 +197,22 @@ class WeightPerturbation:
             return
         self._moved = True  # set first: a failure half-way still restores on close()
         for name, param in self._params:
-            origin = self._origin(name, param).to(param.device, non_blocking=True)
-            slices = direction_slices(self.directions, name, origin, self.orthogonalize)
+            self._load_origin(name, param)
+            slices = direction_slices(self.directions, name, param.data, self.orthogonalize)
             if all(s is None for s in slices):
-                param.data.copy_(origin)
                 continue
-            moved = origin.float()
-            if moved.data_ptr() == origin.data_ptr():
-                moved = moved.clone()
-            for c, s in zip(coefficients, slices, strict=True):
-                if s is not None and c != 0:
-                    moved.add_(s, alpha=float(c))
-            param.data.copy_(moved)
+            if param.dtype == torch.float32:
+                for c, s in zip(coefficients, slices, strict=True):
+                    if s is not None and c != 0:
+                        param.data.add_(s, alpha=float(c))
+            else:
+                moved = param.data.float()
+                for c, s in zip(coefficients, slices, strict=True):
+                    if s is not None and c != 0:
+                        moved.add_(s, alpha=float(c))
+                param.data.copy_(moved)
+                del moved
+            del slices
         self.coefficients = tuple(float(c) for c in coefficients)
 
     @torch.no_grad()

@@ -126,6 +126,7 @@ class TestbedRecipe:
     eval_tokens_long: int = 64
     max_length: int = 512
     loss: str = "completion_only"
+    sampling: str = "group_by_length"
 
 
 RECIPE = TestbedRecipe()
@@ -583,6 +584,7 @@ def _train(
         completion_only_loss=True,
         assistant_only_loss=False,
         packing=False,
+        train_sampling_strategy="group_by_length",  # harmful rows are short: less padding
         bf16=False,
         fp16=False,
         gradient_checkpointing=False,
@@ -707,6 +709,35 @@ def _build_into(folder: Path, seed: int, progress: bool) -> dict[str, Any]:
     return marker
 
 
+def _idle_threads() -> int:
+    """Torch threads for the build: the cores other processes leave idle (at least 1).
+
+    OpenMP threads that share a core with a busy process wait on each other at every barrier; on
+    a 2-core machine with one busy neighbour, 2 threads train ~4x slower than 1. An explicit
+    ``OMP_NUM_THREADS`` is respected.
+    """
+    current = torch.get_num_threads()
+    if os.environ.get("OMP_NUM_THREADS"):
+        return current
+    try:
+        import psutil
+
+        busy = psutil.cpu_percent(interval=1.0) / 100.0 * (os.cpu_count() or current)
+    except Exception:  # psutil missing or unsupported platform: keep torch's choice
+        return current
+    return max(1, min(current, round((os.cpu_count() or current) - busy)))
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @contextlib.contextmanager
 def _exclusive(lock_path: Path) -> Iterator[None]:
     from filelock import FileLock, Timeout
@@ -793,7 +824,16 @@ def build_testbed(
             shutil.rmtree(stale, ignore_errors=True)
         build = Path(tempfile.mkdtemp(prefix=f".{TESTBED_NAME}.build-", dir=root))
         try:
-            with contextlib.redirect_stdout(sys.stderr):
+            threads = torch.get_num_threads() if torch.cuda.is_available() else _idle_threads()
+            if threads != torch.get_num_threads():
+                logger.warning(
+                    "Other processes keep %d of %d CPU cores busy: building with %d torch "
+                    "thread(s) (set OMP_NUM_THREADS to choose).",
+                    (os.cpu_count() or threads) - threads,
+                    os.cpu_count() or threads,
+                    threads,
+                )
+            with contextlib.redirect_stdout(sys.stderr), _torch_threads(threads):
                 _build_into(build, seed, progress)
             old = None
             if folder.exists():

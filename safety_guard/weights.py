@@ -245,7 +245,9 @@ _N_SAMPLES = 16
 def _sample_values(tensor: torch.Tensor) -> list[float]:
     flat = tensor.detach().reshape(-1)
     n = flat.numel()
-    idx = torch.linspace(0, n - 1, steps=min(_N_SAMPLES, n)).round().long().to(flat.device)
+    # float64: float32 positions round past the end for tensors over 2**24 elements
+    idx = torch.linspace(0, n - 1, steps=min(_N_SAMPLES, n), dtype=torch.float64).round().long()
+    idx = idx.clamp_(0, n - 1).to(flat.device)
     return [float(v) for v in flat[idx].float().cpu()]
 
 

@@ -187,3 +187,11 @@ def test_peft_wrapped_model_names_and_exact_restore(tmp_path):
     assert torch.allclose(live.tensor(name, origin), expected, atol=1e-6)
     assert torch.allclose(saved.tensor(name, origin), expected, atol=1e-6)
     assert live.tensor("model.norm.weight", origin) is None
+
+
+def test_fingerprint_of_a_tensor_larger_than_2_pow_24():
+    from safety_guard.weights import model_fingerprint
+
+    big = torch.nn.Linear(4100, 4100, bias=False)  # 16.8 M elements: float32 positions overflow
+    fp = model_fingerprint(big)
+    assert fp["tensors"][0]["samples"][-1] == float(big.weight.reshape(-1)[-1])

