@@ -567,6 +567,7 @@ def _train(
     output_dir: Path,
     seed: int,
     progress: bool,
+    callbacks: list[Any] | None = None,
 ) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
@@ -602,6 +603,7 @@ def _train(
         args=config,
         train_dataset=_prompt_completion(data),
         processing_class=tokenizer,
+        callbacks=callbacks,
     )
     result = trainer.train()
     model.config.use_cache = True
@@ -622,25 +624,41 @@ def _build_into(folder: Path, seed: int, progress: bool) -> dict[str, Any]:
         file=sys.stderr,
         flush=True,
     )
-    model, tokenizer = load_gguf_model(gguf)
-    timings: dict[str, float] = {"load": time.perf_counter() - start}
+    advisor = _ThreadAdvisor()
+    try:
+        model, tokenizer = load_gguf_model(gguf)
+        timings: dict[str, float] = {"load": time.perf_counter() - start}
 
-    mark = time.perf_counter()
-    data = alignment_dataset(model, tokenizer, seed=seed, progress=progress)
-    timings["distill"] = time.perf_counter() - mark
+        advisor.update()
+        mark = time.perf_counter()
+        data = alignment_dataset(model, tokenizer, seed=seed, progress=progress)
+        timings["distill"] = time.perf_counter() - mark
+
+        advisor.update()
+        mark = time.perf_counter()
+        training = _train(
+            model,
+            tokenizer,
+            data,
+            folder / "_trainer",
+            seed,
+            progress,
+            callbacks=[_thread_callback(advisor)] if advisor.active else None,
+        )
+        timings["train"] = time.perf_counter() - mark
+        shutil.rmtree(folder / "_trainer", ignore_errors=True)
+
+        advisor.update()
+        mark = time.perf_counter()
+        metrics = measure_heldout(model, tokenizer, RECIPE.eval_tokens)
+        advisor.update()
+        long = measure_heldout(model, tokenizer, RECIPE.eval_tokens_long)
+        metrics["at_long"] = {k: long[k] for k in ("max_new_tokens", "asr", "over_refusal")}
+        timings["evaluate"] = time.perf_counter() - mark
+    finally:
+        advisor.restore()
     num_harmful = len(_split_prompts("harmful", "align"))
     num_benign_all = len(_split_prompts("benign", "align"))
-
-    mark = time.perf_counter()
-    training = _train(model, tokenizer, data, folder / "_trainer", seed, progress)
-    timings["train"] = time.perf_counter() - mark
-    shutil.rmtree(folder / "_trainer", ignore_errors=True)
-
-    mark = time.perf_counter()
-    metrics = measure_heldout(model, tokenizer, RECIPE.eval_tokens)
-    long = measure_heldout(model, tokenizer, RECIPE.eval_tokens_long)
-    metrics["at_long"] = {k: long[k] for k in ("max_new_tokens", "asr", "over_refusal")}
-    timings["evaluate"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
     if hasattr(model.config, "quantization_config"):
@@ -699,7 +717,7 @@ def _build_into(folder: Path, seed: int, progress: bool) -> dict[str, Any]:
             "met": goals_met,
         },
         "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": sorted(advisor.used),
         "versions": _versions(),
         "files": files,
     }
@@ -709,33 +727,78 @@ def _build_into(folder: Path, seed: int, progress: bool) -> dict[str, Any]:
     return marker
 
 
-def _idle_threads() -> int:
-    """Torch threads for the build: the cores other processes leave idle (at least 1).
+class _ThreadAdvisor:
+    """Keeps torch's CPU thread count at the number of cores other processes leave idle.
 
-    OpenMP threads that share a core with a busy process wait on each other at every barrier; on
-    a 2-core machine with one busy neighbour, 2 threads train ~4x slower than 1. An explicit
-    ``OMP_NUM_THREADS`` is respected.
+    OpenMP threads that share a core with a busy process wait for each other at every barrier:
+    measured on a 2-core machine with one busy neighbour, a training step took 48 s with 2
+    threads and 9 s with 1. :meth:`update` compares the machine's busy CPU time with this
+    process's own since the last call and sets ``torch.set_num_threads`` to the idle cores (at
+    least 1, at most the count torch started with). Inactive when ``OMP_NUM_THREADS`` is set,
+    on CUDA, or without ``psutil``.
     """
-    current = torch.get_num_threads()
-    if os.environ.get("OMP_NUM_THREADS"):
-        return current
-    try:
-        import psutil
 
-        busy = psutil.cpu_percent(interval=1.0) / 100.0 * (os.cpu_count() or current)
-    except Exception:  # psutil missing or unsupported platform: keep torch's choice
-        return current
-    return max(1, min(current, round((os.cpu_count() or current) - busy)))
+    _FIELDS = ("user", "nice", "system", "irq", "softirq", "steal")
+
+    def __init__(self) -> None:
+        self.initial = torch.get_num_threads()
+        self.used: set[int] = {self.initial}
+        self.active = not os.environ.get("OMP_NUM_THREADS") and not torch.cuda.is_available()
+        self._psutil: Any = None
+        if self.active:
+            try:
+                import psutil
+
+                self._psutil = psutil
+                self._process = psutil.Process()
+            except Exception:  # psutil missing or unsupported platform: keep torch's choice
+                self.active = False
+        self._last: tuple[float, float, float] | None = None
+        if self.active:
+            self._last = self._sample()
+
+    def _sample(self) -> tuple[float, float, float]:
+        times = self._psutil.cpu_times()
+        busy = sum(getattr(times, name, 0.0) for name in self._FIELDS)
+        own = self._process.cpu_times()
+        return time.monotonic(), busy, own.user + own.system
+
+    def update(self, min_interval: float = 0.5) -> int:
+        """Re-measure (if ``min_interval`` seconds passed) and set the thread count; return it."""
+        if not self.active or self._last is None:
+            return torch.get_num_threads()
+        now = self._sample()
+        wall = now[0] - self._last[0]
+        if wall < min_interval:
+            return torch.get_num_threads()
+        others = max(0.0, (now[1] - self._last[1]) - (now[2] - self._last[2])) / wall
+        self._last = now
+        cores = os.cpu_count() or self.initial
+        threads = max(1, min(self.initial, round(cores - others)))
+        if threads != torch.get_num_threads():
+            logger.info(
+                "Other processes use %.1f of %d CPU cores: %d torch thread(s) now.",
+                others,
+                cores,
+                threads,
+            )
+            torch.set_num_threads(threads)
+            self.used.add(threads)
+        return threads
+
+    def restore(self) -> None:
+        torch.set_num_threads(self.initial)
 
 
-@contextlib.contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+def _thread_callback(advisor: _ThreadAdvisor, every: int = 5) -> Any:
+    from transformers import TrainerCallback
+
+    class _AdaptThreads(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step % every == 0:
+                advisor.update()
+
+    return _AdaptThreads()
 
 
 @contextlib.contextmanager
@@ -824,16 +887,7 @@ def build_testbed(
             shutil.rmtree(stale, ignore_errors=True)
         build = Path(tempfile.mkdtemp(prefix=f".{TESTBED_NAME}.build-", dir=root))
         try:
-            threads = torch.get_num_threads() if torch.cuda.is_available() else _idle_threads()
-            if threads != torch.get_num_threads():
-                logger.warning(
-                    "Other processes keep %d of %d CPU cores busy: building with %d torch "
-                    "thread(s) (set OMP_NUM_THREADS to choose).",
-                    (os.cpu_count() or threads) - threads,
-                    os.cpu_count() or threads,
-                    threads,
-                )
-            with contextlib.redirect_stdout(sys.stderr), _torch_threads(threads):
+            with contextlib.redirect_stdout(sys.stderr):
                 _build_into(build, seed, progress)
             old = None
             if folder.exists():

@@ -110,7 +110,6 @@ def stub_build(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
         return _fake_build(folder, seed)
 
     monkeypatch.setattr(tb, "_build_into", fake)
-    monkeypatch.setattr(tb, "_idle_threads", lambda: 1)
     return calls
 
 
@@ -144,7 +143,6 @@ def test_failed_build_leaves_no_trace(tmp_path: Path, monkeypatch: pytest.Monkey
         raise RuntimeError("boom")
 
     monkeypatch.setattr(tb, "_build_into", broken)
-    monkeypatch.setattr(tb, "_idle_threads", lambda: 1)
     with pytest.raises(RuntimeError, match="boom"):
         tb.build_testbed(cache_dir=tmp_path, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["testbed-v1.lock"]
@@ -296,3 +294,22 @@ def test_prompt_completion_split() -> None:
     assert data.column_names == ["prompt", "completion"]
     assert data[0]["prompt"][0]["role"] == "user"
     assert data[0]["completion"][0]["role"] == "assistant"
+
+
+def test_thread_advisor_respects_omp_num_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    advisor = tb._ThreadAdvisor()
+    assert not advisor.active
+    assert advisor.update(min_interval=0.0) == tb.torch.get_num_threads()
+
+
+def test_thread_advisor_stays_in_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    advisor = tb._ThreadAdvisor()
+    try:
+        time.sleep(0.05)
+        threads = advisor.update(min_interval=0.0)
+        assert 1 <= threads <= advisor.initial
+    finally:
+        advisor.restore()
+    assert tb.torch.get_num_threads() == advisor.initial
