@@ -9,13 +9,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import torch  # noqa: E402
-from conftest import make_model  # noqa: E402
-from guard_helpers import make_landscape, tiny_dataset  # noqa: E402
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments  # noqa: E402
+import torch
+from conftest import make_model
+from guard_helpers import make_landscape, tiny_dataset
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-from safety_guard.guard import SafetyGuardCallback  # noqa: E402
-from safety_guard.judges import CallableJudge  # noqa: E402
+from safety_guard.guard import SafetyGuardCallback
+from safety_guard.judges import CallableJudge
 
 
 def main() -> None:
@@ -27,8 +27,15 @@ def main() -> None:
     model = make_model(vocab_size=len(tokenizer))
     rank = int(os.environ["RANK"])
     guard = SafetyGuardCallback(
-        make_landscape(model), check_every=1, probe_every=2, num_prompts=4, num_benign=2,
-        max_new_tokens=2, lookahead=(2.0,), keep_last_safe=False, current_margin=30.0,
+        make_landscape(model),
+        check_every=1,
+        probe_every=2,
+        num_prompts=4,
+        num_benign=2,
+        max_new_tokens=2,
+        lookahead=(2.0,),
+        keep_last_safe=False,
+        current_margin=30.0,
     )
     # rank 0 sees only unsafe answers, rank 1 only refusals: 50 % ASR overall from step 4 on.
     guard.judge = CallableJudge(lambda p, r: [rank == 0 and guard_step[0] >= 4] * len(r))
@@ -39,18 +46,32 @@ def main() -> None:
             guard_step[0] = state.global_step
 
     args = TrainingArguments(
-        output_dir=str(out), max_steps=8, per_device_train_batch_size=2, learning_rate=1e-3,
-        report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, ddp_backend="gloo",
+        output_dir=str(out),
+        max_steps=8,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        ddp_backend="gloo",
         disable_tqdm=True,
     )
     trainer = Trainer(
-        model=model, args=args, train_dataset=tiny_dataset(tokenizer),
-        processing_class=tokenizer, data_collator=DataCollatorForSeq2Seq(tokenizer),
+        model=model,
+        args=args,
+        train_dataset=tiny_dataset(tokenizer),
+        processing_class=tokenizer,
+        data_collator=DataCollatorForSeq2Seq(tokenizer),
         callbacks=[Step(), guard],
     )
     trainer.train()
-    result = {"rank": rank, "global_step": trainer.state.global_step, "halt_step": guard.halt_step,
-              "world": torch.distributed.get_world_size()}
+    result = {
+        "rank": rank,
+        "global_step": trainer.state.global_step,
+        "halt_step": guard.halt_step,
+        "world": torch.distributed.get_world_size(),
+    }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 
