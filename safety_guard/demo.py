@@ -85,6 +85,20 @@ class FinetuneRun:
     seed: int = 0
 
 
+class _StepTimer(TrainerCallback):
+    """Wall time of each optimizer step (first in the callback list: excludes other callbacks)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self.seconds.append(time.perf_counter() - self._start)
+
+
 class _HeldoutCurve(TrainerCallback):
     """Full held-out ASR every ``every`` steps (for unguarded reference runs)."""
 
@@ -120,7 +134,8 @@ def run_finetune(
     data = Dataset.from_list(
         [{"prompt": m["messages"][:-1], "completion": m["messages"][-1:]} for m in data]
     )
-    callbacks: list[TrainerCallback] = []
+    timer = _StepTimer()
+    callbacks: list[TrainerCallback] = [timer]
     guard = None
     if run.guarded:
         guard = SafetyGuardCallback(landscape, run.guard, tokenizer=tokenizer)
@@ -168,8 +183,10 @@ def run_finetune(
         "run": {k: v for k, v in asdict(run).items() if k != "guard"},
         "steps": trainer.state.global_step,
         "seconds": seconds,
+        "mean_step_seconds": sum(timer.seconds) / max(len(timer.seconds), 1),
         "final_heldout_asr": final_asr,
         "guard": guard.summary() if guard else None,
+        "trajectory": guard.records if guard else None,
         "curve": curve.curve if curve else None,
     }
     output_dir.mkdir(parents=True, exist_ok=True)
