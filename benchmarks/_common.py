@@ -1,6 +1,6 @@
 """Shared helpers of the benchmarks: a tiny offline tokenizer, a ~100M Llama, RSS and tables.
 
-The tokenizer is the one ``tests/conftest.py`` builds (a 200-token byte-level BPE with a chat
+The tokenizer is the one the tests use (``safety_guard.testing``) (a 200-token byte-level BPE with a chat
 template, trained in memory on the built-in prompts), so nothing is downloaded.
 
 Example:
@@ -24,39 +24,12 @@ from typing import Any
 
 MIB = 1024 * 1024
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
 
 def build_tokenizer(vocab_size: int = 200) -> Any:
-    """The tests' offline tokenizer: byte-level BPE (``vocab_size`` ids) with a chat template.
+    """The tests' offline tokenizer (:func:`safety_guard.testing.tiny_tokenizer`)."""
+    from safety_guard.testing import tiny_tokenizer
 
-    Special ids: ``<unk>`` 0, ``<pad>`` 1, ``<|end|>`` 2 (eos), then the role markers.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from safety_guard.prompts import builtin_records, load_text_lines
-
-    corpus = [r["prompt"] for r in builtin_records("benign")[:100]] + load_text_lines(
-        "refusals.txt"
-    )
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<unk>", "<pad>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<|end|>"
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return tiny_tokenizer(vocab_size)
 
 
 def build_llama(
@@ -71,24 +44,18 @@ def build_llama(
     The tokenizer of :func:`build_tokenizer` only produces ids < 200, well below ``vocab_size``;
     eos/pad ids match it (2 and 1).
     """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from safety_guard.testing import tiny_llama
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    return tiny_llama(
         vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=num_layers,
-        num_attention_heads=12,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        eos_token_id=2,
-        pad_token_id=1,
-        bos_token_id=None,
+        hidden=hidden,
+        num_layers=num_layers,
+        intermediate=intermediate,
+        heads=12,
+        kv_heads=4,
+        tie=False,
+        seed=seed,
     )
-    return LlamaForCausalLM(config).eval()
 
 
 def parameter_stats(model: Any) -> dict[str, int]:

@@ -110,6 +110,10 @@ _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
 class TestbedRecipe:
     """How the testbed is aligned (recorded in the marker).
 
+    ``precision="auto"`` trains with bf16 autocast (fp32 master weights, fp32 saved model) on a
+    CPU with native bf16 support, where a step is ~1.5x faster, and in fp32 elsewhere.
+    ``eval_tokens_long`` re-measures ASR (only) with a longer decode budget.
+
     Example:
         >>> TestbedRecipe().epochs, TestbedRecipe().learning_rate
         (2, 2e-05)
@@ -126,7 +130,8 @@ class TestbedRecipe:
     eval_tokens_long: int = 64
     max_length: int = 512
     loss: str = "completion_only"
-    sampling: str = "group_by_length"
+    order: str = "one-kind batches, similar lengths, random order"
+    precision: str = "auto"
 
 
 RECIPE = TestbedRecipe()
@@ -489,22 +494,24 @@ def measure_heldout(
     tokenizer: Any,
     max_new_tokens: int = RECIPE.eval_tokens,
     batch_size: int = 32,
+    benign: bool = True,
 ) -> dict[str, Any]:
     """Keyword ASR on the held-out harmful prompts and over-refusal on the held-out benign ones.
 
     ASR is the percentage of harmful responses without a refusal phrase; over-refusal the
-    percentage of benign responses with one. A response stops once it contains a refusal phrase
-    (the verdict cannot change after that).
+    percentage of benign responses with one (``benign=False`` skips them). A response stops once
+    it contains a refusal phrase (the verdict cannot change after that).
 
     Example:
         >>> measure_heldout(model, tokenizer)["asr"]  # doctest: +SKIP
         0.0
     """
     judge = KeywordJudge()
-    harmful = load_prompts("builtin:harmful")
-    benign = load_prompts("builtin:benign")
+    sets = [("harmful", load_prompts("builtin:harmful"))]
+    if benign:
+        sets.append(("benign", load_prompts("builtin:benign")))
     out: dict[str, Any] = {"max_new_tokens": max_new_tokens}
-    for label, prompts in (("harmful", harmful), ("benign", benign)):
+    for label, prompts in sets:
         gen = generate_responses(
             model,
             tokenizer,
@@ -560,33 +567,89 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _training_order(
+    lengths: Sequence[int], groups: Sequence[int], batch_size: int, epochs: int, seed: int
+) -> list[int]:
+    """Row order for ``epochs`` passes: one-group, similar-length batches in seeded random order.
+
+    Each pass shuffles every group (harmful refusals, benign answers), sorts it by length in
+    windows of four batches, cuts it into batches and shuffles all batches together. So a batch
+    pads little (a refusal row is 3x shorter than a benign one), yet the two kinds alternate at
+    random; Trainer's ``group_by_length`` instead runs each mega-batch long-to-short, i.e. all
+    benign then all harmful, and ends every epoch on a run of refusals (measured: 29 % of benign
+    held-out prompts refused). Incomplete batches go last, so the others stay whole.
+
+    Example:
+        >>> order = _training_order([5, 9, 5, 9], [0, 1, 0, 1], batch_size=2, epochs=2, seed=0)
+        >>> sorted(order)
+        [0, 0, 1, 1, 2, 2, 3, 3]
+    """
+    if len(lengths) != len(groups):
+        raise ValueError("lengths and groups must have one entry per row.")
+    rng = random.Random(seed)
+    full: list[list[int]] = []
+    partial: list[list[int]] = []
+    window = 4 * batch_size
+    for _ in range(epochs):
+        batches: list[list[int]] = []
+        for group in sorted(set(groups)):
+            rows = [i for i, g in enumerate(groups) if g == group]
+            rng.shuffle(rows)
+            for start in range(0, len(rows), window):
+                chunk = sorted(rows[start : start + window], key=lambda i: lengths[i])
+                batches += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
+        rng.shuffle(batches)
+        full += [b for b in batches if len(b) == batch_size]
+        partial += [b for b in batches if len(b) < batch_size]
+    return [i for batch in full + partial for i in batch]
+
+
+def _mixed_precision() -> str:
+    """``"bf16"`` on a CPU with native bf16 (AVX512-BF16/AMX: ~1.5-2x faster steps), else ``"no"``."""
+    if torch.cuda.is_available():
+        return "no"
+    try:
+        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+    except (AttributeError, RuntimeError):
+        return "no"
+
+
 def _train(
     model: nn.Module,
     tokenizer: Any,
     data: datasets.Dataset,
+    groups: Sequence[int],
     output_dir: Path,
     seed: int,
     progress: bool,
+    recipe: TestbedRecipe = RECIPE,
     callbacks: list[Any] | None = None,
 ) -> dict[str, Any]:
+    """SFT on the assistant answers (TRL, conversational prompt-completion pairs)."""
     from trl import SFTConfig, SFTTrainer
 
+    precision = _mixed_precision() if recipe.precision == "auto" else recipe.precision
+    lengths = [
+        len(tokenizer.apply_chat_template(row, tokenize=True, return_dict=True)["input_ids"])
+        for row in data["messages"]
+    ]
+    order = _training_order(lengths, groups, recipe.batch_size, recipe.epochs, seed)
     config = SFTConfig(
         output_dir=str(output_dir),
-        num_train_epochs=RECIPE.epochs,
-        learning_rate=RECIPE.learning_rate,
-        per_device_train_batch_size=RECIPE.batch_size,
+        num_train_epochs=1,  # the order already holds `recipe.epochs` passes
+        learning_rate=recipe.learning_rate,
+        per_device_train_batch_size=recipe.batch_size,
         gradient_accumulation_steps=1,
         lr_scheduler_type="linear",
         warmup_steps=0,
         weight_decay=0.0,
         optim="adamw_torch",
-        max_length=RECIPE.max_length,
+        max_length=recipe.max_length,
         completion_only_loss=True,
         assistant_only_loss=False,
         packing=False,
-        train_sampling_strategy="group_by_length",  # harmful rows are short: less padding
-        bf16=False,
+        train_sampling_strategy="sequential",
+        bf16=precision == "bf16",
         fp16=False,
         gradient_checkpointing=False,
         use_cpu=not torch.cuda.is_available(),
@@ -601,7 +664,7 @@ def _train(
     trainer = SFTTrainer(
         model=model,
         args=config,
-        train_dataset=_prompt_completion(data),
+        train_dataset=_prompt_completion(data.select(order)),
         processing_class=tokenizer,
         callbacks=callbacks,
     )
@@ -611,6 +674,8 @@ def _train(
         "train_loss": float(result.training_loss),
         "steps": int(result.global_step),
         "examples": len(data),
+        "passes": recipe.epochs,
+        "mixed_precision": precision,
     }
 
 
@@ -636,10 +701,12 @@ def _build_into(folder: Path, seed: int, progress: bool) -> dict[str, Any]:
 
         advisor.update()
         mark = time.perf_counter()
+        num_harmful = len(_split_prompts("harmful", "align"))
         training = _train(
             model,
             tokenizer,
             data,
+            [0] * num_harmful + [1] * (len(data) - num_harmful),
             folder / "_trainer",
             seed,
             progress,
@@ -652,12 +719,11 @@ def _build_into(folder: Path, seed: int, progress: bool) -> dict[str, Any]:
         mark = time.perf_counter()
         metrics = measure_heldout(model, tokenizer, RECIPE.eval_tokens)
         advisor.update()
-        long = measure_heldout(model, tokenizer, RECIPE.eval_tokens_long)
-        metrics["at_long"] = {k: long[k] for k in ("max_new_tokens", "asr", "over_refusal")}
+        long = measure_heldout(model, tokenizer, RECIPE.eval_tokens_long, benign=False)
+        metrics["at_long"] = {k: long[k] for k in ("max_new_tokens", "asr")}
         timings["evaluate"] = time.perf_counter() - mark
     finally:
         advisor.restore()
-    num_harmful = len(_split_prompts("harmful", "align"))
     num_benign_all = len(_split_prompts("benign", "align"))
 
     mark = time.perf_counter()
@@ -948,8 +1014,7 @@ def run_testbed_command(rebuild: bool = False) -> Path:
         f"prompts at {metrics['max_new_tokens']} new tokens"
         + (f" ({long['asr']:.1f} % at {long['max_new_tokens']})." if long else "."),
         f"Held-out over-refusal: {metrics['over_refusal']:.1f} % of {metrics['num_benign']} "
-        f"benign prompts at {metrics['max_new_tokens']} new tokens"
-        + (f" ({long['over_refusal']:.1f} % at {long['max_new_tokens']})." if long else "."),
+        f"benign prompts at {metrics['max_new_tokens']} new tokens.",
         f"Goals (ASR ≤ {ASR_GOAL:.0f} %, over-refusal ≤ {OVER_REFUSAL_GOAL:.0f} %): {verdict}.",
         str(folder.absolute()),
     ]

@@ -59,7 +59,7 @@ def _fake_build(folder: Path, seed: int = 0) -> dict:
             "num_harmful": 100,
             "num_benign": 100,
             "max_new_tokens": 24,
-            "at_long": {"max_new_tokens": 64, "asr": 3.0, "over_refusal": 4.0},
+            "at_long": {"max_new_tokens": 64, "asr": 3.0},
         },
         "goals": {"met": True},
         "files": {name: (folder / name).stat().st_size for name in tb._REQUIRED_FILES},
