@@ -40,6 +40,7 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
+import math
 import os
 import platform
 import random
@@ -124,13 +125,13 @@ class TestbedRecipe:
     epochs: int = 2
     learning_rate: float = 2e-5
     batch_size: int = 8
-    distill_tokens: int = 96
+    distill_tokens: int = 64
     distill_batch_size: int = 32
     eval_tokens: int = 24
     eval_tokens_long: int = 64
     max_length: int = 512
     loss: str = "completion_only"
-    order: str = "one-kind batches, similar lengths, random order"
+    order: str = "random"  # or "balanced": each step batch_size/2 refusals + batch_size/2 answers
     precision: str = "auto"
 
 
@@ -390,7 +391,7 @@ def self_distill(
             list(prompts),
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
-            progress=bar.update,
+            progress=lambda n: (bar.update(n), _adapt_threads()),
         )
     finally:
         bar.close()
@@ -519,6 +520,7 @@ def measure_heldout(
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             stop_when_decided=judge.is_decided,
+            progress=lambda n: _adapt_threads(),
         )
         refused = [judge.is_refusal(r) for r in gen.responses]
         rate = 100.0 * sum(refused) / len(refused)
@@ -568,40 +570,54 @@ def _sha256(path: Path) -> str:
 
 
 def _training_order(
-    lengths: Sequence[int], groups: Sequence[int], batch_size: int, epochs: int, seed: int
+    lengths: Sequence[int], groups: Sequence[int], micro_batch: int, epochs: int, seed: int
 ) -> list[int]:
-    """Row order for ``epochs`` passes: one-group, similar-length batches in seeded random order.
+    """Row order for ``epochs`` passes of paired micro-batches: harmful, benign, harmful, ...
 
-    Each pass shuffles every group (harmful refusals, benign answers), sorts it by length in
-    windows of four batches, cuts it into batches and shuffles all batches together. So a batch
-    pads little (a refusal row is 3x shorter than a benign one), yet the two kinds alternate at
-    random; Trainer's ``group_by_length`` instead runs each mega-batch long-to-short, i.e. all
-    benign then all harmful, and ends every epoch on a run of refusals (measured: 29 % of benign
-    held-out prompts refused). Incomplete batches go last, so the others stay whole.
+    Group 0 (harmful → refusal) sets the pace: each pass takes all its rows once, shuffled,
+    and pairs every micro-batch of them with a micro-batch of group 1 (benign → own answer),
+    whose rows are cycled in shuffled order to keep up. With gradient accumulation over 2
+    micro-batches, every optimizer step sees as many refusals as answers, and since TRL divides
+    the summed token loss by the step's token count, a step equals one mixed batch of
+    ``2 * micro_batch`` rows, without padding short refusals to the length of long answers.
+    Rows are sorted by length within windows of 4 micro-batches to pad little.
 
     Example:
-        >>> order = _training_order([5, 9, 5, 9], [0, 1, 0, 1], batch_size=2, epochs=2, seed=0)
-        >>> sorted(order)
-        [0, 0, 1, 1, 2, 2, 3, 3]
+        >>> _training_order([5, 6, 30, 31], [0, 0, 1, 1], micro_batch=1, epochs=1, seed=0)
+        [0, 2, 1, 3]
     """
     if len(lengths) != len(groups):
         raise ValueError("lengths and groups must have one entry per row.")
+    harmful = [i for i, g in enumerate(groups) if g == 0]
+    benign = [i for i, g in enumerate(groups) if g == 1]
+    if not harmful or not benign:
+        raise ValueError("The alignment data needs both harmful (0) and benign (1) rows.")
     rng = random.Random(seed)
-    full: list[list[int]] = []
-    partial: list[list[int]] = []
-    window = 4 * batch_size
+    window = 4 * micro_batch
+
+    def batches(rows: list[int]) -> list[list[int]]:
+        out: list[list[int]] = []
+        for start in range(0, len(rows), window):
+            chunk = sorted(rows[start : start + window], key=lambda i: lengths[i])
+            out += [chunk[k : k + micro_batch] for k in range(0, len(chunk), micro_batch)]
+        return out
+
+    order: list[int] = []
+    pool: list[int] = []
     for _ in range(epochs):
-        batches: list[list[int]] = []
-        for group in sorted(set(groups)):
-            rows = [i for i, g in enumerate(groups) if g == group]
-            rng.shuffle(rows)
-            for start in range(0, len(rows), window):
-                chunk = sorted(rows[start : start + window], key=lambda i: lengths[i])
-                batches += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
-        rng.shuffle(batches)
-        full += [b for b in batches if len(b) == batch_size]
-        partial += [b for b in batches if len(b) < batch_size]
-    return [i for batch in full + partial for i in batch]
+        rows = harmful[:]
+        rng.shuffle(rows)
+        pairs = -(-len(rows) // micro_batch)
+        rows += rng.sample(harmful, pairs * micro_batch - len(rows))  # fill the last batch
+        needed: list[int] = []
+        while len(needed) < pairs * micro_batch:
+            if not pool:
+                pool = benign[:]
+                rng.shuffle(pool)
+            needed.append(pool.pop())
+        for refusals, answers in zip(batches(rows), batches(needed), strict=True):
+            order += refusals + answers
+    return order
 
 
 def _mixed_precision() -> str:
@@ -633,13 +649,23 @@ def _train(
         len(tokenizer.apply_chat_template(row, tokenize=True, return_dict=True)["input_ids"])
         for row in data["messages"]
     ]
-    order = _training_order(lengths, groups, recipe.batch_size, recipe.epochs, seed)
+    if recipe.order == "balanced":
+        order = _training_order(lengths, groups, recipe.batch_size // 2, recipe.epochs, seed)
+        train_data, passes, micro, accumulation = data.select(order), 1, recipe.batch_size // 2, 2
+        sampling = "sequential"
+    elif recipe.order == "random":
+        train_data, passes, micro, accumulation = data, recipe.epochs, recipe.batch_size, 1
+        sampling = "random"
+    else:
+        raise ValueError(
+            f"TestbedRecipe.order must be 'random' or 'balanced', got {recipe.order!r}."
+        )
     config = SFTConfig(
         output_dir=str(output_dir),
-        num_train_epochs=1,  # the order already holds `recipe.epochs` passes
+        num_train_epochs=passes,
         learning_rate=recipe.learning_rate,
-        per_device_train_batch_size=recipe.batch_size,
-        gradient_accumulation_steps=1,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accumulation,
         lr_scheduler_type="linear",
         warmup_steps=0,
         weight_decay=0.0,
@@ -648,7 +674,7 @@ def _train(
         completion_only_loss=True,
         assistant_only_loss=False,
         packing=False,
-        train_sampling_strategy="sequential",
+        train_sampling_strategy=sampling,
         bf16=precision == "bf16",
         fp16=False,
         gradient_checkpointing=False,
@@ -664,7 +690,7 @@ def _train(
     trainer = SFTTrainer(
         model=model,
         args=config,
-        train_dataset=_prompt_completion(data.select(order)),
+        train_dataset=_prompt_completion(train_data),
         processing_class=tokenizer,
         callbacks=callbacks,
     )
@@ -689,7 +715,8 @@ def _build_into(folder: Path, seed: int, progress: bool) -> dict[str, Any]:
         file=sys.stderr,
         flush=True,
     )
-    advisor = _ThreadAdvisor()
+    global _ACTIVE_ADVISOR
+    advisor = _ACTIVE_ADVISOR = _ThreadAdvisor()
     try:
         model, tokenizer = load_gguf_model(gguf)
         timings: dict[str, float] = {"load": time.perf_counter() - start}
@@ -710,7 +737,7 @@ def _build_into(folder: Path, seed: int, progress: bool) -> dict[str, Any]:
             folder / "_trainer",
             seed,
             progress,
-            callbacks=[_thread_callback(advisor)] if advisor.active else None,
+            callbacks=[_thread_callback()],
         )
         timings["train"] = time.perf_counter() - mark
         shutil.rmtree(folder / "_trainer", ignore_errors=True)
@@ -723,6 +750,7 @@ def _build_into(folder: Path, seed: int, progress: bool) -> dict[str, Any]:
         metrics["at_long"] = {k: long[k] for k in ("max_new_tokens", "asr")}
         timings["evaluate"] = time.perf_counter() - mark
     finally:
+        _ACTIVE_ADVISOR = None
         advisor.restore()
     num_benign_all = len(_split_prompts("benign", "align"))
 
@@ -799,8 +827,8 @@ class _ThreadAdvisor:
     OpenMP threads that share a core with a busy process wait for each other at every barrier:
     measured on a 2-core machine with one busy neighbour, a training step took 48 s with 2
     threads and 9 s with 1. :meth:`update` compares the machine's busy CPU time with this
-    process's own since the last call and sets ``torch.set_num_threads`` to the idle cores (at
-    least 1, at most the count torch started with). Inactive when ``OMP_NUM_THREADS`` is set,
+    process's own since the last call and sets ``torch.set_num_threads`` to the cores that are
+    at least 80 % idle (at least 1, at most the count torch started with). Inactive when ``OMP_NUM_THREADS`` is set,
     on CUDA, or without ``psutil``.
     """
 
@@ -840,7 +868,9 @@ class _ThreadAdvisor:
         others = max(0.0, (now[1] - self._last[1]) - (now[2] - self._last[2])) / wall
         self._last = now
         cores = os.cpu_count() or self.initial
-        threads = max(1, min(self.initial, round(cores - others)))
+        # a neighbour on a core costs far more than leaving that core idle: use a core only
+        # when others leave at least 80 % of it free
+        threads = max(1, min(self.initial, math.floor(cores - others + 0.2)))
         if threads != torch.get_num_threads():
             logger.info(
                 "Other processes use %.1f of %d CPU cores: %d torch thread(s) now.",
@@ -856,13 +886,21 @@ class _ThreadAdvisor:
         torch.set_num_threads(self.initial)
 
 
-def _thread_callback(advisor: _ThreadAdvisor, every: int = 5) -> Any:
+#: The advisor of the build in progress (generation and training consult it between batches).
+_ACTIVE_ADVISOR: _ThreadAdvisor | None = None
+
+
+def _adapt_threads() -> None:
+    if _ACTIVE_ADVISOR is not None:
+        _ACTIVE_ADVISOR.update()
+
+
+def _thread_callback() -> Any:
     from transformers import TrainerCallback
 
     class _AdaptThreads(TrainerCallback):
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if state.global_step % every == 0:
-                advisor.update()
+            _adapt_threads()
 
     return _AdaptThreads()
 

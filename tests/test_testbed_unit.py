@@ -313,3 +313,28 @@ def test_thread_advisor_stays_in_range(monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         advisor.restore()
     assert tb.torch.get_num_threads() == advisor.initial
+
+
+def test_training_order_pairs_refusals_with_answers() -> None:
+    groups = [0] * 300 + [1] * 159
+    lengths = [60 + i % 17 for i in range(300)] + [90 + i % 40 for i in range(159)]
+    order = tb._training_order(lengths, groups, micro_batch=4, epochs=2, seed=0)
+    assert len(order) == 2 * 2 * 300  # every step: 4 refusals + 4 answers
+    for start in range(0, len(order), 8):
+        step = order[start : start + 8]
+        assert [groups[i] for i in step] == [0] * 4 + [1] * 4
+    for half in (order[:600], order[600:]):
+        refusals = [i for i in half if groups[i] == 0]
+        assert sorted(refusals) == list(range(300))  # each harmful row once per pass
+    counts = [order.count(i) for i in range(300, 459)]
+    assert max(counts) - min(counts) <= 1  # benign rows are cycled evenly
+    assert order == tb._training_order(lengths, groups, 4, 2, seed=0)
+    assert order != tb._training_order(lengths, groups, 4, 2, seed=1)
+
+
+def test_training_order_fills_an_incomplete_last_batch() -> None:
+    order = tb._training_order([1] * 7, [0, 0, 0, 0, 0, 1, 1], micro_batch=2, epochs=1, seed=0)
+    assert len(order) == 12
+    assert {order[k] for k in (0, 1, 4, 5, 8, 9)} == {0, 1, 2, 3, 4}
+    with pytest.raises(ValueError, match="both harmful"):
+        tb._training_order([1, 1], [0, 0], micro_batch=1, epochs=1, seed=0)
