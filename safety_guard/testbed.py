@@ -130,7 +130,7 @@ class TestbedRecipe:
     eval_tokens: int = 24
     eval_tokens_long: int = 64
     max_length: int = 512
-    loss: str = "completion_only"
+    loss: str = "completion_only"  # or "full": loss on the whole chat (system, user, assistant)
     order: str = "random"  # or "balanced": each step batch_size/2 refusals + batch_size/2 answers
     precision: str = "auto"
 
@@ -660,6 +660,10 @@ def _train(
         raise ValueError(
             f"TestbedRecipe.order must be 'random' or 'balanced', got {recipe.order!r}."
         )
+    if recipe.loss not in ("completion_only", "full"):
+        raise ValueError(
+            f"TestbedRecipe.loss must be 'completion_only' or 'full', got {recipe.loss!r}."
+        )
     config = SFTConfig(
         output_dir=str(output_dir),
         num_train_epochs=passes,
@@ -671,7 +675,7 @@ def _train(
         weight_decay=0.0,
         optim="adamw_torch",
         max_length=recipe.max_length,
-        completion_only_loss=True,
+        completion_only_loss=recipe.loss == "completion_only",
         assistant_only_loss=False,
         packing=False,
         train_sampling_strategy=sampling,
@@ -690,7 +694,9 @@ def _train(
     trainer = SFTTrainer(
         model=model,
         args=config,
-        train_dataset=_prompt_completion(train_data),
+        train_dataset=(
+            _prompt_completion(train_data) if recipe.loss == "completion_only" else train_data
+        ),
         processing_class=tokenizer,
         callbacks=callbacks,
     )
