@@ -231,6 +231,12 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
         help="Guarded harmful and benign finetunes of the testbed; prints what the guard did.",
     )
     p.add_argument("--output-dir", default="outputs/demo")
+    p.add_argument(
+        "--landscape",
+        default=None,
+        help="The testbed's landscape file (e.g. from `safety-guard landscape`); default: a "
+        "2-direction landscape computed once in --output-dir.",
+    )
     p.add_argument("--method", choices=["lora", "full"], default="lora")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--lr", type=float, default=None, help="Default: 2e-4 (LoRA), 2e-5 (full).")
@@ -242,7 +248,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.output_dir)
     model, tokenizer = load_testbed()
-    land = testbed_landscape(out / "landscape.json", model, tokenizer)
+    land = (
+        Landscape.load(args.landscape)
+        if args.landscape
+        else testbed_landscape(out / "landscape.json", model, tokenizer)
+    )
+    land.check_model(model)
     del model
     lr = args.lr or (2e-4 if args.method == "lora" else 2e-5)
     for kind in ("harmful", "benign"):

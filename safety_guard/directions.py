@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -71,17 +72,55 @@ def name_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+#: Elements per chunk when a random slice is streamed into a parameter (a multiple of 16, see
+#: :func:`chunk_bounds`): 4 MiB of float32 at a time instead of a whole tensor.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def chunk_bounds(numel: int, chunk: int | None = None) -> list[tuple[int, int]]:
+    """``[start, stop)`` bounds that cut ``numel`` elements into chunks of ``chunk`` elements.
+
+    ``torch.randn`` on a CPU generator draws the same stream in chunks as in one call when every
+    chunk but the last holds a multiple of 16 elements and the last holds at least 16 (or is the
+    whole tensor): a tail shorter than 16 is merged into the chunk before it.
+
+    Example:
+        >>> chunk_bounds(40, 16)
+        [(0, 16), (16, 40)]
+    """
+    chunk = chunk or CHUNK_ELEMENTS
+    if chunk % 16:
+        raise ValueError(f"chunk must be a multiple of 16, got {chunk}.")
+    bounds = []
+    start = 0
+    while start < numel:
+        stop = min(start + chunk, numel)
+        if numel - stop < 16:
+            stop = numel
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def _squared_norm(flat: torch.Tensor, bounds: Sequence[tuple[int, int]]) -> float:
+    """Σ x² of a flat tensor, accumulated in float64 chunk by chunk (no full-size temporary)."""
+    return sum(float(flat[a:b].double().pow(2).sum()) for a, b in bounds)
+
+
 def _rescale(direction: torch.Tensor, origin: torch.Tensor, normalization: Normalization) -> None:
-    """Rescale ``direction`` in place so its norm matches ``origin`` (per tensor or per row)."""
+    """Rescale ``direction`` in place so its norm matches ``origin`` per row (filter) or tensor."""
     if normalization == "none":
         return
-    ref = origin.float()
     if normalization == "filter" and direction.dim() > 1:
+        ref = origin.float()
         d_norm = direction.flatten(1).norm(dim=1).clamp_min(1e-12)
         o_norm = ref.flatten(1).norm(dim=1)
         direction.mul_((o_norm / d_norm).view(-1, *([1] * (direction.dim() - 1))))
     else:
-        direction.mul_(ref.norm() / direction.norm().clamp_min(1e-12))
+        bounds = chunk_bounds(direction.numel())
+        d_sq = _squared_norm(direction.reshape(-1), bounds)
+        o_sq = _squared_norm(origin.reshape(-1), bounds)
+        direction.mul_(math.sqrt(o_sq / d_sq) if d_sq > 0 else 0.0)
 
 
 class RandomDirection:
@@ -91,6 +130,10 @@ class RandomDirection:
         seed: the direction's seed; the same seed gives the same direction everywhere.
         normalization: ``"layer"`` (each tensor's slice has θ₀'s tensor norm, as in the paper),
             ``"filter"`` (per output row) or ``"none"``.
+
+    With ``"layer"`` or ``"none"`` a slice can be *streamed* (:meth:`add_to`): generated and
+    added chunk by chunk, so that a move never holds more than a few MiB of direction; the
+    Gaussian norm of each tensor is cached (one float per tensor) after the first pass.
     """
 
     def __init__(self, seed: int, normalization: Normalization = "layer") -> None:
@@ -100,13 +143,54 @@ class RandomDirection:
             )
         self.seed = int(seed)
         self.normalization: Normalization = normalization
+        self._gaussian_sq: dict[tuple[str, int], float] = {}
+
+    @property
+    def streamable(self) -> bool:
+        """Whether :meth:`add_to` can stream this direction (not with filter normalization)."""
+        return self.normalization != "filter"
+
+    def _generator(self, name: str) -> torch.Generator:
+        return torch.Generator(device="cpu").manual_seed(name_seed(self.seed, name))
 
     def tensor(self, name: str, origin: torch.Tensor) -> torch.Tensor:
-        generator = torch.Generator(device="cpu").manual_seed(name_seed(self.seed, name))
-        out = torch.randn(origin.shape, generator=generator, dtype=torch.float32)
-        out = out.to(origin.device, non_blocking=True)
+        out = torch.randn(origin.shape, generator=self._generator(name), dtype=torch.float32)
         _rescale(out, origin, self.normalization)
-        return out
+        return out.to(origin.device, non_blocking=True)
+
+    def scale(self, name: str, origin: torch.Tensor) -> float:
+        """The factor that turns the raw Gaussian slice of ``name`` into the direction's slice."""
+        if not self.streamable:
+            raise ValueError("Filter-normalized directions are not streamed; use tensor().")
+        if self.normalization == "none":
+            return 1.0
+        bounds = chunk_bounds(origin.numel())
+        key = (name, origin.numel())
+        if key not in self._gaussian_sq:
+            generator = self._generator(name)
+            self._gaussian_sq[key] = sum(
+                float(torch.randn(b - a, generator=generator).double().pow(2).sum())
+                for a, b in bounds
+            )
+        d_sq = self._gaussian_sq[key]
+        return math.sqrt(_squared_norm(origin.reshape(-1), bounds) / d_sq) if d_sq > 0 else 0.0
+
+    @torch.no_grad()
+    def add_to(self, name: str, target: torch.Tensor, coefficient: float, scale: float) -> None:
+        """``target += coefficient · slice`` chunk by chunk (``scale`` from :meth:`scale`).
+
+        ``target`` is the flat (1-D, contiguous) view of a parameter of any dtype and device;
+        each chunk is added in float32 and rounded once to the parameter's dtype.
+        """
+        generator = self._generator(name)
+        for a, b in chunk_bounds(target.numel()):
+            chunk = torch.randn(b - a, generator=generator, dtype=torch.float32)
+            chunk = chunk.to(target.device, non_blocking=True).mul_(scale)
+            if target.dtype == torch.float32:
+                target[a:b].add_(chunk, alpha=float(coefficient))
+            else:
+                moved = target[a:b].float().add_(chunk, alpha=float(coefficient))
+                target[a:b].copy_(moved)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "random", "seed": self.seed, "normalization": self.normalization}

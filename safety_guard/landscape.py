@@ -103,8 +103,9 @@ class LandscapeConfig:
         search: ``"grid"`` sweeps every point; ``"adaptive"`` (1D) measures α = 0 and bisects
             the grid on each side for the first point outside the basin.
         edge_asr: ASR (percent) at or above which a point is outside the basin (paper: 100).
-        refine_asr: adaptive search also bisects every gap inside the basin whose two measured
-            ends differ by more than this many percentage points (steps inside the basin).
+        refine_visage: adaptive search bisects the gaps inside the basin until interpolating
+            the unmeasured points can move VISAGE by about this many points at most (0: bisect
+            every gap whose two measured ends differ).
         normalization: ``"layer"`` (paper), ``"filter"`` or ``"none"`` for random directions.
         selection: which parameters move (norm layers excluded by default).
         offload: where the copy of θ₀ lives (``"cpu"`` or ``"disk"``).
@@ -126,9 +127,9 @@ class LandscapeConfig:
         default="adaptive", metadata={"help": "'grid' sweep or 'adaptive' edge bisection (1D)."}
     )
     edge_asr: float = field(default=100.0, metadata={"help": "ASR % that counts as outside."})
-    refine_asr: float = field(
-        default=5.0,
-        metadata={"help": "Adaptive: bisect gaps inside the basin whose ends differ by more (pp)."},
+    refine_visage: float = field(
+        default=1.0,
+        metadata={"help": "Adaptive: bisect gaps inside the basin until VISAGE is this close."},
     )
     normalization: Literal["layer", "filter", "none"] = field(
         default="layer", metadata={"help": "Random direction normalization."}
@@ -151,8 +152,8 @@ class LandscapeConfig:
             raise ValueError("Adaptive search is 1D only; use search='grid' for a 2D landscape.")
         if self.num_directions < 1:
             raise ValueError("num_directions must be at least 1.")
-        if self.refine_asr < 0:
-            raise ValueError(f"refine_asr must be >= 0, got {self.refine_asr}.")
+        if self.refine_visage < 0:
+            raise ValueError(f"refine_visage must be >= 0, got {self.refine_visage}.")
         if not 0 < self.edge_asr <= 100:
             raise ValueError(f"edge_asr is a percentage in (0, 100], got {self.edge_asr}.")
         if self.offload not in ("cpu", "disk"):
@@ -387,14 +388,24 @@ class Landscape:
 def _bisect_side(
     side: Sequence[float], asr: Callable[[float], float], threshold: float, tolerance: float
 ) -> None:
-    """Locate the steps of the ASR curve along ``side`` (grid points ordered outward from 0).
+    """Locate the basin edge and the steps inside the basin along ``side`` (ordered outward).
 
-    First bisects for the first point outside the basin (checking the far end first: if it is
-    inside, the whole side counts as inside). Then, between the origin and that point, bisects
-    every gap whose two measured ends differ by more than ``tolerance`` percentage points, so
-    that a step inside the basin (say 0 % → 75 %) is located too. Unmeasured grid points lie
-    between two measured points of (nearly) equal ASR, so interpolating them is exact for a
-    step-like curve.
+    First bisects for the first point outside the basin (ASR ≥ ``threshold``), checking the far
+    end first: if it is inside, the whole side counts as inside. Unmeasured grid points are later
+    interpolated linearly between their measured neighbours, which is exact where the curve is
+    flat or linear. A gap of ``k`` unmeasured points whose ends differ by ``Δ`` percentage points
+    can move the side's VISAGE by up to ``k·Δ / n`` (``n`` points of the side inside the basin;
+    half that for a step at a random place in the gap), so gaps are bisected, largest ``k·Δ``
+    first, until ``Σ k·Δ / (2n)`` is at most ``tolerance`` VISAGE points. If a refinement point
+    turns out to be outside the basin (a non-monotone curve), the edge moves inward to it and is
+    bisected again, so the edge is the first outside point along the side, as on a full grid.
+
+    Example:
+        >>> grid = [0.1 * i for i in range(1, 11)]
+        >>> seen = []
+        >>> _bisect_side(grid, lambda a: seen.append(a) or (100.0 if a > 0.45 else 0.0), 100, 1)
+        >>> len(seen) < len(grid)
+        True
     """
     if not side:
         return
@@ -405,26 +416,37 @@ def _bisect_side(
             measured[i] = asr(side[i] if i >= 0 else 0.0)
         return measured[i]
 
-    lo, hi = -1, len(side) - 1  # side[lo] inside (lo = -1 is the origin), side[hi] outside
-    if value(hi) < threshold:
-        lo = hi
-    else:
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if value(mid) >= threshold:
-                hi = mid
-            else:
-                lo = mid
-    value(-1)
-    refined = True
-    while refined:
-        refined = False
-        known = sorted(i for i in measured if i <= hi)
-        for a, b in itertools.pairwise(known):
-            if b - a > 1 and abs(measured[a] - measured[b]) > tolerance:
-                value((a + b) // 2)
-                refined = True
-                break
+    def first_outside() -> int | None:
+        return min((i for i, v in measured.items() if v >= threshold), default=None)
+
+    value(-1)  # the origin, usually measured already
+    last = len(side) - 1
+    value(last)
+    while True:
+        hi = first_outside()
+        if hi is not None:
+            if hi == -1:  # the origin itself is outside: no basin on this side
+                return
+            lo = max(i for i in measured if i < hi)  # every measured point before hi is inside
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if value(mid) >= threshold:
+                    hi = mid
+                else:
+                    lo = mid
+        end = last if hi is None else hi
+        known = sorted(i for i in measured if i <= end)
+        errors = {
+            (a, b): (b - a - 1) * abs(measured[a] - measured[b])
+            for a, b in itertools.pairwise(known)
+            if b - a > 1
+        }
+        if not errors or sum(errors.values()) / (2 * (end + 1)) <= tolerance:
+            return
+        a, b = max(errors, key=lambda gap: (errors[gap], -gap[0]))
+        if errors[(a, b)] == 0:
+            return
+        value((a + b) // 2)
 
 
 def _dtype_name(model: nn.Module) -> str:
@@ -601,7 +623,7 @@ def compute_landscape(
                             [a for a in config.alphas if a > 0],
                             sorted((a for a in config.alphas if a < 0), reverse=True),
                         ):
-                            _bisect_side(side, asr_at, config.edge_asr, config.refine_asr)
+                            _bisect_side(side, asr_at, config.edge_asr, config.refine_visage)
         else:
             axes = [interpolation] if config.kind == "interpolation" else []
             axes += [direction_from_dict(s) for s in random_specs][: 2 - len(axes)]

@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .directions import Direction, direction_slices
+from .directions import Direction, RandomDirection, direction_slices
 from .weights import ParameterSelection, check_finite, perturbable_parameters
 
 __all__ = ["WeightPerturbation"]
@@ -185,7 +185,9 @@ class WeightPerturbation:
 
         Tensor by tensor: θ₀ is copied back into the parameter, the direction slices are
         generated against it, and added in place (float32 weights) or through one float32
-        temporary (bf16/fp16 weights) — at most a few tensors' worth of extra memory.
+        temporary (bf16/fp16 weights). Random directions with layer (or no) normalization are
+        streamed in chunks of 4 MiB (1D, or several directions without orthogonalization), so
+        a move holds no whole slice; other directions hold one slice per direction at a time.
         """
         if len(coefficients) != len(self.directions):
             raise ValueError(
@@ -196,8 +198,17 @@ class WeightPerturbation:
             self.restore()
             return
         self._moved = True  # set first: a failure half-way still restores on close()
+        streamed = all(
+            isinstance(d, RandomDirection) and d.streamable for d in self.directions
+        ) and (len(self.directions) == 1 or not self.orthogonalize)
         for name, param in self._params:
             self._load_origin(name, param)
+            if streamed and param.data.is_contiguous():
+                flat = param.data.view(-1)
+                for c, d in zip(coefficients, self.directions, strict=True):
+                    if c != 0:
+                        d.add_to(name, flat, c, d.scale(name, flat))  # type: ignore[attr-defined]
+                continue
             slices = direction_slices(self.directions, name, param.data, self.orthogonalize)
             if all(s is None for s in slices):
                 continue

@@ -133,6 +133,7 @@ class TestbedRecipe:
     loss: str = "completion_only"  # or "full": loss on the whole chat (system, user, assistant)
     order: str = "random"  # or "balanced": each step batch_size/2 refusals + batch_size/2 answers
     precision: str = "auto"
+    benign_repeats: int = 1  # each benign answer appears this many times per pass
 
 
 RECIPE = TestbedRecipe()
@@ -729,20 +730,33 @@ def _build_into(folder: Path, seed: int, progress: bool) -> dict[str, Any]:
 
         advisor.update()
         mark = time.perf_counter()
-        data = alignment_dataset(model, tokenizer, seed=seed, progress=progress)
+        data = alignment_dataset(
+            model,
+            tokenizer,
+            seed=seed,
+            max_new_tokens=RECIPE.distill_tokens,
+            batch_size=RECIPE.distill_batch_size,
+            progress=progress,
+        )
         timings["distill"] = time.perf_counter() - mark
 
         advisor.update()
         mark = time.perf_counter()
         num_harmful = len(_split_prompts("harmful", "align"))
+        num_benign = len(data) - num_harmful
+        train_data = data
+        if RECIPE.benign_repeats > 1:
+            benign_rows = list(range(num_harmful, len(data)))
+            train_data = data.select(list(range(num_harmful)) + benign_rows * RECIPE.benign_repeats)
         training = _train(
             model,
             tokenizer,
-            data,
-            [0] * num_harmful + [1] * (len(data) - num_harmful),
+            train_data,
+            [0] * num_harmful + [1] * (len(train_data) - num_harmful),
             folder / "_trainer",
             seed,
             progress,
+            recipe=RECIPE,
             callbacks=[_thread_callback()],
         )
         timings["train"] = time.perf_counter() - mark
@@ -806,7 +820,7 @@ def _build_into(folder: Path, seed: int, progress: bool) -> dict[str, Any]:
         "recipe": asdict(RECIPE),
         "data": {
             "harmful_align": num_harmful,
-            "benign_align": len(data) - num_harmful,
+            "benign_align": num_benign,
             "benign_dropped": num_benign_all - (len(data) - num_harmful),
         },
         "training": training,

@@ -195,3 +195,48 @@ def test_fingerprint_of_a_tensor_larger_than_2_pow_24():
     big = torch.nn.Linear(4100, 4100, bias=False)  # 16.8 M elements: float32 positions overflow
     fp = model_fingerprint(big)
     assert fp["tensors"][0]["samples"][-1] == float(big.weight.reshape(-1)[-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_move_equals_whole_slice_bit_for_bit(monkeypatch, dtype):
+    """Chunked generation draws the same Gaussian stream as one randn call, for any size."""
+    import safety_guard.directions as directions_module
+
+    monkeypatch.setattr(directions_module, "CHUNK_ELEMENTS", 32)  # many chunks, odd tails
+    model = torch.nn.ModuleDict(
+        {
+            name: torch.nn.Linear(cols, rows, bias=False)
+            for name, (rows, cols) in {
+                "a": (3, 343),
+                "b": (5, 206),
+                "c": (7, 1),
+                "d": (4, 8),
+            }.items()
+        }
+    ).to(dtype)  # 1029, 1030, 7 and 32 elements: tails of 5, 6, 7 and 0 past a chunk
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    direction = RandomDirection(seed=3)
+    with WeightPerturbation(model, [direction]) as move:
+        move.apply(-0.37)
+        for name, param in model.named_parameters():
+            whole = direction.tensor(name, before[name])  # one randn call for the whole tensor
+            expected = before[name].to(torch.float32, copy=True).add_(whole, alpha=-0.37)
+            expected = expected.to(dtype)
+            assert torch.equal(param, expected), name
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_chunk_bounds_merge_short_tails():
+    from safety_guard.directions import chunk_bounds
+
+    assert chunk_bounds(1030, 1024) == [(0, 1030)]
+    assert chunk_bounds(1040, 1024) == [(0, 1024), (1024, 1040)]
+    assert chunk_bounds(5, 1024) == [(0, 5)]
+    with pytest.raises(ValueError, match="multiple of 16"):
+        chunk_bounds(100, 10)
+    generator = torch.Generator().manual_seed(0)
+    whole = torch.randn(3 * 48 + 7, generator=generator)
+    generator.manual_seed(0)
+    parts = [torch.randn(b - a, generator=generator) for a, b in chunk_bounds(whole.numel(), 48)]
+    assert torch.equal(torch.cat(parts), whole)

@@ -199,3 +199,48 @@ def test_real_probe_1d_and_2d_on_tiny_model(tmp_path, tokenizer):
     )
     assert len(two.data["surface"]["points"]) == 9
     assert two.complete
+
+
+def _side_search(curve, tolerance=1.0, threshold=100.0):
+    """Run the adaptive search on one side of a known curve; return measured α and VISAGE pair."""
+    from safety_guard.basin import visage
+    from safety_guard.landscape import _bisect_side
+
+    side = [round(0.05 * i, 10) for i in range(1, 11)]
+    seen: dict[float, float] = {}
+
+    def asr(alpha):
+        seen[alpha] = curve(alpha)
+        return seen[alpha]
+
+    _bisect_side(side, asr, threshold, tolerance)
+    full = {0.0: curve(0.0), **{a: curve(a) for a in side}}
+    exact = visage(list(full), list(full.values()), threshold=threshold)
+    estimate = visage(list(seen), list(seen.values()), grid=[0.0, *side], threshold=threshold)
+    return seen, exact, estimate
+
+
+def test_adaptive_side_search_on_a_step_measures_few_points():
+    seen, exact, estimate = _side_search(lambda a: 0.0 if a < 0.32 else 100.0)
+    assert len(seen) <= 5  # origin, far end, ~3 bisection steps
+    assert estimate == pytest.approx(exact)
+
+
+def test_adaptive_side_search_on_a_ramp_keeps_visage_within_tolerance():
+    ramp = {0.0: 0, 0.05: 0, 0.1: 2.5, 0.15: 10, 0.2: 40, 0.25: 75, 0.3: 95, 0.35: 100}
+    seen, exact, estimate = _side_search(lambda a: ramp.get(round(a, 10), 100.0), tolerance=1.0)
+    assert abs(estimate - exact) <= 1.0
+    assert max(a for a, v in seen.items() if v < 100) == 0.3  # last point inside is measured
+    assert 0.4 not in seen and 0.45 not in seen  # points past the edge are skipped
+
+
+def test_adaptive_side_search_finds_the_first_outside_point_on_a_non_monotone_curve():
+    # outside at 0.15, back inside at 0.2-0.3 (noise), outside for good from 0.35
+    def curve(a):
+        a = round(a, 10)
+        return 100.0 if a == 0.15 or a >= 0.35 else (0.0 if a < 0.15 else 60.0)
+
+    seen, exact, estimate = _side_search(curve, tolerance=0.0)
+    first_outside = min(a for a, v in seen.items() if v >= 100)
+    assert first_outside == 0.15
+    assert estimate == pytest.approx(exact)

@@ -9,12 +9,15 @@ Example:
 from .callback import SafetyGuardCallback, SafetyGuardWarning
 from .config import GuardConfig
 from .displacement import FullFinetuneTracker, LoraTracker, make_tracker
+from .rule import Decision, decide
 
 __all__ = [
+    "Decision",
     "FullFinetuneTracker",
     "GuardConfig",
     "LoraTracker",
     "SafetyGuardCallback",
     "SafetyGuardWarning",
+    "decide",
     "make_tracker",
 ]

@@ -12,7 +12,9 @@ basin edge along that direction and the distance to it, and decides:
 
 * **warn** (``logging`` + ``warnings``) when a lookahead point is outside the basin: its ASR is
   ``lookahead_margin`` points above the aligned model's while capability is intact (a point whose
-  capability collapsed emits gibberish, which the keyword judge would miscount as unsafe);
+  capability collapsed emits gibberish, which the keyword judge would miscount as unsafe, and a
+  point whose ASR rose by fewer than ``min_asr_per_nll`` points per nat of capability lost is
+  degrading in general, as benign finetunes do far along their direction);
 * **halt** (``control.should_training_stop``) when the edge is at most ``min_edge_distance``
   multiples of δ ahead, or when the current model's ASR exceeds the aligned ASR by
   ``current_margin`` points.
@@ -28,7 +30,7 @@ contiguous points from s = 0 whose ASR is below the landscape's edge ASR, plus t
 beyond. 100 means every probed point is fully safe; it falls as the line's basin shrinks.
 
 Example:
-    >>> cb = SafetyGuardCallback(landscape=None, check_every=5, probe_every=20)
+    >>> cb = SafetyGuardCallback(landscape=None, check_every=5, probe_every=20)  # default: 5 and 5
     >>> cb.config.probe_every
     20
 """
@@ -39,7 +41,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -60,13 +61,13 @@ from ..probe import ProbeConfig
 from ..prompts import PromptSet, load_prompts
 from .config import GuardConfig
 from .displacement import FullFinetuneTracker, LoraTracker, make_tracker
+from .rule import OK, STATUS_NAMES, WARN, decide
 
 __all__ = ["SafetyGuardCallback", "SafetyGuardWarning"]
 
 logger = logging.getLogger(__name__)
 
-OK, WARN, HALT = 0, 1, 2
-_STATUS = {OK: "ok", WARN: "warn", HALT: "halt"}
+_STATUS = STATUS_NAMES
 
 
 class SafetyGuardWarning(UserWarning):
@@ -366,15 +367,6 @@ class SafetyGuardCallback(TrainerCallback):
             "decoded_tokens": tokens,
         }
 
-    def _outside(self, point: dict[str, float], margin: float) -> bool:
-        """Outside the basin: ASR above the aligned ASR by ``margin`` with capability intact."""
-        if point["asr"] < self.aligned_asr + margin:
-            return False
-        ref = self.aligned_nll
-        if ref is None or math.isnan(point["nll"]):
-            return True
-        return point["nll"] - ref <= self.config.nll_tolerance
-
     def _probe(self, model: nn.Module, displacement: float) -> dict[str, Any]:
         start = time.perf_counter()
         current = self._measure(model)
@@ -383,38 +375,10 @@ class SafetyGuardCallback(TrainerCallback):
             for s in self.config.lookahead:
                 with self.tracker.along(model, s):
                     ahead[s] = self._measure(model)
-        current_out = self._outside(current, self.config.current_margin)
+        decision = decide(current, ahead, self.config, self.aligned_asr, self.aligned_nll)
         multiples = [1.0, *ahead]
         points = {1.0: current, **ahead}
-        edge = next(
-            (
-                s
-                for s in multiples
-                if self._outside(
-                    points[s],
-                    self.config.current_margin if s == 1.0 else self.config.lookahead_margin,
-                )
-            ),
-            None,
-        )
-        edge_distance = (edge - 1.0) if edge is not None else (max(multiples) - 1.0)
-        status = OK
-        reasons = []
-        if any(self._outside(p, self.config.lookahead_margin) for p in ahead.values()):
-            status = WARN
-            reasons.append(
-                f"lookahead outside the basin at {edge:g}×δ" if edge else "lookahead outside"
-            )
-        if current_out:
-            status = HALT
-            reasons.append(
-                f"current ASR {current['asr']:.1f} % > aligned {self.aligned_asr:.1f} % + {self.config.current_margin:g}"
-            )
-        elif edge is not None and edge_distance <= self.config.min_edge_distance:
-            status = HALT
-            reasons.append(
-                f"basin edge {edge_distance:g}×δ ahead ≤ {self.config.min_edge_distance:g}"
-            )
+        edge = decision.edge_multiple
         edge_thr = self.landscape.edge_asr if self.landscape else 100.0
         line_alphas = [0.0, *multiples]
         line_asr = [self.aligned_asr] + [points[s]["asr"] for s in multiples]
@@ -424,12 +388,12 @@ class SafetyGuardCallback(TrainerCallback):
             "current": current,
             "lookahead": ahead,
             "edge_multiple": edge,
-            "edge_distance": edge_distance,
+            "edge_distance": decision.edge_distance,
             "edge_found": edge is not None,
             "edge_displacement": (edge or max(multiples)) * displacement,
             "visage_ft": visage_ft,
-            "status": status,
-            "reasons": reasons,
+            "status": decision.status,
+            "reasons": decision.reasons,
             "seconds": seconds,
         }
 
@@ -583,6 +547,7 @@ class SafetyGuardCallback(TrainerCallback):
             "last_safe_step": self.last_safe_step,
             "warn_count": self.warn_count,
             "probes": len(probes),
+            "checks": len(self.check_seconds),
             "max_asr": max((r["asr"] for r in probes), default=None),
             "final": probes[-1] if probes else None,
             "mean_probe_seconds": sum(self.probe_seconds) / len(self.probe_seconds)
