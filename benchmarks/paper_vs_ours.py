@@ -19,7 +19,9 @@ ASR is below 100 % and on the first point beyond it on each side, so the ``paper
 exactly those points (walking outward from 0 on each side until ASR reaches 100 %) with the full
 paper setting, which makes its VISAGE exact; the decoded tokens and time of the remaining grid
 points (all beyond the edges) are **extrapolated** from the measured points at or beyond the edge,
-and the table says so. ``--paper-budget-s`` stops the walk early (then VISAGE is not reported).
+and the table says so. ``--paper-budget-s`` stops the walk early (then VISAGE is not reported);
+every paper point is appended to ``paper_vs_ours_paper.points.jsonl`` and a new run resumes from
+them (delete the file to start afresh).
 
     python benchmarks/paper_vs_ours.py                 # ~20-40 min on 2 CPU cores
     python benchmarks/paper_vs_ours.py --with-grid --directions 3
@@ -102,9 +104,21 @@ def _child(variant: str, directions: int, budget_s: float, out_dir: Path, result
         prober.prepare()
         per_direction = []
         tokens = points = 0
+        seconds = 0.0  # summed per point, so that points resumed from the file count too
         outside_tokens: list[int] = []
         outside_seconds: list[float] = []
         complete = True
+        points_file = out_dir / "paper_vs_ours_paper.points.jsonl"  # resume: one line a point
+        saved: dict[tuple[int, float], tuple[float, int, float]] = {}
+        if points_file.exists():
+            for line in points_file.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    saved[(rec["direction"], rec["alpha"])] = (
+                        rec["asr"],
+                        rec["decoded_tokens"],
+                        rec["seconds"],
+                    )
         for k in range(directions):
             measured: dict[float, tuple[float, int, float]] = {}  # α -> (asr, tokens, seconds)
             with WeightPerturbation(model, [RandomDirection(seed=k)]) as move:
@@ -115,12 +129,24 @@ def _child(variant: str, directions: int, budget_s: float, out_dir: Path, result
                     measured: dict[float, tuple[float, int, float]] = measured,
                     k: int = k,
                 ) -> float:
+                    if (k, alpha) in saved:  # measured by an earlier, interrupted run
+                        measured[alpha] = saved[(k, alpha)]
+                        return measured[alpha][0]
                     move.apply(alpha)
                     try:
                         r = prober.evaluate()
                     finally:
                         move.restore()
                     measured[alpha] = (r.asr, r.decoded_tokens, r.seconds)
+                    with points_file.open("a", encoding="utf-8") as fh:
+                        record = {
+                            "direction": k,
+                            "alpha": alpha,
+                            "asr": r.asr,
+                            "decoded_tokens": r.decoded_tokens,
+                            "seconds": r.seconds,
+                        }
+                        fh.write(json.dumps(record) + "\n")
                     print(f"[paper] dir {k} α={alpha:+.2f}: {measured[alpha]}", flush=True)
                     return r.asr
 
@@ -148,10 +174,11 @@ def _child(variant: str, directions: int, budget_s: float, out_dir: Path, result
                 }
             )
             tokens += sum(m[1] for m in measured.values())
+            seconds += sum(m[2] for m in measured.values())
             points += len(measured)
             outside_tokens += [m[1] for m in measured.values() if m[0] >= EDGE_ASR]
             outside_seconds += [m[2] for m in measured.values() if m[0] >= EDGE_ASR]
-        wall = time.perf_counter() - start
+        wall = seconds
         missing = directions * len(grid) - points
         per_out = sum(outside_tokens) / len(outside_tokens) if outside_tokens else None
         sec_out = sum(outside_seconds) / len(outside_seconds) if outside_seconds else None
@@ -168,11 +195,12 @@ def _child(variant: str, directions: int, budget_s: float, out_dir: Path, result
             "extrapolated_tokens": tokens + missing * per_out if per_out is not None else None,
             "extrapolated_wall_s": wall + missing * sec_out if sec_out is not None else None,
             "extrapolated": True,
+            "wall_s_points": seconds,
         }
     out.update(
         {
             "variant": variant,
-            "wall_s": time.perf_counter() - start,
+            "wall_s": out.get("wall_s_points", time.perf_counter() - start),
             "baseline_rss": baseline,
             "peak_rss": max_rss_bytes(),
         }
@@ -199,6 +227,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--output-dir", type=Path, default=Path(__file__).resolve().parent / "results"
     )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="Reuse finished variants' results in --output-dir; the paper walk always resumes "
+        "from the points saved in paper_vs_ours_paper.points.jsonl.",
+    )
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -215,6 +249,12 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, dict[str, Any]] = {}
     for variant in variants:
         result_file = args.output_dir / f"paper_vs_ours_{variant}.result.json"
+        if args.reuse and result_file.exists():
+            previous = json.loads(result_file.read_text(encoding="utf-8"))
+            if previous.get("complete", True):  # an unfinished paper walk is resumed instead
+                results[variant] = previous
+                print(f"[{variant}] reusing {result_file}", flush=True)
+                continue
         cmd = [
             sys.executable,
             str(Path(__file__).resolve()),

@@ -262,6 +262,7 @@ def sequence_nll(
     pad_id = _pad_id(tokenizer)
     device = _model_device(model)
     total, count = 0.0, 0
+    keep_supported = True
     with eval_mode(model):
         for start in range(0, len(prompts), batch_size):
             rows = range(start, min(start + batch_size, len(prompts)))
@@ -275,17 +276,33 @@ def sequence_nll(
                 ids[r, : len(seq)] = torch.tensor(seq)
                 mask[r, : len(seq)] = 1
                 labels[r, len(contexts[i]) : len(seq)] = torch.tensor(targets[i])
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            logits = logits[:, :-1].float()
-            shifted = labels[:, 1:].to(device)
-            nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]),
-                shifted.reshape(-1),
-                ignore_index=-100,
-                reduction="sum",
-            )
-            total += float(nll)
-            count += int((shifted != -100).sum())
+            # logits are needed only where an answer token is predicted: keep the last `keep`
+            # positions (models that take ``logits_to_keep``) and score row by row, so that no
+            # (batch × length × vocab) float copy or log-softmax is ever made
+            first = min(len(contexts[i]) for i in rows) - 1
+            keep = width - first
+            inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+            logits = None
+            if keep_supported:
+                try:
+                    logits = model(**inputs, logits_to_keep=keep).logits
+                except TypeError:
+                    keep_supported = False
+            if logits is None:
+                logits = model(**inputs).logits
+            offset = width - logits.shape[1]
+            for r, i in enumerate(rows):
+                a, b = len(contexts[i]) - 1, len(seqs[r]) - 1
+                if b <= a:
+                    continue
+                target = labels[r, a + 1 : b + 1].to(device)
+                total += float(
+                    torch.nn.functional.cross_entropy(
+                        logits[r, a - offset : b - offset].float(), target, reduction="sum"
+                    )
+                )
+                count += b - a
+            del logits
     if count == 0:
         raise ValueError("The reference answers are empty; nothing to score.")
     value = total / count

@@ -202,7 +202,11 @@ def perturbable_parameters(
 def check_finite(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Raise ``ValueError`` naming the first tensor that holds NaN or inf."""
     for name, tensor in named_tensors:
-        if not torch.isfinite(tensor).all():
+        flat = tensor.detach().reshape(-1)
+        step = 1 << 20  # chunks: isfinite on a whole tensor allocates several tensor-sized temps
+        if not all(
+            bool(torch.isfinite(flat[i : i + step]).all()) for i in range(0, flat.numel(), step)
+        ):
             raise ValueError(
                 f"Parameter {name!r} contains NaN or inf values; the model is already broken, "
                 "so no landscape can be measured around it. Reload the checkpoint (and check the "

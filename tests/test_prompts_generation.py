@@ -153,3 +153,28 @@ def test_judges():
     assert PipelineJudge(fake)(["q", "q"], ["x", "y"]) == [True, False]
     with pytest.raises(ValueError, match="at least one"):
         KeywordJudge([])
+
+
+def test_sequence_nll_matches_unbatched_full_logits(tokenizer):
+    """Batched, right-padded scoring on the kept positions equals one-by-one full-logit scoring."""
+    from safety_guard.generation import ChatFormat, sequence_nll
+    from safety_guard.testing import tiny_llama
+
+    model = tiny_llama(vocab_size=len(tokenizer)).eval()
+    prompts = ["hello there", "how are you doing today my friend", "x"]
+    answers = ["fine thanks", "ok", "a b c d e"]
+    fmt = ChatFormat()
+    total = count = 0.0
+    with torch.no_grad():
+        for p, a in zip(prompts, answers, strict=True):
+            ctx = tokenizer(fmt.render(tokenizer, p), add_special_tokens=False)["input_ids"]
+            tgt = tokenizer(a, add_special_tokens=False)["input_ids"]
+            logits = model(input_ids=torch.tensor([ctx + tgt])).logits[0]
+            total += float(
+                torch.nn.functional.cross_entropy(
+                    logits[len(ctx) - 1 : -1], torch.tensor(tgt), reduction="sum"
+                )
+            )
+            count += len(tgt)
+    batched = sequence_nll(model, tokenizer, prompts, answers, batch_size=2)
+    assert batched == pytest.approx(total / count, rel=1e-5)
