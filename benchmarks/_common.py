@@ -15,14 +15,43 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 import platform
 import resource
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 MIB = 1024 * 1024
+
+
+def run_in_subprocess(
+    script: str | Path,
+    child_args: Sequence[str],
+    result_file: Path,
+    label: str,
+    timeout: float | None = None,
+) -> Any | None:
+    """Run ``script`` again in a fresh Python process (clean peak RSS) and return its JSON result.
+
+    The child gets ``child_args`` plus ``--result-file result_file`` and must write its result
+    there; a failed child (non-zero exit or no file) is reported on stdout and gives ``None``.
+    """
+    cmd = [
+        sys.executable,
+        str(Path(script).resolve()),
+        *child_args,
+        "--result-file",
+        str(result_file),
+    ]
+    proc = subprocess.run(cmd, check=False, timeout=timeout)
+    if proc.returncode != 0 or not result_file.exists():
+        print(f"[{label}] FAILED (exit {proc.returncode})", flush=True)
+        return None
+    return json.loads(result_file.read_text(encoding="utf-8"))
 
 
 def build_tokenizer(vocab_size: int = 200) -> Any:

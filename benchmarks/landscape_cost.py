@@ -35,7 +35,6 @@ import gc
 import json
 import math
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +53,7 @@ from _common import (
     parameters_sha256,
     reset_peak_rss,
     rss_bytes,
+    run_in_subprocess,
     window_peak_rss_bytes,
     write_table,
 )
@@ -174,24 +174,14 @@ def run_part_a(args: argparse.Namespace) -> str:
     with tempfile.TemporaryDirectory(prefix="sg-bench-results-") as tmp:
         for variant in args.variants:
             result_file = Path(tmp) / f"{variant}.json"
-            cmd = [
-                sys.executable,
-                str(Path(__file__).resolve()),
-                "--child",
-                variant,
-                "--layers",
-                str(args.layers),
-                "--moves",
-                str(args.moves),
-                "--result-file",
-                str(result_file),
-            ]
             print(f"[part A] {variant}: running in a fresh subprocess ...", flush=True)
-            proc = subprocess.run(cmd, check=False, timeout=args.child_timeout)
-            if proc.returncode != 0 or not result_file.exists():
-                print(f"[part A] {variant} FAILED (exit {proc.returncode})", flush=True)
+            child_args = ["--child", variant, "--layers", str(args.layers)]
+            child_args += ["--moves", str(args.moves)]
+            result = run_in_subprocess(
+                __file__, child_args, result_file, f"part A {variant}", args.child_timeout
+            )
+            if result is None:
                 continue
-            result = json.loads(result_file.read_text(encoding="utf-8"))
             results.append(result)
             print(f"[part A] {variant}: {json.dumps(result)}", flush=True)
 

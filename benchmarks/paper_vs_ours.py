@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import MIB, machine_info, max_rss_bytes, rss_bytes, write_table
+from _common import MIB, machine_info, max_rss_bytes, rss_bytes, run_in_subprocess, write_table
 
 VARIANTS = ("ours", "ours-grid", "paper")
 EDGE_ASR = 100.0
@@ -255,26 +254,14 @@ def main(argv: list[str] | None = None) -> None:
                 results[variant] = previous
                 print(f"[{variant}] reusing {result_file}", flush=True)
                 continue
-        cmd = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--child",
-            variant,
-            "--directions",
-            str(args.directions),
-            "--paper-budget-s",
-            str(args.paper_budget_s),
-            "--output-dir",
-            str(args.output_dir),
-            "--result-file",
-            str(result_file),
-        ]
         print(f"[{variant}] running in a fresh subprocess ...", flush=True)
-        proc = subprocess.run(cmd, check=False)
-        if proc.returncode != 0 or not result_file.exists():
-            print(f"[{variant}] FAILED (exit {proc.returncode})", flush=True)
+        child_args = ["--child", variant, "--directions", str(args.directions)]
+        child_args += ["--paper-budget-s", str(args.paper_budget_s)]
+        child_args += ["--output-dir", str(args.output_dir)]
+        result = run_in_subprocess(__file__, child_args, result_file, variant)
+        if result is None:
             continue
-        results[variant] = json.loads(result_file.read_text(encoding="utf-8"))
+        results[variant] = result
         print(f"[{variant}] {json.dumps(results[variant])[:400]}", flush=True)
 
     rows: list[dict[str, Any]] = []

@@ -48,7 +48,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -66,6 +65,7 @@ from _common import (
     parameter_stats,
     reset_peak_rss,
     rss_bytes,
+    run_in_subprocess,
     window_peak_rss_bytes,
     write_table,
 )
@@ -313,30 +313,19 @@ def run_all(args: argparse.Namespace) -> str:
         for size in args.sizes:
             for job in args.jobs:
                 result_file = Path(tmp) / f"{size}-{job}.json"
-                cmd = [
-                    sys.executable,
-                    str(Path(__file__).resolve()),
-                    "--child-size",
-                    size,
-                    "--child-job",
-                    job,
-                    "--repeats",
-                    str(args.repeats),
-                    "--check-repeats",
-                    str(args.check_repeats),
-                    "--result-file",
-                    str(result_file),
-                ]
+                child_args = ["--child-size", size, "--child-job", job]
+                child_args += ["--repeats", str(args.repeats)]
+                child_args += ["--check-repeats", str(args.check_repeats)]
                 print(
                     f"[scaling] {size} {job}: fresh subprocess (load {load1():.2f}) ...", flush=True
                 )
                 start = time.perf_counter()
-                proc = subprocess.run(cmd, check=False, timeout=args.child_timeout)
+                rows = run_in_subprocess(
+                    __file__, child_args, result_file, f"scaling {size} {job}", args.child_timeout
+                )
                 wall = time.perf_counter() - start
-                if proc.returncode != 0 or not result_file.exists():
-                    print(f"[scaling] {size} {job} FAILED (exit {proc.returncode})", flush=True)
+                if rows is None:
                     continue
-                rows = json.loads(result_file.read_text(encoding="utf-8"))
                 for r in rows:
                     print(
                         f"[scaling] {size} {r['job']}: {r['seconds']:.4f} s, peak RSS "
