@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -153,6 +153,12 @@ class RandomDirection:
     def _generator(self, name: str) -> torch.Generator:
         return torch.Generator(device="cpu").manual_seed(name_seed(self.seed, name))
 
+    def _gaussian_chunks(self, name: str, numel: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(start, stop, chunk)`` of the raw float32 Gaussian slice of ``name``, in order."""
+        generator = self._generator(name)
+        for a, b in chunk_bounds(numel):
+            yield a, b, torch.randn(b - a, generator=generator, dtype=torch.float32)
+
     def tensor(self, name: str, origin: torch.Tensor) -> torch.Tensor:
         out = torch.randn(origin.shape, generator=self._generator(name), dtype=torch.float32)
         _rescale(out, origin, self.normalization)
@@ -164,16 +170,15 @@ class RandomDirection:
             raise ValueError("Filter-normalized directions are not streamed; use tensor().")
         if self.normalization == "none":
             return 1.0
-        bounds = chunk_bounds(origin.numel())
         key = (name, origin.numel())
         if key not in self._gaussian_sq:
-            generator = self._generator(name)
             self._gaussian_sq[key] = sum(
-                float(torch.randn(b - a, generator=generator).double().pow(2).sum())
-                for a, b in bounds
+                float(chunk.double().pow(2).sum())
+                for _, _, chunk in self._gaussian_chunks(name, origin.numel())
             )
         d_sq = self._gaussian_sq[key]
-        return math.sqrt(_squared_norm(origin.reshape(-1), bounds) / d_sq) if d_sq > 0 else 0.0
+        o_sq = _squared_norm(origin.reshape(-1), chunk_bounds(origin.numel()))
+        return math.sqrt(o_sq / d_sq) if d_sq > 0 else 0.0
 
     @torch.no_grad()
     def add_to(self, name: str, target: torch.Tensor, coefficient: float, scale: float) -> None:
@@ -182,9 +187,7 @@ class RandomDirection:
         ``target`` is the flat (1-D, contiguous) view of a parameter of any dtype and device;
         each chunk is added in float32 and rounded once to the parameter's dtype.
         """
-        generator = self._generator(name)
-        for a, b in chunk_bounds(target.numel()):
-            chunk = torch.randn(b - a, generator=generator, dtype=torch.float32)
+        for a, b, chunk in self._gaussian_chunks(name, target.numel()):
             chunk = chunk.to(target.device, non_blocking=True).mul_(scale)
             if target.dtype == torch.float32:
                 target[a:b].add_(chunk, alpha=float(coefficient))

@@ -270,12 +270,9 @@ def sequence_nll(
             width = max(len(s) for s in seqs)
             ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
             mask = torch.zeros_like(ids)
-            labels = torch.full_like(ids, -100)
-            for r, i in enumerate(rows):
-                seq = seqs[r]
+            for r, seq in enumerate(seqs):
                 ids[r, : len(seq)] = torch.tensor(seq)
                 mask[r, : len(seq)] = 1
-                labels[r, len(contexts[i]) : len(seq)] = torch.tensor(targets[i])
             # logits are needed only where an answer token is predicted: keep the last `keep`
             # positions (models that take ``logits_to_keep``) and score row by row, so that no
             # (batch × length × vocab) float copy or log-softmax is ever made
@@ -295,7 +292,7 @@ def sequence_nll(
                 a, b = len(contexts[i]) - 1, len(seqs[r]) - 1
                 if b <= a:
                     continue
-                target = labels[r, a + 1 : b + 1].to(device)
+                target = torch.tensor(targets[i], device=device)
                 total += float(
                     torch.nn.functional.cross_entropy(
                         logits[r, a - offset : b - offset].float(), target, reduction="sum"

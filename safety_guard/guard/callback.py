@@ -67,8 +67,6 @@ __all__ = ["SafetyGuardCallback", "SafetyGuardWarning"]
 
 logger = logging.getLogger(__name__)
 
-_STATUS = STATUS_NAMES
-
 
 class SafetyGuardWarning(UserWarning):
     """The finetune is approaching the edge of the safety basin."""
@@ -450,7 +448,7 @@ class SafetyGuardCallback(TrainerCallback):
                     "edge_distance": result["edge_distance"],
                     "edge_found": result["edge_found"],
                     "visage_ft": result["visage_ft"],
-                    "status": _STATUS[status],
+                    "status": STATUS_NAMES[status],
                     "reasons": result["reasons"],
                     "probe_seconds": result["seconds"],
                 }
