@@ -5,14 +5,19 @@ in *observe* mode (``halt=False``: it probes and decides but does not stop), and
 keyword ASR on the full held-out harmful set (100 prompts) at every probe step. One run so gives
 both the unguarded ASR curve and what the guard measured along the way. The table replays the
 decisions of ``GuardConfig()`` (the shipped defaults, :func:`safety_guard.guard.decide`) on the
-recorded probes at the default cadence (every 10 steps; ``--replay-every``): the step at which the
-guard halts a run and the held-out ASR of the model there.
+recorded probes at the default cadence (``GuardConfig().probe_every``; ``--replay-every``): the
+step at which the guard halts a run and the held-out ASR of the model there.
 
-    python benchmarks/guard_runs.py                      # the 8 runs of the issue (~40-60 min on 2 cores)
+The defaults were calibrated on the 8 *calibration* runs. The 4 *validation* runs
+(``--validation``: other learning rates, seed 1, so other data order, compliance openings and
+LoRA initialization) were run after the defaults were fixed, to check them out of sample.
+
+    python benchmarks/guard_runs.py                      # the 8 calibration runs (~70 min on 2 cores)
+    python benchmarks/guard_runs.py --validation         # the 4 validation runs (~35 min)
     python benchmarks/guard_runs.py --runs harmful-full-5e-06 benign-lora-0.0002
     python benchmarks/guard_runs.py --replay             # recompute the table from saved runs
 
-Output: a markdown table on stdout and ``benchmarks/results/guard_runs.{md,json}``.
+Output: a markdown table on stdout and ``benchmarks/results/guard_runs{,_validation}.{md,json}``.
 """
 
 from __future__ import annotations
@@ -30,10 +35,16 @@ from safety_guard.guard import GuardConfig
 from safety_guard.guard.rule import HALT, WARN, decide
 
 RUNS = {
-    f"{kind}-{method}-{lr:g}": (kind, method, lr)
+    f"{kind}-{method}-{lr:g}": (kind, method, lr, 0)
     for method, lr in (("full", 5e-6), ("full", 2e-5), ("lora", 2e-4), ("lora", 1e-4))
     for kind in ("harmful", "benign")
 }
+VALIDATION_RUNS = {
+    f"{kind}-{method}-{lr:g}-seed1": (kind, method, lr, 1)
+    for method, lr in (("full", 1e-5), ("lora", 1.5e-4))
+    for kind in ("harmful", "benign")
+}
+ALL_RUNS = {**RUNS, **VALIDATION_RUNS}
 
 
 def first_step(curve: list[list[float]], threshold: float) -> int | None:
@@ -108,7 +119,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--runs", nargs="*", default=None, choices=list(ALL_RUNS))
+    parser.add_argument(
+        "--validation",
+        action="store_true",
+        help="The validation runs (not used to choose the defaults) instead of the calibration ones.",
+    )
     parser.add_argument(
         "--steps", type=int, default=None, help="Optimizer steps (default: full 40, LoRA 60)."
     )
@@ -130,6 +146,9 @@ def main() -> None:
         "its probe_every; must be a multiple of --probe-every).",
     )
     args = parser.parse_args()
+    if args.runs is None:
+        args.runs = list(VALIDATION_RUNS if args.validation else RUNS)
+    suffix = "_validation" if args.validation else ""
     out = Path(args.output_dir)
     land = None
     results = {}
@@ -145,7 +164,7 @@ def main() -> None:
             model, tokenizer = load_testbed()
             land = testbed_landscape(out / "landscape.json", model, tokenizer)
             del model
-        kind, method, lr = RUNS[name]
+        kind, method, lr, seed = ALL_RUNS[name]
         guard = GuardConfig(
             probe_every=args.probe_every,
             check_every=args.probe_every,
@@ -159,6 +178,7 @@ def main() -> None:
             max_steps=args.steps or (40 if method == "full" else 60),
             guard=guard,
             eval_every=args.probe_every,
+            seed=seed,
         )
         results[name] = json.loads(
             json.dumps(run_finetune(run, out / name, land, progress=False), default=str)
@@ -192,11 +212,11 @@ def main() -> None:
                 )
         sweep_text = table(sweep)
         print(sweep_text)
-        (out.parent / "guard_runs_sweep.md").write_text(sweep_text + "\n")
+        (out.parent / f"guard_runs{suffix}_sweep.md").write_text(sweep_text + "\n")
     text = table(rows)
     print(text)
-    (out.parent / "guard_runs.md").write_text(text + "\n")
-    (out.parent / "guard_runs.json").write_text(json.dumps(rows, indent=1))
+    (out.parent / f"guard_runs{suffix}.md").write_text(text + "\n")
+    (out.parent / f"guard_runs{suffix}.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def test_marker_metrics_meet_goals(testbed_dir: Path) -> None:
 
 
 @pytest.mark.xfail(
-    reason="issue 3 open: recipes tried so far measured 18-40 % keyword over-refusal on the "
+    reason="issue 3 open: recipes tried so far measured 10-40 % keyword over-refusal on the "
     "held-out benign prompts (goal <= 5 %); an XPASS here means the goal is met",
 )
 def test_marker_over_refusal_meets_goal(testbed_dir: Path) -> None:
