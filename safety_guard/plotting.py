@@ -298,9 +298,10 @@ def plot_trajectory(
 
     Top panel: ASR (%) of the current model and of each look-ahead multiple against the step,
     with vertical lines at ``warn`` (orange) and ``halt`` (red) events. Bottom panel: the
-    layer-normalized displacement from the original weights against the step (and the distance
-    to the basin edge when recorded), with the landscape's mean random basin radius as a
-    horizontal line when ``landscape`` is given and has random directions.
+    layer-normalized displacement from the original weights against the step (log scale), with the
+    landscape's mean random basin radius as a horizontal line when ``landscape`` is given and has
+    random directions, and the distance to the basin edge (in multiples of the current
+    displacement) on a right-hand axis when recorded.
 
     Args:
         records: one dict per check, with ``step`` and ``displacement``, and optionally ``asr``,
@@ -381,10 +382,21 @@ def plot_trajectory(
     if xs:
         ax_disp.plot(xs, ys, marker="o", markersize=4, color="C0", label="displacement")
     ex, ey = series(lambda r: r.get("edge_distance"))
+    ax_edge = None
     if ex:
-        ax_disp.plot(
-            ex, ey, marker="s", markersize=3, linestyle="--", color="C2", label="distance to edge"
+        # another unit (multiples of the current displacement): its own axis on the right
+        ax_edge = ax_disp.twinx()
+        ax_edge.plot(
+            ex,
+            ey,
+            marker="s",
+            markersize=3,
+            linestyle="--",
+            color="C2",
+            label="distance to basin edge (× displacement, right axis)",
         )
+        ax_edge.set_ylabel("basin edge ahead\n(× current displacement)", color="C2")
+        ax_edge.set_ylim(bottom=0)
     if landscape is not None:
         try:
             radius = landscape.basin_radius()["mean"]
@@ -401,9 +413,20 @@ def plot_trajectory(
     ax_disp.set_ylabel("displacement\n(layer-normalized)")
     ax_disp.set_xlabel("training step")
     ax_disp.grid(True, alpha=0.3)
+    # a finetune's displacement is often orders of magnitude below the random basin radius
+    if any(y > 0 for y in ys):
+        ax_disp.set_yscale("log", nonpositive="mask")
 
-    for ax in (ax_asr, ax_disp):
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    if ax_asr.get_legend_handles_labels()[0]:
+        ax_asr.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    handles, labels = ax_disp.get_legend_handles_labels()
+    if ax_edge is not None:
+        more = ax_edge.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    if handles:
+        # right of the secondary axis' labels
+        ax_disp.legend(
+            handles, labels, loc="upper left", bbox_to_anchor=(1.12, 1.0), fontsize="small"
+        )
     fig.suptitle(title if title is not None else "training-guard trajectory")
     return _save(fig, path, dpi)

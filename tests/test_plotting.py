@@ -139,6 +139,32 @@ def test_plot_trajectory_with_landscape(tmp_path: Path) -> None:
     _assert_png(plot_trajectory(TRAJECTORY, tmp_path / "traj.png", landscape=_landscape_1d()))
 
 
+def test_plot_trajectory_axes_units(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Displacement on a log axis, the edge distance (another unit) on its own right-hand axis."""
+    from safety_guard import plotting
+
+    figures = []
+    real_save = plotting._save
+
+    def keep(fig, path, dpi):  # type: ignore[no-untyped-def]
+        figures.append(fig)
+        return real_save(fig, path, dpi)
+
+    monkeypatch.setattr(plotting, "_save", keep)
+    plot_trajectory(TRAJECTORY, tmp_path / "traj.png", landscape=_landscape_1d())
+    _, ax_disp, ax_edge = figures[0].axes
+    assert ax_disp.get_yscale() == "log"
+    assert [line.get_label() for line in ax_edge.get_lines()] == [
+        "distance to basin edge (× displacement, right axis)"
+    ]
+    assert list(ax_edge.get_lines()[0].get_ydata()) == [0.15]
+
+    figures.clear()
+    no_edge = [{k: v for k, v in r.items() if k != "edge_distance"} for r in TRAJECTORY]
+    plot_trajectory(no_edge, tmp_path / "traj2.png")
+    assert len(figures[0].axes) == 2
+
+
 def test_plot_trajectory_landscape_without_random_direction(tmp_path: Path) -> None:
     land = _landscape_1d()
     for entry in land.data["directions"]:
