@@ -67,14 +67,10 @@ def _child(variant: str, directions: int, budget_s: float, out_dir: Path, result
             num_directions=directions, seed=0, search="adaptive" if variant == "ours" else "grid"
         )
         probe = ProbeConfig()  # the default: 80 prompts, 24 tokens, early stop, capability
-        land = compute_landscape(
-            model,
-            tokenizer,
-            config,
-            probe,
-            output=out_dir / f"paper_vs_ours_{variant}.json",
-            progress=False,
-        )
+        output = out_dir / f"paper_vs_ours_{variant}.json"
+        # a fresh measurement: resuming the landscape file would time and size nothing
+        output.unlink(missing_ok=True)
+        land = compute_landscape(model, tokenizer, config, probe, output=output, progress=False)
         summary = land.data["summary"]
         curves = land.curves()
         out = {
