@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     footer = (
         "Overhead at default cadence = the call's time / (steps between calls × mean step time). "
-        "The probe decodes on a 135M model on 2 CPU cores, where a training step is cheap; on a "
-        "GPU finetune of a large model the ratio of probe to step time is far smaller."
+        "The probe's share depends on the machine and model: it decodes 3 × num_prompts short "
+        "answers, while a training step's cost grows with the batch and the sequence length."
     )
     text = write_table(rows, args.output_dir, f"guard_overhead_{args.method}", header, footer)
     print(text)
