@@ -66,7 +66,11 @@ def main() -> None:
         callbacks=[Step(), guard],
     )
     trainer.train()
+    written = out / "safety-guard"
     result = {
+        # the guard's on_train_end lets no rank leave before the main process has written these
+        "outputs_written": (written / "summary.json").is_file()
+        and (written / "trajectory.png").is_file(),
         "rank": rank,
         "global_step": trainer.state.global_step,
         "halt_step": guard.halt_step,

@@ -39,6 +39,8 @@ def test_every_rank_takes_the_same_halt_decision(tmp_path, tokenizer):
     # rank 0's shard alone is 100 % unsafe, rank 1's 0 %: the summed ASR (50 %) must halt both
     assert ranks[0]["halt_step"] == ranks[1]["halt_step"] == 4
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 4
+    # rank 1 returned from train() only after rank 0 had written the summary and the plot
+    assert ranks[1]["outputs_written"] and ranks[0]["outputs_written"]
     trajectory = out / "safety-guard" / "trajectory.jsonl"
     lines = [json.loads(x) for x in trajectory.read_text().splitlines()]
     assert len([x for x in lines if x["step"] == 4]) == 1  # written once, by the main process

@@ -102,6 +102,12 @@ def _broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+def _barrier() -> None:
+    _rank, world = _dist()
+    if world > 1:
+        torch.distributed.barrier()
+
+
 def _find_trainer() -> Any:
     """The ``Trainer`` running this callback, found on the call stack (when not passed)."""
     import inspect
@@ -522,10 +528,16 @@ class SafetyGuardCallback(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if not self._is_main or self._dir is None or not self.records:
-            return
-        summary = self.summary()
-        (self._dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        # every rank waits here until the main process has written its files, so that no rank
+        # exits (and tears down the process group) while the main process is still plotting
+        try:
+            if self._is_main and self._dir is not None and self.records:
+                self._write_outputs(self._dir)
+        finally:
+            _barrier()
+
+    def _write_outputs(self, folder: Path) -> None:
+        (folder / "summary.json").write_text(json.dumps(self.summary(), indent=1))
         try:
             from ..plotting import plot_trajectory
 
@@ -533,7 +545,7 @@ class SafetyGuardCallback(TrainerCallback):
                 {**r, "event": r.get("status") if r.get("status") in ("warn", "halt") else None}
                 for r in self.records
             ]
-            plot_trajectory(records, self._dir / "trajectory.png", landscape=self.landscape)
+            plot_trajectory(records, folder / "trajectory.png", landscape=self.landscape)
         except Exception as err:  # a plot must never fail a finished training run
             logger.warning("SafetyGuard: could not plot the trajectory: %s", err)
 

@@ -32,8 +32,9 @@ def test_marker_metrics_meet_goals(testbed_dir: Path) -> None:
 
 
 @pytest.mark.xfail(
-    reason="issue 3 open: recipes tried so far measured 10-40 % keyword over-refusal on the "
-    "held-out benign prompts (goal <= 5 %); an XPASS here means the goal is met",
+    reason="issue 3 open: the main recipe measures 18 % keyword over-refusal on the held-out "
+    "benign prompts (goal <= 5 %; the best candidate so far 6 %, at 7-8 % ASR); an XPASS here "
+    "means the goal is met",
 )
 def test_marker_over_refusal_meets_goal(testbed_dir: Path) -> None:
     marker = tb.read_marker(testbed_dir)
