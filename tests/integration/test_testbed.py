@@ -33,8 +33,8 @@ def test_marker_metrics_meet_goals(testbed_dir: Path) -> None:
 
 @pytest.mark.xfail(
     reason="issue 3 open: the main recipe measures 18 % keyword over-refusal on the held-out "
-    "benign prompts (goal <= 5 %; the best candidate so far 4 %, at 6 % ASR and a ~17-min "
-    "build); an XPASS here means the goal is met",
+    "benign prompts (goal <= 5 %; candidates on branches reach 4-5 % at 5-6 % ASR with "
+    "15.7-17-min builds); an XPASS here means the goal is met",
 )
 def test_marker_over_refusal_meets_goal(testbed_dir: Path) -> None:
     marker = tb.read_marker(testbed_dir)
