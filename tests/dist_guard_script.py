@@ -77,8 +77,8 @@ def main() -> None:
         "world": torch.distributed.get_world_size(),
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
-    # leave together and tear the process group down: a rank that exits while another still
-    # writes (the main process plots the trajectory) can abort in gloo's destructor
+    # leave together (every rank has written its result) and tear the process group down, as
+    # PyTorch recommends: a rank that exits with the group still up can abort in gloo's destructor
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
