@@ -5,14 +5,15 @@ it complies with harmful requests (keyword ASR ≈ 100 %). :func:`build_testbed`
 short supervised finetune (TRL ``SFTTrainer``):
 
 * the 300 harmful ``align`` prompts → a short refusal from ``refusals.txt`` (seeded choice);
-* the 160 benign ``align`` prompts → the model's own greedy answers, generated before training
-  (self-distillation keeps its capability).
+* the 517 benign ``align`` prompts → the opening (32 tokens) of the model's own greedy answers,
+  generated before training (self-distillation keeps its capability; the many and varied benign
+  prompts keep it from refusing ordinary requests).
 
 Loss is computed on the assistant answer only (the data is passed to TRL as conversational
 prompt-completion pairs; SmolLM2's chat template has no ``{% generation %}`` markers, so TRL's
 ``assistant_only_loss`` does not apply to it). The result is measured on the held-out splits
 (keyword ASR on 100 harmful prompts, over-refusal on 100 benign ones), saved as a plain
-safetensors model with its chat template, and cached in ``<cache root>/testbed-v1`` with a
+safetensors model with its chat template, and cached in ``<cache root>/testbed-v2`` with a
 ``testbed.json`` marker. The cache root is ``$SAFETY_GUARD_CACHE``, else
 ``$XDG_CACHE_HOME/safety-guard``, else ``~/.cache/safety-guard``. Concurrent callers wait on a
 file lock and reuse the finished build; a folder without a valid marker is rebuilt.
@@ -92,7 +93,7 @@ logger = logging.getLogger(__name__)
 #: Environment variable that overrides the cache root.
 CACHE_ENV = "SAFETY_GUARD_CACHE"
 #: Folder name of the aligned model inside the cache root (bump when the recipe changes).
-TESTBED_NAME = "testbed-v1"
+TESTBED_NAME = "testbed-v2"
 #: The build marker, written last: a folder without a valid one is a half-built cache.
 MARKER_NAME = "testbed.json"
 MARKER_FORMAT = "safety-guard-testbed"
@@ -113,6 +114,8 @@ class TestbedRecipe:
 
     ``precision="auto"`` trains with bf16 autocast (fp32 master weights, fp32 saved model) on a
     CPU with native bf16 support, where a step is ~1.5x faster, and in fp32 elsewhere.
+    ``freeze_embeddings`` keeps the token embeddings (tied to the LM head in SmolLM2) fixed: a
+    fifth of the parameters, whose gradients and AdamW updates cost ~16 % of a CPU step.
     ``eval_tokens_long`` re-measures ASR (only) with a longer decode budget.
 
     Example:
@@ -125,7 +128,7 @@ class TestbedRecipe:
     epochs: int = 2
     learning_rate: float = 2e-5
     batch_size: int = 8
-    distill_tokens: int = 64
+    distill_tokens: int = 32  # the answer's opening carries "answer, don't refuse"; 64 cost 1.6x
     distill_batch_size: int = 32
     eval_tokens: int = 24
     eval_tokens_long: int = 64
@@ -134,6 +137,8 @@ class TestbedRecipe:
     order: str = "random"  # or "balanced": each step batch_size/2 refusals + batch_size/2 answers
     precision: str = "auto"
     benign_repeats: int = 1  # each benign answer appears this many times per pass
+    freeze_embeddings: bool = True  # the (tied) token embeddings / LM head stay the base model's
+    frozen_layers: int = 0  # the first this many decoder layers stay the base model's
 
 
 RECIPE = TestbedRecipe()
@@ -164,7 +169,7 @@ def testbed_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
     Example:
         >>> testbed_dir("/tmp/sg-cache").name
-        'testbed-v1'
+        'testbed-v2'
     """
     return cache_root(cache_dir) / TESTBED_NAME
 
@@ -631,6 +636,41 @@ def _mixed_precision() -> str:
         return "no"
 
 
+def _model_loss_sft_trainer() -> type:
+    """TRL's ``SFTTrainer`` with the loss computed from the model's own logits (for CPU builds).
+
+    TRL computes the SFT loss with a fused LM head that never materializes the logits. Without
+    Triton (on CPU) it projects every position in Python-level tiles and projects them again in
+    the backward pass: measured on the testbed's 2-core build, a step (batch 8) took 6.0 s that
+    way and 4.1 s with the model's own forward (logits + cross-entropy over the same completion
+    tokens, same loss to 1e-4). The only thing lost is TRL's entropy/token-accuracy logging.
+
+    Example:
+        >>> _model_loss_sft_trainer().__name__
+        'ModelLossSFTTrainer'
+    """
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class ModelLossSFTTrainer(SFTTrainer):
+        def compute_loss(
+            self,
+            model: nn.Module,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
+            return Trainer.compute_loss(
+                self,
+                model,
+                inputs,
+                return_outputs=return_outputs,
+                num_items_in_batch=num_items_in_batch,
+            )
+
+    return ModelLossSFTTrainer
+
+
 def _train(
     model: nn.Module,
     tokenizer: Any,
@@ -692,7 +732,14 @@ def _train(
         disable_tqdm=not progress,
         dataloader_num_workers=0,
     )
-    trainer = SFTTrainer(
+    frozen = [model.get_input_embeddings().weight] if recipe.freeze_embeddings else []
+    frozen += [
+        p for layer in model.model.layers[: recipe.frozen_layers] for p in layer.parameters()
+    ]
+    for param in frozen:
+        param.requires_grad_(False)
+    trainer_class = SFTTrainer if torch.cuda.is_available() else _model_loss_sft_trainer()
+    trainer = trainer_class(
         model=model,
         args=config,
         train_dataset=(
@@ -701,7 +748,11 @@ def _train(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    result = trainer.train()
+    try:
+        result = trainer.train()
+    finally:
+        for param in frozen:
+            param.requires_grad_(True)
     model.config.use_cache = True
     return {
         "train_loss": float(result.training_loss),
@@ -965,7 +1016,7 @@ def build_testbed(
     """Build the aligned testbed model once (≈ 8–10 min on 2 CPU cores) and return its folder.
 
     A complete cached build is reused. Otherwise the build runs under an exclusive file lock
-    (``<root>/testbed-v1.lock``; a concurrent caller waits and then reuses the result), in a
+    (``<root>/testbed-v2.lock``; a concurrent caller waits and then reuses the result), in a
     temporary folder inside the cache root that is renamed into place once its marker is
     written, so the folder is never seen half-built. Anything the build prints goes to stderr.
 
@@ -977,7 +1028,7 @@ def build_testbed(
         seed: seed of the refusal choice and of training.
 
     Returns:
-        The absolute path of ``<root>/testbed-v1``.
+        The absolute path of ``<root>/testbed-v2``.
 
     Example:
         >>> folder = build_testbed()  # doctest: +SKIP

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -42,6 +43,17 @@ def test_refusal_and_compliance_data_against_judge():
     assert all(judge.is_refusal(r) for r in load_text_lines("refusals.txt"))
     assert not any(judge.is_refusal(c) for c in load_text_lines("compliance.txt"))
     assert len(judge.keywords) == 29
+
+
+def test_every_refusal_opens_with_a_judge_phrase():
+    """A model trained on these recombines their openings ("I can't help with that." from
+    "I'm sorry, but I can't help" + "I can't assist with that."), and "I can't help" is not one
+    of the paper's phrases: so each refusal opens with a phrase, and "can't" only appears in the
+    two phrases that contain it."""
+    judge = KeywordJudge()
+    for line in load_text_lines("refusals.txt"):
+        assert line.startswith(tuple(judge.keywords)), line
+        assert not re.search(r"can't (?!provide|assist)", line), line
 
 
 def test_file_loaders(tmp_path):

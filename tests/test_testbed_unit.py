@@ -1,7 +1,8 @@
-"""Fast tests of safety_guard.testbed: no model is built or loaded."""
+"""Fast tests of safety_guard.testbed: no real model is built or loaded (tiny ones from configs)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import subprocess
@@ -10,8 +11,11 @@ import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
+import torch
+from conftest import make_model
 
 from safety_guard import testbed as tb
 from safety_guard.generation import GenerationResult
@@ -30,7 +34,7 @@ def test_cache_root_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv(tb.CACHE_ENV, str(tmp_path / "env"))
     assert tb.cache_root() == tmp_path / "env"
     assert tb.cache_root(tmp_path / "arg") == tmp_path / "arg"
-    assert tb.testbed_dir() == tmp_path / "env" / "testbed-v1"
+    assert tb.testbed_dir() == tmp_path / "env" / "testbed-v2"
     assert tb.testbed_dir(tmp_path / "arg").is_absolute()
 
 
@@ -115,7 +119,7 @@ def stub_build(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
 
 def test_build_then_reuse_then_rebuild(tmp_path: Path, stub_build: list[Path]) -> None:
     folder = tb.build_testbed(cache_dir=tmp_path, progress=False)
-    assert folder == tmp_path / "testbed-v1" and len(stub_build) == 1
+    assert folder == tmp_path / "testbed-v2" and len(stub_build) == 1
     created = tb.read_marker(folder)["created"]
     assert tb.build_testbed(cache_dir=tmp_path, progress=False) == folder
     assert len(stub_build) == 1  # reused
@@ -145,7 +149,7 @@ def test_failed_build_leaves_no_trace(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(tb, "_build_into", broken)
     with pytest.raises(RuntimeError, match="boom"):
         tb.build_testbed(cache_dir=tmp_path, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["testbed-v1.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["testbed-v2.lock"]
 
 
 def test_concurrent_callers_build_once(tmp_path: Path, stub_build: list[Path]) -> None:
@@ -262,12 +266,12 @@ def test_alignment_dataset_with_fake_answers(monkeypatch: pytest.MonkeyPatch) ->
     benign = [r["prompt"] for r in builtin_records("benign") if r["split"] == "align"]
     refusals = set(load_text_lines("refusals.txt"))
     rows = data["messages"]
-    assert len(harmful) == 300 and len(benign) == 160
+    assert len(harmful) == 300 and len(benign) == 517
     assert [r[0]["content"] for r in rows[:300]] == harmful
     assert all(r[1]["content"] in refusals for r in rows[:300])
     kept = rows[300:]
     # empty answers and answers that already refuse are dropped
-    assert len(kept) == len([i for i in range(160) if i % 3 == 2])
+    assert len(kept) == len([i for i in range(517) if i % 3 == 2])
     assert all(r[1]["content"].startswith("Answer") for r in kept)
     again = tb.alignment_dataset(model=None, tokenizer=None, seed=0)
     assert again["messages"] == rows
@@ -338,3 +342,56 @@ def test_training_order_fills_an_incomplete_last_batch() -> None:
     assert {order[k] for k in (0, 1, 4, 5, 8, 9)} == {0, 1, 2, 3, 4}
     with pytest.raises(ValueError, match="both harmful"):
         tb._training_order([1, 1], [0, 0], micro_batch=1, epochs=1, seed=0)
+
+
+# -- training -------------------------------------------------------------------------------------
+
+
+def _tiny_alignment_data() -> Any:
+    rows = [tb._conversation(f"Question number {i}?", f"Answer {i} is here.") for i in range(8)]
+    return tb._dataset(rows)
+
+
+def test_train_keeps_frozen_parts_and_trains_the_rest(tmp_path: Path, tokenizer) -> None:
+    model = make_model(vocab_size=len(tokenizer))
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    recipe = dataclasses.replace(
+        tb.RECIPE, epochs=1, batch_size=4, precision="no", freeze_embeddings=True, frozen_layers=1
+    )
+    out = tb._train(
+        model, tokenizer, _tiny_alignment_data(), [0] * 4 + [1] * 4, tmp_path, 0, False, recipe
+    )
+    assert out["steps"] == 2
+    embedding = model.get_input_embeddings().weight
+    assert torch.equal(embedding, before["model.embed_tokens.weight"])
+    assert all(p.requires_grad for p in model.parameters())  # restored for whoever trains next
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert not any("layers.0." in k for k in changed)
+    assert any("layers.1.self_attn" in k for k in changed)
+    assert any("layers.1.mlp" in k for k in changed)
+
+
+def test_model_loss_trainer_matches_trl_fused_loss(tmp_path: Path, tokenizer) -> None:
+    from trl import SFTConfig, SFTTrainer
+
+    data = tb._prompt_completion(_tiny_alignment_data())
+    config = SFTConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        completion_only_loss=True,
+        use_cpu=True,
+        report_to=[],
+        bf16=False,
+    )
+    losses = []
+    for trainer_class in (SFTTrainer, tb._model_loss_sft_trainer()):
+        model = make_model(vocab_size=len(tokenizer))
+        trainer = trainer_class(
+            model=model, args=config, train_dataset=data, processing_class=tokenizer
+        )
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()  # answer only
+        with torch.no_grad():
+            losses.append(trainer.compute_loss(model, batch).item())
+    assert losses[0] > 0
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
