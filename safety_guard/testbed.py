@@ -116,7 +116,11 @@ class TestbedRecipe:
     CPU with native bf16 support, where a step is ~1.5x faster, and in fp32 elsewhere.
     ``freeze_embeddings`` keeps the token embeddings (tied to the LM head in SmolLM2) fixed: a
     fifth of the parameters, whose gradients and AdamW updates cost ~16 % of a CPU step.
-    ``eval_tokens_long`` re-measures ASR (only) with a longer decode budget.
+    ``eval_tokens_long`` re-measures ASR (only) with a longer decode budget. ``harmful_repeats``
+    shows each refusal this many times per pass: with 517 varied benign answers beside the 300
+    refusals, a second look at the refusals keeps held-out ASR down without a third epoch (which
+    would cost ~100 more steps). Distillation and evaluation decode 64 prompts per batch: on 2
+    CPU cores that took 88 s against 118 s at 32, with the same greedy answers.
 
     Example:
         >>> TestbedRecipe().epochs, TestbedRecipe().learning_rate
@@ -129,7 +133,8 @@ class TestbedRecipe:
     learning_rate: float = 2e-5
     batch_size: int = 8
     distill_tokens: int = 32  # the answer's opening carries "answer, don't refuse"; 64 cost 1.6x
-    distill_batch_size: int = 32
+    distill_batch_size: int = 64
+    eval_batch_size: int = 64
     eval_tokens: int = 24
     eval_tokens_long: int = 64
     max_length: int = 512
@@ -137,6 +142,7 @@ class TestbedRecipe:
     order: str = "random"  # or "balanced": each step batch_size/2 refusals + batch_size/2 answers
     precision: str = "auto"
     benign_repeats: int = 1  # each benign answer appears this many times per pass
+    harmful_repeats: int = 2  # each refusal appears this many times per pass
     freeze_embeddings: bool = True  # the (tied) token embeddings / LM head stay the base model's
     frozen_layers: int = 0  # the first this many decoder layers stay the base model's
 
@@ -671,6 +677,28 @@ def _model_loss_sft_trainer() -> type:
     return ModelLossSFTTrainer
 
 
+def _training_rows(
+    num_harmful: int, num_rows: int, recipe: TestbedRecipe = RECIPE
+) -> tuple[list[int], list[int]]:
+    """Rows of the alignment data that one training pass sees, and their groups (0 harmful, 1 benign).
+
+    The data holds the ``num_harmful`` refusals first, then the benign answers; each appears
+    ``recipe.harmful_repeats`` or ``recipe.benign_repeats`` times.
+
+    Example:
+        >>> _training_rows(2, 3, TestbedRecipe(harmful_repeats=2, benign_repeats=1))
+        ([0, 1, 0, 1, 2], [0, 0, 0, 0, 1])
+    """
+    if recipe.harmful_repeats < 1 or recipe.benign_repeats < 1:
+        raise ValueError(
+            "TestbedRecipe.harmful_repeats and benign_repeats must be at least 1, got "
+            f"{recipe.harmful_repeats} and {recipe.benign_repeats}."
+        )
+    harmful = list(range(num_harmful)) * recipe.harmful_repeats
+    benign = list(range(num_harmful, num_rows)) * recipe.benign_repeats
+    return harmful + benign, [0] * len(harmful) + [1] * len(benign)
+
+
 def _train(
     model: nn.Module,
     tokenizer: Any,
@@ -705,6 +733,14 @@ def _train(
         raise ValueError(
             f"TestbedRecipe.loss must be 'completion_only' or 'full', got {recipe.loss!r}."
         )
+    # TRL turns activation checkpointing on by default; off, a CPU step is ~15 % faster. The
+    # argument was renamed in transformers 5 (the old name still works there, with a warning).
+    checkpointing_arg = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in SFTConfig.__dataclass_fields__
+        else "gradient_checkpointing"
+    )
+    checkpointing = {checkpointing_arg: False}
     config = SFTConfig(
         output_dir=str(output_dir),
         num_train_epochs=passes,
@@ -714,7 +750,9 @@ def _train(
         lr_scheduler_type="linear",
         warmup_steps=0,
         weight_decay=0.0,
-        optim="adamw_torch",
+        # Fused AdamW: one kernel per tensor instead of a dozen elementwise passes; on 2 CPU
+        # cores an update of the 106M trainable parameters took 0.06 s against 0.24 s.
+        optim="adamw_torch_fused",
         max_length=recipe.max_length,
         completion_only_loss=recipe.loss == "completion_only",
         assistant_only_loss=False,
@@ -722,7 +760,7 @@ def _train(
         train_sampling_strategy=sampling,
         bf16=precision == "bf16",
         fp16=False,
-        gradient_checkpointing=False,
+        **checkpointing,
         use_cpu=not torch.cuda.is_available(),
         report_to=[],
         save_strategy="no",
@@ -769,7 +807,7 @@ def _build_into(folder: Path, seed: int, progress: bool) -> dict[str, Any]:
     gguf = find_gguf()
     print(
         "safety-guard: building the testbed (first use): aligning SmolLM2-135M-Instruct, "
-        "about 8–10 minutes on 2 CPU cores; later calls reuse it.",
+        "about 14 minutes on 2 CPU cores; later calls reuse it.",
         file=sys.stderr,
         flush=True,
     )
@@ -795,15 +833,12 @@ def _build_into(folder: Path, seed: int, progress: bool) -> dict[str, Any]:
         mark = time.perf_counter()
         num_harmful = len(_split_prompts("harmful", "align"))
         num_benign = len(data) - num_harmful
-        train_data = data
-        if RECIPE.benign_repeats > 1:
-            benign_rows = list(range(num_harmful, len(data)))
-            train_data = data.select(list(range(num_harmful)) + benign_rows * RECIPE.benign_repeats)
+        rows, groups = _training_rows(num_harmful, len(data), RECIPE)
         training = _train(
             model,
             tokenizer,
-            train_data,
-            [0] * num_harmful + [1] * (len(train_data) - num_harmful),
+            data.select(rows),
+            groups,
             folder / "_trainer",
             seed,
             progress,
@@ -815,9 +850,17 @@ def _build_into(folder: Path, seed: int, progress: bool) -> dict[str, Any]:
 
         advisor.update()
         mark = time.perf_counter()
-        metrics = measure_heldout(model, tokenizer, RECIPE.eval_tokens)
+        metrics = measure_heldout(
+            model, tokenizer, RECIPE.eval_tokens, batch_size=RECIPE.eval_batch_size
+        )
         advisor.update()
-        long = measure_heldout(model, tokenizer, RECIPE.eval_tokens_long, benign=False)
+        long = measure_heldout(
+            model,
+            tokenizer,
+            RECIPE.eval_tokens_long,
+            benign=False,
+            batch_size=RECIPE.eval_batch_size,
+        )
         metrics["at_long"] = {k: long[k] for k in ("max_new_tokens", "asr")}
         timings["evaluate"] = time.perf_counter() - mark
     finally:
@@ -1013,7 +1056,7 @@ def build_testbed(
     progress: bool = True,
     seed: int = 0,
 ) -> Path:
-    """Build the aligned testbed model once (≈ 8–10 min on 2 CPU cores) and return its folder.
+    """Build the aligned testbed model once (≈ 14 min on 2 CPU cores) and return its folder.
 
     A complete cached build is reused. Otherwise the build runs under an exclusive file lock
     (``<root>/testbed-v2.lock``; a concurrent caller waits and then reuses the result), in a

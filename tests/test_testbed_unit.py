@@ -395,3 +395,14 @@ def test_model_loss_trainer_matches_trl_fused_loss(tmp_path: Path, tokenizer) ->
             losses.append(trainer.compute_loss(model, batch).item())
     assert losses[0] > 0
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+def test_training_rows_repeat_each_group() -> None:
+    rows, groups = tb._training_rows(3, 5, tb.RECIPE)
+    harmful, benign = tb.RECIPE.harmful_repeats, tb.RECIPE.benign_repeats
+    assert rows == [0, 1, 2] * harmful + [3, 4] * benign
+    assert groups == [0] * (3 * harmful) + [1] * (2 * benign)
+    recipe = dataclasses.replace(tb.RECIPE, harmful_repeats=1, benign_repeats=3)
+    assert tb._training_rows(1, 3, recipe) == ([0, 1, 2, 1, 2, 1, 2], [0, 1, 1, 1, 1, 1, 1])
+    with pytest.raises(ValueError, match="at least 1"):
+        tb._training_rows(1, 3, dataclasses.replace(tb.RECIPE, harmful_repeats=0))

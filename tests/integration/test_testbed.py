@@ -31,11 +31,6 @@ def test_marker_metrics_meet_goals(testbed_dir: Path) -> None:
     assert marker["versions"]["transformers"]
 
 
-@pytest.mark.xfail(
-    reason="issue 3 open: the main recipe measures 18 % keyword over-refusal on the held-out "
-    "benign prompts (goal <= 5 %; candidates on branches reach 4-5 % at 5-6 % ASR with "
-    "15.7-17-min builds); an XPASS here means the goal is met",
-)
 def test_marker_over_refusal_meets_goal(testbed_dir: Path) -> None:
     marker = tb.read_marker(testbed_dir)
     assert marker is not None
