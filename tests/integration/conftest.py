@@ -1,6 +1,6 @@
 """Fixtures of the integration tests: the real testbed model, built once per machine.
 
-The first run builds the aligned SmolLM2-135M-Instruct (≈ 8–10 minutes on 2 CPU cores) into the
+The first run builds the aligned SmolLM2-135M-Instruct (≈ 14 minutes on 2 CPU cores) into the
 cache (``$SAFETY_GUARD_CACHE`` or ``~/.cache/safety-guard``); later runs reuse it at once.
 Run them with ``pytest -m integration``.
 
