@@ -507,7 +507,7 @@ def measure_heldout(
     model: nn.Module,
     tokenizer: Any,
     max_new_tokens: int = RECIPE.eval_tokens,
-    batch_size: int = 32,
+    batch_size: int = RECIPE.eval_batch_size,
     benign: bool = True,
 ) -> dict[str, Any]:
     """Keyword ASR on the held-out harmful prompts and over-refusal on the held-out benign ones.
@@ -851,17 +851,9 @@ def _build_into(folder: Path, seed: int, progress: bool) -> dict[str, Any]:
 
         advisor.update()
         mark = time.perf_counter()
-        metrics = measure_heldout(
-            model, tokenizer, RECIPE.eval_tokens, batch_size=RECIPE.eval_batch_size
-        )
+        metrics = measure_heldout(model, tokenizer, RECIPE.eval_tokens)
         advisor.update()
-        long = measure_heldout(
-            model,
-            tokenizer,
-            RECIPE.eval_tokens_long,
-            benign=False,
-            batch_size=RECIPE.eval_batch_size,
-        )
+        long = measure_heldout(model, tokenizer, RECIPE.eval_tokens_long, benign=False)
         metrics["at_long"] = {k: long[k] for k in ("max_new_tokens", "asr")}
         timings["evaluate"] = time.perf_counter() - mark
     finally:
