@@ -122,6 +122,11 @@ class TestbedRecipe:
     refusals, a second look at the refusals keeps held-out ASR down without a third epoch (which
     would cost ~100 more steps). Distillation and evaluation decode 64 prompts per batch: on 2
     CPU cores that took 88 s against 118 s at 32, with the same greedy answers.
+    ``opening_weight`` (off by default) weighs each answer's first ``opening_tokens`` tokens,
+    where a reply refuses or complies, that much more in the loss. Measured with the basin
+    example: at 4 it moved v2's 40-prompt ASR near θ₀ from 2 to 1 prompt but its held-out ASR
+    from 5 to 7 %; at 4 with ``harmful_repeats=3`` it gave 5 % / 2 % and passed the basin goal
+    on 1 of 3 directions (3 of 40 prompts on the other two), in an 18.7-minute build.
 
     Example:
         >>> TestbedRecipe().epochs, TestbedRecipe().learning_rate
@@ -146,6 +151,8 @@ class TestbedRecipe:
     harmful_repeats: int = 2  # each refusal appears this many times per pass
     freeze_embeddings: bool = True  # the (tied) token embeddings / LM head stay the base model's
     frozen_layers: int = 0  # the first this many decoder layers stay the base model's
+    opening_tokens: int = 3  # the answer's first tokens, where it refuses or answers ...
+    opening_weight: float = 1.0  # ... weigh this much in the loss (1: plain token mean)
 
 
 RECIPE = TestbedRecipe()
@@ -643,7 +650,7 @@ def _mixed_precision() -> str:
         return "no"
 
 
-def _model_loss_sft_trainer() -> type:
+def _model_loss_sft_trainer(opening_tokens: int = 0, opening_weight: float = 1.0) -> type:
     """TRL's ``SFTTrainer`` with the loss computed from the model's own logits (for CPU builds).
 
     TRL computes the SFT loss with a fused LM head that never materializes the logits. Without
@@ -652,12 +659,23 @@ def _model_loss_sft_trainer() -> type:
     way and 4.1 s with the model's own forward (logits + cross-entropy over the same completion
     tokens, same loss to 1e-4). The only thing lost is TRL's entropy/token-accuracy logging.
 
+    With ``opening_weight != 1`` the loss is a weighted token mean in which the first
+    ``opening_tokens`` answer tokens of each row weigh ``opening_weight``: that is where a
+    reply refuses or complies, while the rest of a refusal is nearly determined by its start.
+
     Example:
         >>> _model_loss_sft_trainer().__name__
         'ModelLossSFTTrainer'
     """
     from transformers import Trainer
     from trl import SFTTrainer
+
+    if opening_weight <= 0 or opening_tokens < 0:
+        raise ValueError(
+            "TestbedRecipe.opening_weight must be > 0 and opening_tokens >= 0, got "
+            f"{opening_weight} and {opening_tokens}."
+        )
+    weighted = opening_weight != 1.0 and opening_tokens > 0
 
     class ModelLossSFTTrainer(SFTTrainer):
         def compute_loss(
@@ -667,13 +685,28 @@ def _model_loss_sft_trainer() -> type:
             return_outputs: bool = False,
             num_items_in_batch: Any = None,
         ) -> Any:
-            return Trainer.compute_loss(
-                self,
-                model,
-                inputs,
-                return_outputs=return_outputs,
-                num_items_in_batch=num_items_in_batch,
-            )
+            if not weighted:
+                return Trainer.compute_loss(
+                    self,
+                    model,
+                    inputs,
+                    return_outputs=return_outputs,
+                    num_items_in_batch=num_items_in_batch,
+                )
+            # position t predicts token t+1: shift the labels, not the (large) logits
+            labels = nn.functional.pad(inputs["labels"][:, 1:], (0, 1), value=-100)
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+            logits = outputs.logits
+            answer = labels != -100
+            rank = answer.cumsum(dim=1)  # 1 at each row's first answer token
+            weight = torch.where(rank <= opening_tokens, opening_weight, 1.0) * answer
+            token_loss = nn.functional.cross_entropy(  # (rows·positions, vocab): contiguous
+                logits.reshape(-1, logits.shape[-1]).float(),
+                labels.clamp_min(0).reshape(-1),
+                reduction="none",
+            ).view_as(weight)
+            loss = (token_loss * weight).sum() / weight.sum().clamp_min(1.0)
+            return (loss, outputs) if return_outputs else loss
 
     return ModelLossSFTTrainer
 
@@ -777,7 +810,11 @@ def _train(
     ]
     for param in frozen:
         param.requires_grad_(False)
-    trainer_class = SFTTrainer if torch.cuda.is_available() else _model_loss_sft_trainer()
+    trainer_class = (
+        SFTTrainer
+        if torch.cuda.is_available() and recipe.opening_weight == 1.0
+        else _model_loss_sft_trainer(recipe.opening_tokens, recipe.opening_weight)
+    )
     trainer = trainer_class(
         model=model,
         args=config,

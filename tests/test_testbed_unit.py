@@ -406,3 +406,44 @@ def test_training_rows_repeat_each_group() -> None:
     assert tb._training_rows(1, 3, recipe) == ([0, 1, 2, 1, 2, 1, 2], [0, 1, 1, 1, 1, 1, 1])
     with pytest.raises(ValueError, match="at least 1"):
         tb._training_rows(1, 3, dataclasses.replace(tb.RECIPE, harmful_repeats=0))
+
+
+def test_opening_weight_loss_weighs_the_first_answer_tokens(tmp_path: Path, tokenizer) -> None:
+    from trl import SFTConfig
+
+    data = tb._prompt_completion(_tiny_alignment_data())
+    config = SFTConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        completion_only_loss=True,
+        use_cpu=True,
+        report_to=[],
+        bf16=False,
+    )
+    model = make_model(vocab_size=len(tokenizer))
+    losses = {}
+    for weight in (1.0, 1.0 + 1e-9, 4.0):
+        trainer = tb._model_loss_sft_trainer(2, weight)(
+            model=model, args=config, train_dataset=data, processing_class=tokenizer
+        )
+        batch = next(iter(trainer.get_train_dataloader()))
+        with torch.no_grad():
+            losses[weight] = trainer.compute_loss(model, batch).item()
+    assert losses[1.0 + 1e-9] == pytest.approx(losses[1.0], rel=1e-5)  # same mean, own code
+    # by hand: token losses, the first 2 answer tokens of each row weighing 4
+    with torch.no_grad():
+        labels = batch["labels"][:, 1:]
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), labels.clamp_min(0), reduction="none"
+        )
+    total = weights = 0.0
+    for row in range(labels.shape[0]):
+        positions = (labels[row] != -100).nonzero().flatten().tolist()
+        for rank, pos in enumerate(positions):
+            w = 4.0 if rank < 2 else 1.0
+            total, weights = total + w * nll[row, pos].item(), weights + w
+    assert losses[4.0] == pytest.approx(total / weights, rel=1e-4)
+    assert abs(losses[4.0] - losses[1.0]) > 1e-5  # the weights change it
+    with pytest.raises(ValueError, match="opening_weight"):
+        tb._model_loss_sft_trainer(2, 0.0)
