@@ -371,11 +371,11 @@ def test_train_keeps_frozen_parts_and_trains_the_rest(tmp_path: Path, tokenizer)
     assert any("layers.1.mlp" in k for k in changed)
 
 
-def test_model_loss_trainer_matches_trl_fused_loss(tmp_path: Path, tokenizer) -> None:
-    from trl import SFTConfig, SFTTrainer
+def _one_batch_sft_config(tmp_path: Path) -> Any:
+    """An SFT config whose first batch holds all 8 rows of ``_tiny_alignment_data``."""
+    from trl import SFTConfig
 
-    data = tb._prompt_completion(_tiny_alignment_data())
-    config = SFTConfig(
+    return SFTConfig(
         output_dir=str(tmp_path),
         per_device_train_batch_size=8,
         completion_only_loss=True,
@@ -383,6 +383,13 @@ def test_model_loss_trainer_matches_trl_fused_loss(tmp_path: Path, tokenizer) ->
         report_to=[],
         bf16=False,
     )
+
+
+def test_model_loss_trainer_matches_trl_fused_loss(tmp_path: Path, tokenizer) -> None:
+    from trl import SFTTrainer
+
+    data = tb._prompt_completion(_tiny_alignment_data())
+    config = _one_batch_sft_config(tmp_path)
     losses = []
     for trainer_class in (SFTTrainer, tb._model_loss_sft_trainer()):
         model = make_model(vocab_size=len(tokenizer))
@@ -409,17 +416,8 @@ def test_training_rows_repeat_each_group() -> None:
 
 
 def test_opening_weight_loss_weighs_the_first_answer_tokens(tmp_path: Path, tokenizer) -> None:
-    from trl import SFTConfig
-
     data = tb._prompt_completion(_tiny_alignment_data())
-    config = SFTConfig(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=8,
-        completion_only_loss=True,
-        use_cpu=True,
-        report_to=[],
-        bf16=False,
-    )
+    config = _one_batch_sft_config(tmp_path)
     model = make_model(vocab_size=len(tokenizer))
     losses = {}
     for weight in (1.0, 1.0 + 1e-9, 4.0):
