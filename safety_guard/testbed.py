@@ -650,6 +650,11 @@ def _mixed_precision() -> str:
         return "no"
 
 
+def _weighs_openings(opening_tokens: int, opening_weight: float) -> bool:
+    """Whether the loss weighs the answers' opening tokens apart (else: a plain token mean)."""
+    return opening_weight != 1.0 and opening_tokens > 0
+
+
 def _model_loss_sft_trainer(opening_tokens: int = 0, opening_weight: float = 1.0) -> type:
     """TRL's ``SFTTrainer`` with the loss computed from the model's own logits (for CPU builds).
 
@@ -675,7 +680,7 @@ def _model_loss_sft_trainer(opening_tokens: int = 0, opening_weight: float = 1.0
             "TestbedRecipe.opening_weight must be > 0 and opening_tokens >= 0, got "
             f"{opening_weight} and {opening_tokens}."
         )
-    weighted = opening_weight != 1.0 and opening_tokens > 0
+    weighted = _weighs_openings(opening_tokens, opening_weight)
 
     class ModelLossSFTTrainer(SFTTrainer):
         def compute_loss(
@@ -812,7 +817,8 @@ def _train(
         param.requires_grad_(False)
     trainer_class = (
         SFTTrainer
-        if torch.cuda.is_available() and recipe.opening_weight == 1.0
+        if torch.cuda.is_available()
+        and not _weighs_openings(recipe.opening_tokens, recipe.opening_weight)
         else _model_loss_sft_trainer(recipe.opening_tokens, recipe.opening_weight)
     )
     trainer = trainer_class(
