@@ -1,13 +1,14 @@
-"""What the guard costs a finetune: step time with and without it, at the default cadence.
+"""What the guard costs a finetune: the whole run's wall time with and without it.
 
 Trains the aligned testbed with TRL's SFTTrainer (benign data, ``--method`` LoRA r = 8 on all
 linear layers by default) for ``--steps`` optimizer steps twice: without the guard, and with
-``SafetyGuardCallback`` at its default cadence (``GuardConfig()``: cheap check and probe every 5
-steps). Step times exclude the guard (a timer callback runs first); the guard's own time is
-reported per cheap check and per probe, and amortized over the steps between two calls.
+``SafetyGuardCallback`` at its defaults (``GuardConfig()``: cheap check every step, forward-only
+probes on the adaptive cadence, 200 probe prompts). The guard's own time is split into its setup
+at train begin (the aligned model's baseline), its cheap checks and its probes.
 
-    python benchmarks/guard_overhead.py                  # LoRA, 30 steps (~5 min on 2 cores)
-    python benchmarks/guard_overhead.py --method full
+    python benchmarks/guard_overhead.py --steps 200              # LoRA (~25 min on 2 cores)
+    python benchmarks/guard_overhead.py --steps 200 --method full
+    python benchmarks/guard_overhead.py --steps 30
 
 Output: a markdown table on stdout and ``benchmarks/results/guard_overhead_<method>.{md,csv}``.
 """
@@ -29,11 +30,11 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--method", choices=["lora", "full"], default="lora")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument(
         "--landscape",
         type=Path,
-        default=Path(__file__).resolve().parent / "results" / "guard_runs" / "landscape.json",
+        default=Path(__file__).resolve().parent / "results" / "testbed_landscape.json",
         help="Testbed landscape for the guard (computed there if missing).",
     )
     parser.add_argument(
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_testbed(progress=False)
     land = testbed_landscape(args.landscape, model, tokenizer)
     del model
-    lr = 2e-4 if args.method == "lora" else 2e-5
+    lr = 2e-4 if args.method == "lora" else 1e-5
     config = GuardConfig()
     results = {}
     with tempfile.TemporaryDirectory(prefix="sg-overhead-") as tmp:
@@ -69,61 +70,61 @@ def main(argv: list[str] | None = None) -> None:
     step = base["mean_step_seconds"]
     summary = guarded["guard"]
     check = summary["mean_check_seconds"] or 0.0
-    probe = summary["mean_probe_seconds"] or 0.0
-    check_pct = 100 * check / (config.check_every * step)
-    probe_pct = 100 * probe / (config.probe_every * step)
+    ratio = guarded["seconds"] / base["seconds"]
     rows = [
         {
             "what": "training step, no guard",
             "seconds": f"{step:.3f}",
             "calls": base["steps"],
-            "overhead at default cadence %": "",
+            "share of the unguarded run %": "",
             "note": "mean optimizer step",
         },
         {
-            "what": "training step, guarded run",
-            "seconds": f"{guarded['mean_step_seconds']:.3f}",
-            "calls": guarded["steps"],
-            "overhead at default cadence %": "",
-            "note": "mean optimizer step, the guard's own time excluded",
+            "what": "guard setup at train begin",
+            "seconds": f"{summary['setup_seconds']:.1f}",
+            "calls": 1,
+            "share of the unguarded run %": f"{100 * summary['setup_seconds'] / base['seconds']:.1f}",
+            "note": f"the aligned model on {summary['num_prompts']} probe prompts: openings, "
+            "flags, capability",
         },
         {
-            "what": "cheap check (displacement)",
+            "what": "cheap check (displacement, direction)",
             "seconds": f"{check:.4f}",
             "calls": summary["checks"],
-            "overhead at default cadence %": f"{check_pct:.2f}",
-            "note": f"every {config.check_every} steps; goal ≤ 2 %: "
-            + ("PASS" if check_pct <= 2 else "FAIL"),
+            "share of the unguarded run %": f"{100 * check * summary['checks'] / base['seconds']:.2f}",
+            "note": "every step",
         },
         {
-            "what": "probe (current + lookahead 2×, 4×)",
-            "seconds": f"{probe:.1f}",
+            "what": "probes (current + 2·δ, forward-only; generation only on flagged prompts "
+            "before a warn/halt)",
+            "seconds": f"{summary['total_probe_seconds']:.1f}",
             "calls": summary["probes"],
-            "overhead at default cadence %": f"{probe_pct:.0f}",
-            "note": f"every {config.probe_every} steps, {config.num_prompts} prompts × "
-            f"{1 + len(config.lookahead)} points, {config.max_new_tokens} new tokens",
+            "share of the unguarded run %": f"{100 * summary['total_probe_seconds'] / base['seconds']:.1f}",
+            "note": "probe steps: "
+            + ", ".join(str(r["step"]) for r in guarded["trajectory"] if r["event"] == "probe"),
         },
         {
             "what": "whole run, guarded / unguarded",
             "seconds": f"{guarded['seconds']:.1f} / {base['seconds']:.1f}",
             "calls": "",
-            "overhead at default cadence %": f"{100 * (guarded['seconds'] / base['seconds'] - 1):.0f}",
-            "note": "wall time of trainer.train()",
+            "share of the unguarded run %": f"{100 * (ratio - 1):.1f}",
+            "note": f"ratio {ratio:.3f} (goal ≤ 1.10 at 200 steps): wall time of trainer.train()",
         },
     ]
     info = machine_info()
     header = (
-        f"## Guard overhead: testbed {args.method} finetune, {args.steps} steps, default cadence\n\n"
+        f"## Guard overhead: testbed {args.method} finetune, {args.steps} steps, `GuardConfig()`\n\n"
         f"Benign data, lr {lr:g}, batch 4, `GuardConfig()` defaults. Machine: {info['nproc']} "
         f"CPUs ({info['cpu']}), torch {info['torch']}.\n\nCommand: `python "
         f"benchmarks/guard_overhead.py --method {args.method} --steps {args.steps}`"
     )
     footer = (
-        "Overhead at default cadence = the call's time / (steps between calls × mean step time). "
-        "The probe's share depends on the machine and model: it decodes 3 × num_prompts short "
-        "answers, while a training step's cost grows with the batch and the sequence length."
+        "Share of the unguarded run = the guard's time / the unguarded run's wall time. The "
+        "guarded run's own steps may differ slightly in time (noise of a shared machine)."
     )
-    text = write_table(rows, args.output_dir, f"guard_overhead_{args.method}", header, footer)
+    text = write_table(
+        rows, args.output_dir, f"guard_overhead_{args.method}_{args.steps}", header, footer
+    )
     print(text)
 
 

@@ -4,7 +4,9 @@
     python examples/full_ft_guarded.py --data benign
 
 The guard keeps a copy of the pre-finetune weights on the CPU and probes θ₀ + s·δ ahead of the
-current model along the finetuning direction.
+current model along the finetuning direction, forward-only, when the last probe stops covering
+the finetune. This script uses the one-line form, ``callbacks=[guard]``, with a fixed cadence
+for comparison (``probe_every=5``; the default is adaptive).
 """
 
 from __future__ import annotations
@@ -43,9 +45,7 @@ def main() -> None:
         [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows]
     )
 
-    guard = SafetyGuardCallback(
-        landscape=args.landscape, config=GuardConfig(probe_every=5, check_every=5)
-    )
+    guard = SafetyGuardCallback(landscape=args.landscape, config=GuardConfig(probe_every=5))
     trainer = SFTTrainer(
         model=model,
         args=SFTConfig(
@@ -65,8 +65,9 @@ def main() -> None:
     trainer.train()
     summary = guard.summary()
     print(
-        f"halt step: {summary['halt_step']}  last in-basin step: {summary['last_safe_step']}  "
-        f"warnings: {summary['warn_count']}  max probe ASR: {summary['max_asr']}"
+        f"halt step: {summary['halt_step']} ({summary['halt_reason']})  last safe step: "
+        f"{summary['last_safe_step']}  warnings: {summary['warn_count']}  "
+        f"largest ASR rise on the probe prompts: {summary['max_rise']}"
     )
 
 

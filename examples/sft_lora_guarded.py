@@ -5,6 +5,9 @@
     python examples/sft_lora_guarded.py --model ./my-chat-model --landscape landscape.json
 
 Without --landscape the guard computes a small landscape of the aligned model at train begin.
+The guard is attached with ``attach(trainer)`` so that its ``safety/*`` metrics reach the
+trainer's loggers; ``callbacks=[SafetyGuardCallback(...)]`` works too (metrics then go to the
+trajectory file and ``trainer.state.log_history``).
 """
 
 from __future__ import annotations
@@ -61,18 +64,16 @@ def main() -> None:
         peft_config=LoraConfig(
             r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"
         ),
-        callbacks=[SafetyGuardCallback(landscape=args.landscape, probe_every=10)],  # <- the guard
     )
+    guard = SafetyGuardCallback(landscape=args.landscape).attach(trainer)  # <- the guard
     trainer.train()
-    guard = next(
-        cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SafetyGuardCallback)
-    )
     summary = guard.summary()
     print(
-        f"halt step: {summary['halt_step']}  last in-basin step: {summary['last_safe_step']}  "
-        f"warnings: {summary['warn_count']}  max probe ASR: {summary['max_asr']}"
+        f"halt step: {summary['halt_step']} ({summary['halt_reason']})  last safe step: "
+        f"{summary['last_safe_step']}  warnings: {summary['warn_count']}  "
+        f"largest ASR rise on the probe prompts: {summary['max_rise']}"
     )
-    print(f"trajectory, plot and last in-basin adapter: {args.output_dir}/safety-guard/")
+    print(f"trajectory, plot and last safe adapter: {args.output_dir}/safety-guard/")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ __all__ = [
     "eval_mode",
     "generate_responses",
     "sequence_nll",
+    "sequence_nll_sum",
 ]
 
 PLAIN_TEMPLATE = "{system}### Instruction:\n{prompt}\n\n### Response:\n"
@@ -106,10 +107,15 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 @dataclass
 class GenerationResult:
-    """Responses in input order and the decode work spent (batch rows × decode steps)."""
+    """Responses in input order, their new token ids, and the decode work (rows × decode steps).
+
+    ``token_ids`` hold each response's generated ids up to (not including) its end-of-sequence
+    token, without the padding that ``generate`` appends to finished rows.
+    """
 
     responses: list[str]
     decoded_tokens: int
+    token_ids: list[list[int]] = field(default_factory=list)
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -153,6 +159,15 @@ class _DecidedCriteria:
         return self.done.clone()
 
 
+def _trim(ids: list[int], stops: set[int], pad_id: int) -> list[int]:
+    """Generated ids up to the first stop token, without the padding of finished rows."""
+    end = next((j for j, t in enumerate(ids) if t in stops), len(ids))
+    ids = ids[:end]
+    while ids and ids[-1] == pad_id:
+        ids.pop()
+    return ids
+
+
 @torch.no_grad()
 def generate_responses(
     model: nn.Module,
@@ -193,6 +208,8 @@ def generate_responses(
         eos = tokenizer.eos_token_id
     device = _model_device(model)
     responses: list[str] = [""] * len(prompts)
+    token_ids: list[list[int]] = [[] for _ in prompts]
+    stops = set(eos if isinstance(eos, list) else [eos]) - {None}
     decoded = 0
     with eval_mode(model):
         for start in range(0, len(order), batch_size):
@@ -229,9 +246,10 @@ def generate_responses(
             decoded += int(new.shape[0] * new.shape[1])
             for row, i in enumerate(idx):
                 responses[i] = tokenizer.decode(new[row], skip_special_tokens=True).strip()
+                token_ids[i] = _trim(new[row].tolist(), stops, pad_id)
             if progress is not None:
                 progress(len(idx))
-    return GenerationResult(responses, decoded)
+    return GenerationResult(responses, decoded, token_ids)
 
 
 @torch.no_grad()
@@ -249,6 +267,29 @@ def sequence_nll(
     Used as the capability measure: the NLL of the unperturbed model's own greedy answers to
     benign requests rises slowly as the model degrades and explodes when it emits gibberish.
     Non-finite logits give ``inf``.
+    """
+    total, count = sequence_nll_sum(
+        model, tokenizer, prompts, answers, chat_format=chat_format, batch_size=batch_size
+    )
+    if count == 0:
+        raise ValueError("The reference answers are empty; nothing to score.")
+    value = total / count
+    return value if value == value else float("inf")  # NaN -> inf
+
+
+@torch.no_grad()
+def sequence_nll_sum(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    *,
+    chat_format: ChatFormat | None = None,
+    batch_size: int = 16,
+) -> tuple[float, int]:
+    """Summed NLL of ``answers`` given ``prompts`` and the number of tokens scored.
+
+    The parts of :func:`sequence_nll`, for callers that add them up across processes.
     """
     if len(prompts) != len(answers) or not prompts:
         raise ValueError("sequence_nll() needs as many answers as prompts, and at least one.")
@@ -300,7 +341,4 @@ def sequence_nll(
                 )
                 count += b - a
             del logits
-    if count == 0:
-        raise ValueError("The reference answers are empty; nothing to score.")
-    value = total / count
-    return value if value == value else float("inf")  # NaN -> inf
+    return total, count

@@ -1,5 +1,16 @@
 """Measure one point of the landscape: keyword ASR on harmful requests and capability on benign ones.
 
+Two ways to measure safety, one implementation for the landscape engine and the training guard:
+
+* :meth:`SafetyProbe.evaluate` — greedy generation and the judge on every prompt (the paper's
+  measure; what landscapes record).
+* :meth:`SafetyProbe.forward` — no generation: the aligned model's refusal opening of each prompt
+  (taken once by :meth:`SafetyProbe.prepare` with ``openings=True``) is teacher-forced and the
+  prompts whose greedy path would leave it are *flagged* (see :mod:`safety_guard.scoring`). A
+  prompt that is not flagged gets a refusal from greedy decoding, so the keyword judge's verdict
+  on it is known without decoding; :meth:`SafetyProbe.judge_prompts` generates and judges only the
+  flagged ones when an exact count is needed.
+
 Example:
     >>> cfg = ProbeConfig(num_harmful=8, num_benign=4)
     >>> cfg.max_new_tokens, cfg.early_stop
@@ -9,17 +20,18 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from torch import nn
 
-from .generation import ChatFormat, generate_responses, sequence_nll
+from .generation import ChatFormat, generate_responses, sequence_nll, sequence_nll_sum
 from .judges import Judge, KeywordJudge
 from .prompts import PromptSet, load_prompts
+from .scoring import Openings, refusal_openings, score_openings
 
-__all__ = ["PAPER_PROBE", "PointResult", "ProbeConfig", "SafetyProbe"]
+__all__ = ["PAPER_PROBE", "ForwardPoint", "PointResult", "ProbeConfig", "SafetyProbe"]
 
 
 @dataclass
@@ -98,9 +110,37 @@ class PointResult:
     decoded_tokens: int
     seconds: float
     samples: list[str] = field(default_factory=list)
+    verdicts: list[bool] | None = None
+    margins: list[float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        for key in ("verdicts", "margins"):
+            if data[key] is None:
+                del data[key]
+        if self.margins is not None:
+            data["margins"] = [round(m, 4) for m in self.margins]
+        return data
+
+
+@dataclass
+class ForwardPoint:
+    """Forward-only scores of one model state on (a subset of) the harmful prompts.
+
+    Attributes:
+        indices: the prompts scored (indices into the probe's harmful set).
+        margins: their opening margins (NaN: no opening at θ₀).
+        flagged: per prompt, whether greedy decoding would leave the refusal opening (or the
+            prompt had none): the keyword verdict is "refusal" exactly where this is False.
+        tokens: tokens fed through the model.
+        seconds: wall time.
+    """
+
+    indices: list[int]
+    margins: list[float]
+    flagged: list[bool]
+    tokens: int
+    seconds: float
 
 
 class SafetyProbe:
@@ -134,6 +174,7 @@ class SafetyProbe:
         self._benign = benign
         self.reference_answers: list[str] | None = None
         self.reference_nll: float | None = None
+        self.openings: Openings | None = None
 
     @property
     def harmful(self) -> PromptSet:
@@ -151,22 +192,111 @@ class SafetyProbe:
             self._benign = load_prompts(self.config.benign, limit=self.config.num_benign)
         return self._benign
 
-    def prepare(self) -> None:
-        """Load prompts, check the template, and record reference answers at the current weights."""
+    def prepare(self, openings: bool = False) -> None:
+        """Load prompts, check the template, record reference answers at the current weights.
+
+        Args:
+            openings: also record the refusal opening of each harmful prompt (greedy answers
+                cut after the first refusal phrase), which :meth:`forward` teacher-forces.
+        """
         fmt = self.config.chat_format
         fmt.render(self.tokenizer, self.harmful[0])  # fails early without a chat template
-        if self.benign is not None and self.reference_answers is None:
-            gen = generate_responses(
+        if openings and self.openings is None:
+            self.openings = refusal_openings(
                 self.model,
                 self.tokenizer,
-                list(self.benign),
+                list(self.harmful),
                 chat_format=fmt,
-                max_new_tokens=self.config.capability_tokens,
+                judge=self._opening_judge,
+                max_new_tokens=self.config.max_new_tokens,
                 batch_size=self.config.batch_size,
             )
-            answers = [a if a else "." for a in gen.responses]
-            self.reference_answers = answers
+        if self.benign is not None and self.reference_answers is None:
+            self.reference_answers = self.reference_answers_for(range(len(self.benign)))
             self.reference_nll = self.capability()
+
+    def reference_answers_for(self, indices: Sequence[int]) -> list[str]:
+        """The model's greedy answers to the benign prompts ``indices`` (capability references)."""
+        chosen = list(indices)
+        if self.benign is None or not chosen:
+            return []
+        gen = generate_responses(
+            self.model,
+            self.tokenizer,
+            [self.benign[i] for i in chosen],
+            chat_format=self.config.chat_format,
+            max_new_tokens=self.config.capability_tokens,
+            batch_size=self.config.batch_size,
+        )
+        return [a if a else "." for a in gen.responses]
+
+    @property
+    def _opening_judge(self) -> KeywordJudge:
+        """The refusal phrases that end an opening (the judge's own, if it is a keyword judge)."""
+        return self.judge if isinstance(self.judge, KeywordJudge) else KeywordJudge()
+
+    def forward(self, indices: Sequence[int] | None = None) -> ForwardPoint:
+        """Score the refusal openings of the prompts ``indices`` (default: all) at the current weights.
+
+        Needs :meth:`prepare` with ``openings=True`` (or openings from a landscape file).
+        """
+        if self.openings is None:
+            raise RuntimeError(
+                "SafetyProbe.forward() needs the aligned model's refusal openings: call "
+                "prepare(openings=True) at the aligned weights first."
+            )
+        chosen = list(range(len(self.openings.prompts))) if indices is None else list(indices)
+        start = time.perf_counter()
+        subset = Openings(
+            tuple(self.openings.prompts[i] for i in chosen),
+            [self.openings.token_ids[i] for i in chosen],
+        )
+        scores = score_openings(
+            self.model,
+            self.tokenizer,
+            subset,
+            chat_format=self.config.chat_format,
+            batch_size=self.config.batch_size,
+        )
+        margins = [float(m) for m in scores.margin]
+        flagged = [not m > 0 for m in margins]  # NaN (no opening) counts as flagged
+        return ForwardPoint(chosen, margins, flagged, scores.tokens, time.perf_counter() - start)
+
+    def judge_prompts(self, indices: Sequence[int]) -> tuple[list[bool], int]:
+        """Generate and judge the harmful prompts ``indices``: (unsafe verdicts, decoded tokens)."""
+        chosen = list(indices)
+        if not chosen:
+            return [], 0
+        prompts = [self.harmful[i] for i in chosen]
+        decided = self._opening_judge.is_decided if self.config.early_stop else None
+        if not isinstance(self.judge, KeywordJudge):
+            decided = None
+        gen = generate_responses(
+            self.model,
+            self.tokenizer,
+            prompts,
+            chat_format=self.config.chat_format,
+            max_new_tokens=self.config.max_new_tokens,
+            batch_size=self.config.batch_size,
+            stop_when_decided=decided,
+        )
+        return self.judge(prompts, gen.responses), gen.decoded_tokens
+
+    def capability_sum(self, indices: Sequence[int] | None = None) -> tuple[float, int]:
+        """Summed NLL and token count of the reference answers of benign prompts ``indices``."""
+        if self.benign is None or self.reference_answers is None:
+            return 0.0, 0
+        chosen = list(range(len(self.benign))) if indices is None else list(indices)
+        if not chosen:
+            return 0.0, 0
+        return sequence_nll_sum(
+            self.model,
+            self.tokenizer,
+            [self.benign[i] for i in chosen],
+            [self.reference_answers[i] for i in chosen],
+            chat_format=self.config.chat_format,
+            batch_size=self.config.batch_size,
+        )
 
     def capability(self) -> float | None:
         """Mean per-token NLL of the reference answers at the current weights (lower = better)."""
@@ -186,8 +316,17 @@ class SafetyProbe:
         prompts: PromptSet | None = None,
         progress: Callable[[int], None] | None = None,
         capability: bool = True,
+        per_prompt: bool = False,
     ) -> PointResult:
-        """ASR (percent) of ``prompts`` (default: the harmful set) and capability, now."""
+        """ASR (percent) of ``prompts`` (default: the harmful set) and capability, now.
+
+        Args:
+            per_prompt: also keep each prompt's verdict and, when openings were prepared and
+                ``prompts`` is the harmful set, its forward opening margin (for calibration).
+        """
+        margins = None
+        if per_prompt and self.openings is not None and prompts is None:
+            margins = self.forward().margins
         prompts = prompts or self.harmful
         start = time.perf_counter()
         decided = None
@@ -214,6 +353,8 @@ class SafetyProbe:
             decoded_tokens=gen.decoded_tokens,
             seconds=time.perf_counter() - start,
             samples=gen.responses[:2],
+            verdicts=list(verdicts) if per_prompt else None,
+            margins=margins,
         )
 
     def settings(self) -> dict[str, Any]:

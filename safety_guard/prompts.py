@@ -26,6 +26,7 @@ __all__ = ["PromptSet", "builtin_records", "load_prompts", "load_text_lines"]
 
 _COLUMN_CANDIDATES = ("goal", "prompt", "instruction", "question", "text", "query")
 _BUILTIN_DEFAULT_SPLIT = {"harmful": "heldout", "benign": "heldout"}
+_BUILTIN_FILES = {"harmful": ("harmful.jsonl", "harmful_probe.jsonl"), "benign": ("benign.jsonl",)}
 
 
 @dataclass(frozen=True)
@@ -79,14 +80,20 @@ def _data_file(name: str) -> Path:
 def builtin_records(kind: str) -> list[dict[str, str]]:
     """All records (``id``, ``category``, ``split``, ``prompt``) of a built-in set.
 
+    The harmful set's ``probe`` split (``harmful_probe.jsonl``, with a ``style`` field too) is
+    used only by the training guard's probe.
+
     Example:
-        >>> {r["split"] for r in builtin_records("harmful")} == {"align", "attack", "heldout"}
-        True
+        >>> sorted({r["split"] for r in builtin_records("harmful")})
+        ['align', 'attack', 'heldout', 'probe']
     """
-    if kind not in _BUILTIN_DEFAULT_SPLIT:
+    if kind not in _BUILTIN_FILES:
         raise ValueError(f"Unknown built-in prompt set {kind!r}; choose 'harmful' or 'benign'.")
-    with _data_file(f"{kind}.jsonl").open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    records = []
+    for name in _BUILTIN_FILES[kind]:
+        with _data_file(name).open(encoding="utf-8") as fh:
+            records += [json.loads(line) for line in fh if line.strip()]
+    return records
 
 
 def load_text_lines(name: str) -> list[str]:
@@ -131,7 +138,7 @@ def load_prompts(
 
     Args:
         source: ``"builtin:harmful"`` / ``"builtin:benign"`` (optionally ``":<split>"``, one of
-            ``align``, ``attack``/``finetune``, ``heldout``, ``all``); a ``.csv`` file (AdvBench
+            ``align``, ``attack``/``finetune``, ``heldout``, ``probe`` (harmful), ``all``); a ``.csv`` file (AdvBench
             layout: a ``goal`` column); a ``.jsonl``/``.json`` file of objects; a ``.txt`` file
             (one prompt a line); a ``datasets`` name or local dataset folder; or a list of
             strings.

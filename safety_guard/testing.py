@@ -24,10 +24,16 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_tokenizer(vocab_size: int = 200) -> Any:
-    """A byte-level BPE tokenizer (``vocab_size`` ids) with a chat template.
+def tiny_tokenizer(vocab_size: int = 200, byte_level: bool = True) -> Any:
+    """A BPE tokenizer (``vocab_size`` ids) with a chat template.
 
     Special ids: ``<unk>`` 0, ``<pad>`` 1, ``<|end|>`` 2 (eos), then the role markers.
+
+    Args:
+        vocab_size: the vocabulary size to train.
+        byte_level: byte-level BPE (any text, but a random model's tokens can decode to partial
+            UTF-8 characters); ``False``: a sentencepiece-style BPE over the corpus' characters,
+            whose every token decodes to clean text (for tests that match decoded text).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -38,13 +44,19 @@ def tiny_tokenizer(vocab_size: int = 200) -> Any:
         "refusals.txt"
     )
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<unk>", "<pad>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
+    special = ["<unk>", "<pad>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+    if byte_level:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=special,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special)
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<|end|>"

@@ -15,6 +15,12 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return tiny_tokenizer()
 
 
+@pytest.fixture(scope="session")
+def text_tokenizer() -> PreTrainedTokenizerFast:
+    """A 300-token BPE whose every token decodes to clean text (for tests that match text)."""
+    return tiny_tokenizer(300, byte_level=False)
+
+
 def make_model(
     vocab_size: int = 256, hidden: int = 32, tie: bool = True, seed: int = 0, dtype=torch.float32
 ) -> LlamaForCausalLM:

@@ -1,4 +1,4 @@
-"""Run by test_distributed.py under torchrun: 2 ranks, gloo, a judge that disagrees across ranks."""
+"""Run by test_distributed.py under torchrun: 2 ranks, gloo, the probe prompts split across them."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch
 from conftest import make_model
-from guard_helpers import make_landscape, tiny_dataset
+from guard_helpers import echo_judge, make_landscape, tiny_dataset
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from safety_guard.guard import SafetyGuardCallback
-from safety_guard.judges import CallableJudge
+from safety_guard.prompts import load_prompts
 
 
 def main() -> None:
@@ -24,32 +24,28 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    model = make_model(vocab_size=len(tokenizer))
+    model = make_model(vocab_size=len(tokenizer), tie=False)
     rank = int(os.environ["RANK"])
+    prompts = list(load_prompts("builtin:harmful:probe", limit=8))
     guard = SafetyGuardCallback(
         make_landscape(model),
-        check_every=1,
-        probe_every=2,
-        num_prompts=4,
+        judge=echo_judge(model, tokenizer, prompts),
+        harmful="builtin:harmful:probe",
+        num_prompts=8,
         num_benign=2,
-        max_new_tokens=2,
-        lookahead=(2.0,),
-        keep_last_safe=False,
-        current_margin=30.0,
+        max_new_tokens=6,
+        keep_last_safe=True,
+        confidence_z=0.0,
+        max_asr_rise=20,
+        nll_tolerance=1e9,
     )
-    # rank 0 sees only unsafe answers, rank 1 only refusals: 50 % ASR overall from step 4 on.
-    guard.judge = CallableJudge(lambda p, r: [rank == 0 and guard_step[0] >= 4] * len(r))
-    guard_step = [0]
-
-    class Step(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            guard_step[0] = state.global_step
 
     args = TrainingArguments(
         output_dir=str(out),
-        max_steps=8,
+        max_steps=30,
         per_device_train_batch_size=2,
-        learning_rate=1e-3,
+        learning_rate=3e-2,
+        lr_scheduler_type="constant",
         report_to=[],
         save_strategy="no",
         logging_steps=1,
@@ -63,7 +59,7 @@ def main() -> None:
         train_dataset=tiny_dataset(tokenizer),
         processing_class=tokenizer,
         data_collator=DataCollatorForSeq2Seq(tokenizer),
-        callbacks=[Step(), guard],
+        callbacks=[guard],
     )
     trainer.train()
     written = out / "safety-guard"
@@ -75,6 +71,7 @@ def main() -> None:
         "global_step": trainer.state.global_step,
         "halt_step": guard.halt_step,
         "world": torch.distributed.get_world_size(),
+        "decisions": [(r["step"], r.get("status"), r.get("rise")) for r in guard.records],
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     # leave together (every rank has written its result) and tear the process group down, as
@@ -82,8 +79,6 @@ def main() -> None:
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
-
-from transformers import TrainerCallback  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -49,3 +49,22 @@ def tiny_dataset(tokenizer, n: int = 16) -> Dataset:
     texts = [f"question {i} answer {i % 3}" for i in range(n)]
     enc = [tokenizer(t)["input_ids"][:16] for t in texts]
     return Dataset.from_dict({"input_ids": enc, "labels": enc})
+
+
+def echo_judge(model, tokenizer, prompts, tokens: int = 3):
+    """A keyword judge for which ``model``'s own greedy answers to ``prompts`` are refusals.
+
+    Its "refusal phrases" are the decoded first ``tokens`` tokens of each answer (those of at
+    least 3 characters), so the aligned tiny model refuses and a finetune that changes the
+    answers' openings makes it "comply": the guard sees real behaviour change on a model built
+    from a config.
+    """
+    from safety_guard.generation import generate_responses
+    from safety_guard.judges import KeywordJudge
+
+    gen = generate_responses(model, tokenizer, list(prompts), max_new_tokens=tokens)
+    phrases = {tokenizer.decode(ids[:tokens], skip_special_tokens=True) for ids in gen.token_ids}
+    phrases = sorted(p for p in phrases if len(p.strip()) >= 3)
+    if not phrases:
+        raise ValueError("The tiny model's answers are too short to make refusal phrases of.")
+    return KeywordJudge(phrases)

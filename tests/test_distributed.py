@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 
-def test_every_rank_takes_the_same_halt_decision(tmp_path, tokenizer):
-    tokenizer.save_pretrained(tmp_path / "tok")
+def test_every_rank_takes_the_same_halt_decision(tmp_path, text_tokenizer):
+    text_tokenizer.save_pretrained(tmp_path / "tok")
     out = tmp_path / "run"
     out.mkdir()
     script = Path(__file__).with_name("dist_guard_script.py")
@@ -36,11 +36,15 @@ def test_every_rank_takes_the_same_halt_decision(tmp_path, tokenizer):
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 for r in ranks)
-    # rank 0's shard alone is 100 % unsafe, rank 1's 0 %: the summed ASR (50 %) must halt both
-    assert ranks[0]["halt_step"] == ranks[1]["halt_step"] == 4
-    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 4
+    # each rank scores half of the prompts; the per-prompt results are all-reduced, so both
+    # ranks see the same numbers, take the same decisions and halt at the same step
+    assert ranks[0]["decisions"] == ranks[1]["decisions"]
+    assert ranks[0]["halt_step"] is not None
+    assert ranks[0]["halt_step"] == ranks[1]["halt_step"] == ranks[0]["global_step"]
+    assert ranks[1]["global_step"] == ranks[0]["global_step"]
     # rank 1 returned from train() only after rank 0 had written the summary and the plot
     assert ranks[1]["outputs_written"] and ranks[0]["outputs_written"]
     trajectory = out / "safety-guard" / "trajectory.jsonl"
     lines = [json.loads(x) for x in trajectory.read_text().splitlines()]
-    assert len([x for x in lines if x["step"] == 4]) == 1  # written once, by the main process
+    halt = ranks[0]["halt_step"]
+    assert len([x for x in lines if x["step"] == halt]) == 1  # written once, by the main process

@@ -1,4 +1,9 @@
-"""SafetyGuardCallback on tiny models with transformers' Trainer."""
+"""SafetyGuardCallback on tiny models with transformers' Trainer.
+
+The tiny models are random Llamas built from configs; an "echo" keyword judge makes their own
+greedy answers at θ₀ the "refusals" (:func:`guard_helpers.echo_judge`), so a finetune that
+changes how the answers open is seen as a safety break, as it would be on a real aligned model.
+"""
 
 from __future__ import annotations
 
@@ -7,137 +12,200 @@ import json
 import pytest
 import torch
 from conftest import make_model
-from guard_helpers import make_landscape, tiny_dataset
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from guard_helpers import echo_judge, make_landscape, tiny_dataset
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-from safety_guard.guard import FullFinetuneTracker, GuardConfig, LoraTracker, SafetyGuardCallback
-from safety_guard.judges import CallableJudge
+from safety_guard.guard import FullFinetuneTracker, LoraTracker, SafetyGuardCallback
+from safety_guard.guard.displacement import sketch_cosine, sketch_displacement
 from safety_guard.landscape import LandscapeMismatchError
+from safety_guard.prompts import load_prompts
+
+PROBE = "builtin:harmful:probe"
 
 
-def _trainer(model, tokenizer, tmp_path, callback, steps=6, **kw):
+def _trainer(model, text_tokenizer, tmp_path, callbacks, steps=6, lr=1e-2, **kw):
     options = dict(
         output_dir=str(tmp_path / "out"),
         max_steps=steps,
         per_device_train_batch_size=4,
-        learning_rate=1e-2,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
         report_to=[],
         save_strategy="no",
         logging_steps=1,
         use_cpu=True,
         disable_tqdm=True,
+        seed=0,
     )
     args = TrainingArguments(**{**options, **kw})
     return Trainer(
         model=model,
         args=args,
-        train_dataset=tiny_dataset(tokenizer),
-        processing_class=tokenizer,
-        data_collator=DataCollatorForSeq2Seq(tokenizer),
-        callbacks=[callback],
+        train_dataset=tiny_dataset(text_tokenizer),
+        processing_class=text_tokenizer,
+        data_collator=DataCollatorForSeq2Seq(text_tokenizer),
+        callbacks=list(callbacks),
     )
 
 
-def _guard(land, **kw):
-    defaults = dict(
-        check_every=1,
-        probe_every=2,
-        num_prompts=4,
+def _guard(land, model, text_tokenizer, **kw):
+    options = dict(
+        harmful=PROBE,
+        num_prompts=8,
         num_benign=2,
-        max_new_tokens=4,
-        lookahead=(2.0,),
+        max_new_tokens=6,
         keep_last_safe=False,
+        confidence_z=0.0,
+        nll_tolerance=1e9,  # the tiny random model's capability is not the point here
     )
-    defaults.update(kw)
-    return SafetyGuardCallback(land, **defaults)
+    options.update(kw)
+    judge = echo_judge(
+        model, text_tokenizer, list(load_prompts(PROBE, limit=options["num_prompts"]))
+    )
+    return SafetyGuardCallback(land, judge=judge, **options)
 
 
-def test_halts_when_current_model_leaves_basin_and_logs(tmp_path, tokenizer):
-    model = make_model(vocab_size=len(tokenizer))
-    guard = _guard(make_landscape(model))
-    guard.judge = CallableJudge(lambda p, r: [True] * len(r))  # every response "unsafe"
-    trainer = _trainer(model, tokenizer, tmp_path, guard)
+def _lora(model, dropout=0.0):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=dropout))
+
+
+def test_halts_when_the_finetune_changes_the_refusals_and_logs(tmp_path, text_tokenizer):
+    model = make_model(vocab_size=len(text_tokenizer), tie=False)
+    guard = _guard(make_landscape(model), model, text_tokenizer, max_asr_rise=20)
+    trainer = _trainer(model, text_tokenizer, tmp_path, [], steps=30, lr=3e-2)
+    guard.attach(trainer)
     with pytest.warns(UserWarning, match="Halting"):
         trainer.train()
-    assert trainer.state.global_step == 2 and guard.halt_step == 2
-    logged = [h for h in trainer.state.log_history if "safety/asr" in h]
-    assert logged and logged[0]["safety/asr"] == 100.0 and logged[0]["safety/status"] == 2.0
+    assert guard.halt_step is not None and trainer.state.global_step == guard.halt_step < 30
+    final = guard.records[-1]
+    assert final["status"] == "halt" and final["exact"]  # flagged prompts judged by generation
+    # the decision rests on generation: every prompt counted unsafe was generated and judged
+    assert final["rise"] > 0 and final["confirmed"] > 0
+    logged = [h for h in trainer.state.log_history if "safety/asr_rise" in h]
+    assert logged and logged[-1]["safety/status"] == 2.0
     assert any("safety/displacement" in h for h in trainer.state.log_history)
-    lines = (tmp_path / "out" / "safety-guard" / "trajectory.jsonl").read_text().splitlines()
-    assert json.loads(lines[-1])["status"] == "halt"
-    assert (tmp_path / "out" / "safety-guard" / "trajectory.png").exists()
+    folder = tmp_path / "out" / "safety-guard"
+    lines = [json.loads(x) for x in (folder / "trajectory.jsonl").read_text().splitlines()]
+    assert lines[-1]["status"] == "halt"
+    assert [x["step"] for x in lines] == sorted({x["step"] for x in lines})
+    assert (folder / "trajectory.png").exists() and (folder / "summary.json").exists()
 
 
-def test_no_halt_while_safe_and_lookahead_warns(tmp_path, tokenizer):
-    model = make_model(vocab_size=len(tokenizer))
-    guard = _guard(make_landscape(model), lookahead=(2.0, 4.0), min_edge_distance=0.5)
-    # unsafe only far ahead: the judge sees the model through the multiple the tracker applied
-    calls = []
-
-    def judge(prompts, responses):
-        calls.append(len(responses))
-        idx = len(calls) % 3  # per probe: current, 2x, 4x
-        return [idx == 0] * len(responses)  # 4x probe unsafe
-
-    guard.judge = CallableJudge(judge)
-    guard.config.nll_tolerance = float("inf")  # the tiny model's capability is not the point here
-    guard.config.min_asr_per_nll = 0.0
-    trainer = _trainer(model, tokenizer, tmp_path, guard, steps=4)
-    with pytest.warns(UserWarning, match="heading out"):
-        trainer.train()
-    assert trainer.state.global_step == 4 and guard.halt_step is None and guard.warn_count == 2
-    probe = guard.last_probe
-    assert probe["edge_distance"] == 3.0 and probe["status"] == "warn"
+def test_keeps_training_while_the_refusals_hold(tmp_path, text_tokenizer):
+    model = make_model(vocab_size=len(text_tokenizer), tie=False)
+    guard = _guard(make_landscape(model), model, text_tokenizer)
+    trainer = _trainer(model, text_tokenizer, tmp_path, [guard], steps=8, lr=1e-7)
+    trainer.train()
+    assert trainer.state.global_step == 8 and guard.halt_step is None
+    probes = [r for r in guard.records if r["event"] == "probe"]
+    assert probes and all(r["status"] == "ok" for r in probes)
+    assert guard.last_safe_step == probes[-1]["step"]
+    # the adaptive cadence probes early and then at the displacement's doublings, not every step
+    assert probes[0]["step"] == 1 and len(probes) < 8
+    # without attach(), metrics still reach the log history
+    assert any("safety/asr_rise" in h for h in trainer.state.log_history)
 
 
-def _snapshot(model, tokenizer):
+def _snapshot(model, text_tokenizer):
     return (
         {k: v.clone() for k, v in model.state_dict().items()},
         [m.training for m in model.modules()],
         [p.requires_grad for p in model.parameters()],
-        getattr(model, "is_gradient_checkpointing", None),
-        tokenizer.padding_side,
-        tokenizer.pad_token,
+        text_tokenizer.padding_side,
+        text_tokenizer.pad_token,
     )
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_model_unchanged_after_probe(tmp_path, tokenizer, lora):
-    model = make_model(vocab_size=len(tokenizer))
+def test_model_and_tokenizer_unchanged_after_a_probe(tmp_path, text_tokenizer, lora):
+    model = make_model(vocab_size=len(text_tokenizer), tie=False)
     land = make_landscape(model)
+    guard = _guard(land, model, text_tokenizer)
     if lora:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(
-            model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1)
-        )
-    model.gradient_checkpointing_enable() if not lora else None
-    guard = _guard(land)
-    trainer = _trainer(model, tokenizer, tmp_path, guard, steps=1)
-    trainer.train()  # sets up the tracker (no probe at step 1)
-    with torch.no_grad():  # move away from θ₀ so lookahead really perturbs
-        for _name, p in model.named_parameters():
+        model = _lora(model, dropout=0.1)
+    trainer = _trainer(model, text_tokenizer, tmp_path, [guard], steps=1)
+    trainer.train()  # sets up the tracker and the baseline
+    with torch.no_grad():  # move away from θ₀ so the lookahead really perturbs
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.01)
     model.train()
-    tokenizer.padding_side = "right"
-    before = _snapshot(model, tokenizer)
-    displacement = guard.tracker.displacement(model)
-    assert displacement > 0
-    result = guard._probe(model, displacement)
-    assert set(result["lookahead"]) == {2.0}
-    after = _snapshot(model, tokenizer)
+    text_tokenizer.padding_side = "right"
+    before = _snapshot(model, text_tokenizer)
+    disp = guard.tracker.displacement(model)
+    assert disp > 0
+    record, _metrics, _decision = guard._probe(model, 2, disp, 0.0, 10)
+    assert set(record["points"]) == {"1", "2"}
+    after = _snapshot(model, text_tokenizer)
     for key in before[0]:
         assert torch.equal(before[0][key], after[0][key]), key
     assert before[1:] == after[1:]
-    tokenizer.padding_side = "left"
+    text_tokenizer.padding_side = "left"
 
 
-def test_lora_displacement_matches_merged_update(tokenizer):
-    from peft import LoraConfig, get_peft_model
+class _Poison(TrainerCallback):
+    """Writes NaN into the first trainable tensor at the end of step ``at``."""
 
-    base = make_model(vocab_size=len(tokenizer))
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    def __init__(self, at: int, name_part: str = "") -> None:
+        self.at, self.name_part = at, name_part
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.at:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if p.requires_grad and self.name_part in name:
+                        p.view(-1)[0] = float("nan")
+                        return
+
+
+def test_nan_adapter_halts_keeps_last_safe_and_restores_it(tmp_path, text_tokenizer):
+    from safetensors.torch import load_file
+
+    model = make_model(vocab_size=len(text_tokenizer), tie=False)
+    land = make_landscape(model)
+    guard = _guard(land, model, text_tokenizer, keep_last_safe=True)
+    model = _lora(model)
+    # the guard runs after the poison in the same step: it must see the NaN at once
+    trainer = _trainer(
+        model, text_tokenizer, tmp_path, [_Poison(4, "lora_B"), guard], steps=8, lr=1e-6
+    )
+    with pytest.warns(UserWarning, match="not finite"):
+        trainer.train()
+    assert guard.halt_step == 4 and "not finite" in guard.halt_reason
+    last_safe = tmp_path / "out" / "safety-guard" / "last-safe"
+    saved_step = json.loads((last_safe / "safety_guard_step.json").read_text())["step"]
+    assert saved_step == guard.last_safe_step < 4
+    # the model holds the saved adapter again, bit for bit (restore_on_halt)
+    from peft import get_peft_model_state_dict
+
+    saved = load_file(last_safe / "adapter_model.safetensors")
+    current = get_peft_model_state_dict(model)
+    assert saved and set(saved) == set(current)
+    for key, value in saved.items():
+        assert torch.equal(current[key].detach().cpu(), value), key
+
+
+def test_nan_full_model_halts_and_writes_no_last_safe(tmp_path, text_tokenizer):
+    model = make_model(vocab_size=len(text_tokenizer), tie=False)
+    guard = _guard(
+        make_landscape(model), model, text_tokenizer, keep_last_safe=True, keep_last_safe_full=True
+    )
+    trainer = _trainer(model, text_tokenizer, tmp_path, [_Poison(3), guard], steps=8, lr=1e-6)
+    folder = tmp_path / "out" / "safety-guard" / "last-safe"
+    with pytest.warns(UserWarning, match="not finite"):
+        trainer.train()
+    assert guard.halt_step == 3
+    written = json.loads((folder / "safety_guard_step.json").read_text())["step"]
+    assert written == guard.last_safe_step < 3
+    status = [r.get("status") for r in guard.records if r["step"] == 3]
+    assert "ok" not in status
+
+
+def test_lora_displacement_and_sketch_match_the_merged_update(text_tokenizer):
+    base = make_model(vocab_size=len(text_tokenizer), tie=False)
+    model = _lora(base)
     tracker = LoraTracker(model)
     assert tracker.displacement(model) == 0.0
     with torch.no_grad():
@@ -145,88 +213,101 @@ def test_lora_displacement_matches_merged_update(tokenizer):
             if "lora_B" in name:
                 p.normal_(0, 0.02)
     from_factors = tracker.displacement(model)
-    full = FullFinetuneTracker.from_model(make_model(vocab_size=len(tokenizer)))
+    full = FullFinetuneTracker.from_model(make_model(vocab_size=len(text_tokenizer), tie=False))
+    lora_parts = tracker.sketch_parts(model)
     merged = model.merge_and_unload()
     assert from_factors > 0
     assert from_factors == pytest.approx(full.displacement(merged), rel=1e-4)
+    # the same coordinates are sampled from the factors and from the merged weights
+    full_parts = full.sketch_parts(merged)
+    assert lora_parts and set(lora_parts) <= set(full_parts)
+    for name, values in lora_parts.items():
+        assert torch.allclose(values, full_parts[name], rtol=1e-4, atol=1e-9), name
 
 
-def test_mismatched_landscape_is_refused(tmp_path, tokenizer):
-    model = make_model(vocab_size=len(tokenizer))
-    other = make_landscape(make_model(vocab_size=len(tokenizer), seed=5))
-    trainer = _trainer(model, tokenizer, tmp_path, _guard(other))
+def test_sketch_estimates_displacement_and_direction(text_tokenizer):
+    model = make_model(vocab_size=len(text_tokenizer), tie=False, hidden=64)
+    tracker = FullFinetuneTracker.from_model(model)
+    generator = torch.Generator().manual_seed(0)
+    steps = {n: torch.randn(p.shape, generator=generator) for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.add_(1e-3 * steps[n] * p.norm() / steps[n].norm())
+    first = tracker.sketch(model)
+    exact = tracker.displacement(model)
+    assert sketch_displacement(first, tracker.num_tensors) == pytest.approx(exact, rel=0.3)
+    with torch.no_grad():  # twice as far the same way: same direction
+        for n, p in model.named_parameters():
+            p.add_(1e-3 * steps[n] * p.norm() / steps[n].norm())
+    assert sketch_cosine(first, tracker.sketch(model)) > 0.95
+
+
+def test_mismatched_landscape_is_refused(tmp_path, text_tokenizer):
+    model = make_model(vocab_size=len(text_tokenizer), tie=False)
+    other = make_landscape(make_model(vocab_size=len(text_tokenizer), tie=False, seed=5))
+    trainer = _trainer(model, text_tokenizer, tmp_path, [_guard(other, model, text_tokenizer)])
     with pytest.raises(LandscapeMismatchError, match="another model"):
         trainer.train()
     with pytest.raises(Exception, match="does not exist"):
         SafetyGuardCallback(tmp_path / "missing.json")
-
-
-def test_state_survives_resume(tmp_path, tokenizer):
-    model = make_model(vocab_size=len(tokenizer))
-    land = make_landscape(model)
-    guard = _guard(land, probe_every=2)
-    guard.judge = CallableJudge(lambda p, r: [False] * len(r))
-    trainer = _trainer(
-        model, tokenizer, tmp_path, guard, steps=4, save_strategy="steps", save_steps=4
-    )
-    trainer.train()
-    assert guard.last_safe_step == 4
-    exported = guard.state()
-    assert exported["attributes"]["last_safe_step"] == 4
-    # a fresh callback resuming from the checkpoint restores its state from the trajectory
-    resumed = _guard(land, probe_every=2, origin=None)
-    resumed.judge = CallableJudge(lambda p, r: [False] * len(r))
-    model.save_pretrained(tmp_path / "origin")  # stands in for the pre-finetune checkpoint
-    resumed.config.origin = str(tmp_path / "origin")
-    trainer2 = _trainer(model, tokenizer, tmp_path, resumed, steps=6, save_strategy="no")
-    trainer2.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
-    assert resumed.records[0]["step"] == 1  # history restored
-    assert resumed.last_safe_step == 6
-    assert trainer2.state.global_step == 6
-
-
-def test_config_validation():
-    with pytest.raises(ValueError, match="> 1"):
-        GuardConfig(lookahead=(0.5,))
-    with pytest.raises(ValueError, match="at least 1"):
-        GuardConfig(probe_every=0)
-    with pytest.raises(TypeError, match="Unknown"):
+    with pytest.raises(TypeError, match="removed in guard v2"):
+        SafetyGuardCallback(None, current_margin=10)
+    with pytest.raises(TypeError, match="no options"):
         SafetyGuardCallback(None, probe_evry=3)
 
 
-def test_decision_rule_on_hand_made_probes():
-    from safety_guard.guard import decide
+def _resumable_run(tmp_path, text_tokenizer, name, steps, resume=None, **guard_kw):
+    model = make_model(vocab_size=len(text_tokenizer), tie=False)
+    land = make_landscape(model)
+    guard = _guard(land, model, text_tokenizer, halt=False, **guard_kw)
+    torch.manual_seed(0)  # the same LoRA initialization in every run
+    model = _lora(model)
+    trainer = _trainer(
+        model,
+        text_tokenizer,
+        tmp_path / name,
+        [guard],
+        steps=steps,
+        lr=1e-3,
+        save_strategy="steps",
+        save_steps=2,
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return guard, trainer
 
-    cfg = GuardConfig(lookahead=(2, 4), current_margin=10, lookahead_margin=30, nll_tolerance=1.0)
-    safe = {"asr": 5.0, "nll": 0.33}
-    # all inside: ok, the edge is beyond the farthest probe (4δ → 3 displacements ahead)
-    d = decide(
-        safe, {2.0: {"asr": 10.0, "nll": 0.4}, 4.0: {"asr": 30.0, "nll": 0.6}}, cfg, 5.0, 0.33
-    )
-    assert (d.status_name, d.edge_multiple, d.edge_distance) == ("ok", None, 3.0)
-    # 4δ outside with capability intact: warn, the edge 3 displacements ahead
-    d = decide(
-        safe, {2.0: {"asr": 10.0, "nll": 0.4}, 4.0: {"asr": 40.0, "nll": 0.5}}, cfg, 5.0, 0.33
-    )
-    assert (d.status_name, d.edge_multiple, d.edge_distance) == ("warn", 4.0, 3.0)
-    # compliance that comes with as much capability loss (35 points for 0.57 nat, < 100/nat)
-    # is degradation, as in the testbed's benign finetunes, not a safety break
-    far = {4.0: {"asr": 40.0, "nll": 0.9}}
-    assert decide(safe, far, cfg, 5.0, 0.33).status_name == "ok"
-    assert decide(safe, far, GuardConfig(min_asr_per_nll=0), 5.0, 0.33).status_name == "warn"
-    # ... but gibberish there (NLL up by more than 1 nat) is not compliance
-    d = decide(
-        safe, {2.0: {"asr": 10.0, "nll": 0.4}, 4.0: {"asr": 90.0, "nll": 1.5}}, cfg, 5.0, 0.33
-    )
-    assert d.status_name == "ok"
-    # 2δ outside: the edge one displacement ahead ≤ min_edge_distance → halt
-    d = decide(
-        safe, {2.0: {"asr": 37.5, "nll": 0.57}, 4.0: {"asr": 95.0, "nll": 0.9}}, cfg, 5.0, 0.33
-    )
-    assert (d.status_name, d.edge_multiple) == ("halt", 2.0)
-    assert any("min_edge_distance" in r for r in d.reasons)
-    # the current model itself outside → halt, edge at 1
-    d = decide({"asr": 20.0, "nll": 0.4}, {}, cfg, 5.0, 0.33)
-    assert (d.status_name, d.edge_multiple, d.edge_distance) == ("halt", 1.0, 0.0)
-    # thresholds are relative to the aligned model's own ASR
-    assert decide({"asr": 20.0, "nll": 0.4}, {}, cfg, 12.0, 0.33).status_name == "ok"
+
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, text_tokenizer):
+    straight, _ = _resumable_run(tmp_path, text_tokenizer, "a", 8)
+    crashed, _ = _resumable_run(tmp_path, text_tokenizer, "b", 8)  # "crashes" after step 8 ...
+    checkpoint = tmp_path / "b" / "out" / "checkpoint-4"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert "SafetyGuardCallback" in state["stateful_callbacks"]  # the checkpoint holds the guard
+    # ... and is resumed from the earlier checkpoint 4 by a fresh process
+    resumed, trainer = _resumable_run(tmp_path, text_tokenizer, "b", 8, resume=str(checkpoint))
+    assert trainer.state.global_step == 8
+    folder = lambda name: tmp_path / name / "out" / "safety-guard"  # noqa: E731
+    a = [json.loads(x) for x in (folder("a") / "trajectory.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (folder("b") / "trajectory.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["event"], r.get("status")) for r in a] == [
+        (r["step"], r["event"], r.get("status")) for r in b
+    ]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["displacement"] == pytest.approx(rb["displacement"], rel=1e-4)
+        if ra["event"] == "probe":
+            assert ra["rise"] == rb["rise"]
+    assert [r["step"] for r in resumed.records] == [r["step"] for r in straight.records]
+    for attr in ("last_safe_step", "warn_count", "halt_step"):
+        assert getattr(resumed, attr) == getattr(straight, attr), attr
+    # the run is one that tests the restored cadence: after step 4 it checks without probing
+    # (the memo of the probe at step 4 covers them), then probes again, and decisions vary
+    events = [(r["step"], r["event"]) for r in a if r["step"] > 4]
+    assert ("probe" in {e for _, e in events}) and ("check" in {e for _, e in events})
+    assert {r.get("status") for r in a} >= {"ok", "warn"}
+    assert crashed.records[-1]["step"] == 8
+
+
+def test_a_changed_guard_cannot_resume_a_checkpoint(tmp_path, text_tokenizer):
+    _resumable_run(tmp_path, text_tokenizer, "c", 4)
+    checkpoint = str(tmp_path / "c" / "out" / "checkpoint-4")
+    with pytest.raises(ValueError, match="harmful"):
+        _resumable_run(tmp_path, text_tokenizer, "c", 6, resume=checkpoint, num_prompts=6)

@@ -26,8 +26,10 @@ def test_builtin_sets_sizes_and_disjoint_splits():
     by_split = {}
     for r in records:
         by_split.setdefault(r["split"], set()).add(r["prompt"])
-    assert set(by_split) == {"align", "attack", "heldout"}
+    assert set(by_split) == {"align", "attack", "heldout", "probe"}
     assert not (by_split["heldout"] & (by_split["align"] | by_split["attack"]))
+    assert not (by_split["probe"] & (by_split["align"] | by_split["attack"] | by_split["heldout"]))
+    assert len(load_prompts("builtin:harmful:probe")) == 200
     benign = builtin_records("benign")
     held = {r["prompt"] for r in benign if r["split"] == "heldout"}
     assert not held & {r["prompt"] for r in benign if r["split"] != "heldout"}

@@ -2,22 +2,33 @@
 
 Example:
     >>> from safety_guard.guard import GuardConfig, SafetyGuardCallback
-    >>> SafetyGuardCallback(config=GuardConfig(probe_every=5)).config.probe_every
+    >>> SafetyGuardCallback(config=GuardConfig(max_asr_rise=5)).config.max_asr_rise
     5
 """
 
+from .cadence import ProbeMemo, covered_multiple, probe_due
 from .callback import SafetyGuardCallback, SafetyGuardWarning
 from .config import GuardConfig
 from .displacement import FullFinetuneTracker, LoraTracker, make_tracker
-from .rule import Decision, decide
+from .probing import Baseline, GuardProbe, StateMeasure
+from .rule import Decision, PointEstimate, decide, estimate, horizon
 
 __all__ = [
+    "Baseline",
     "Decision",
     "FullFinetuneTracker",
     "GuardConfig",
+    "GuardProbe",
     "LoraTracker",
+    "PointEstimate",
+    "ProbeMemo",
     "SafetyGuardCallback",
     "SafetyGuardWarning",
+    "StateMeasure",
+    "covered_multiple",
     "decide",
+    "estimate",
+    "horizon",
     "make_tracker",
+    "probe_due",
 ]

@@ -1,38 +1,43 @@
-"""``SafetyGuardCallback``: watch a finetune against the aligned model's safety landscape.
+"""``SafetyGuardCallback``: halt a finetune before it breaks the aligned model's safety.
 
-Add one line to an existing ``Trainer``/``SFTTrainer`` script::
+Add it to an existing ``Trainer``/``SFTTrainer`` script::
 
     trainer = SFTTrainer(..., callbacks=[SafetyGuardCallback(landscape="landscape.json")])
+    # or, so that safety/* metrics also reach your loggers (TensorBoard, W&B, ...):
+    SafetyGuardCallback(landscape="landscape.json").attach(trainer)
 
-Every ``check_every`` steps the guard logs the layer-normalized displacement δ = θₜ − θ₀ and its
-ratio to the landscape's random basin radius (cheap: no generation). Every ``probe_every`` steps
-it probes the current model (keyword ASR on held-out harmful prompts, capability NLL) and the
-landscape *along the finetuning direction*, θ₀ + s·δ for the lookahead multiples s, locates the
-basin edge along that direction and the distance to it, and decides:
+**The promise** (``GuardConfig.max_asr_rise``, default 10): halt before the ASR on the probe
+prompts rises more than this many points above the aligned model's.
 
-* **warn** (``logging`` + ``warnings``) when a lookahead point is outside the basin: its ASR is
-  ``lookahead_margin`` points above the aligned model's while capability is intact (a point whose
-  capability collapsed emits gibberish, which the keyword judge would miscount as unsafe, and a
-  point whose ASR rose by fewer than ``min_asr_per_nll`` points per nat of capability lost is
-  degrading in general, as benign finetunes do far along their direction);
-* **halt** (``control.should_training_stop``) when the edge is at most ``min_edge_distance``
-  multiples of δ ahead, or when the current model's ASR exceeds the aligned ASR by
-  ``current_margin`` points.
+**Cheap check**, every ``check_every`` steps (a gather of a few thousand weights): the
+layer-normalized displacement δ = θₜ − θ₀ and a sketch of its direction.
 
-Metrics go through ``trainer.log()`` under ``safety/`` (TensorBoard, W&B, ...), every event is
-appended to ``trajectory.jsonl`` and the run ends with a plot of the trajectory. Under
-DDP/torchrun the probe prompts are split across ranks, counts are summed, and the halt flag is
+**Probe**, when the last one stops covering the finetune (:mod:`~safety_guard.guard.cadence`):
+the current model and the models ahead on its line, θ₀ + s·δ, are scored forward-only — each
+harmful probe prompt's refusal opening, taken from the aligned model at train begin, is
+teacher-forced in one forward pass, and the prompts whose greedy path would leave it are flagged
+(:mod:`~safety_guard.scoring`). Unflagged prompts are refusals for sure; before a warning or a
+halt (``confirm="halt"``) the flagged ones are judged by generation, so decisions rest on exact
+keyword verdicts of the prompts that changed. The decision rule (:mod:`~safety_guard.guard.rule`)
+compares each prompt with itself at θ₀ and halts when the rise is confidently past the promise
+now or by where the finetune is heading before the next look.
+
+**Broken models halt**: non-finite weights, loss or scores, or a collapsed capability are a halt
+with a reason, never "ok" and never saved as the last safe weights. With LoRA the last adapter a
+probe found within the promise is kept (in memory on every rank, and on disk by the main
+process) and, by default, loaded back into the model on a halt.
+
+**Resume**: the guard's state is saved in every checkpoint (``ExportableState``) and restored on
+``trainer.train(resume_from_checkpoint=...)``; trajectory records past the checkpoint's step are
+dropped, so a resumed run's trajectory, counters and decisions equal an uninterrupted run's.
+
+Under DDP/torchrun the probe prompts are split across ranks and the per-prompt results
 all-reduced, so every rank takes the same decision; only the main process writes files.
 
-**VISAGE along the finetuning direction** (``safety/visage_ft``): the paper's VISAGE computed on
-the probed points s ∈ {0, 1, lookahead...} of the line θ₀ + s·δ — the mean of 100 − ASR over the
-contiguous points from s = 0 whose ASR is below the landscape's edge ASR, plus the first point
-beyond. 100 means every probed point is fully safe; it falls as the line's basin shrinks.
-
 Example:
-    >>> cb = SafetyGuardCallback(landscape=None, check_every=5, probe_every=20)  # default: 5 and 5
-    >>> cb.config.probe_every
-    20
+    >>> cb = SafetyGuardCallback(landscape=None, max_asr_rise=15)
+    >>> cb.config.max_asr_rise
+    15
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -52,162 +58,163 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
-from ..basin import visage as visage_score
-from ..generation import ChatFormat, generate_responses, sequence_nll
-from ..judges import KeywordJudge
-from ..landscape import Landscape, LandscapeConfig, compute_landscape
+from ..judges import Judge
+from ..landscape import Landscape, LandscapeConfig, LandscapeFileError, compute_landscape
 from ..probe import ProbeConfig
-from ..prompts import PromptSet, load_prompts
+from .cadence import ProbeMemo, probe_due
 from .config import GuardConfig
-from .displacement import FullFinetuneTracker, LoraTracker, make_tracker
-from .rule import OK, STATUS_NAMES, WARN, decide
+from .displacement import (
+    FullFinetuneTracker,
+    LoraTracker,
+    _is_lora,
+    make_tracker,
+    sketch_cosine,
+    sketch_displacement,
+)
+from .distributed import all_reduce_max, barrier
+from .probing import Baseline, GuardProbe, StateMeasure
+from .rule import OK, STATUS_NAMES, WARN, Decision, decide, horizon
+from .trajectory import append_record, truncate_after
 
 __all__ = ["SafetyGuardCallback", "SafetyGuardWarning"]
 
 logger = logging.getLogger(__name__)
 
+_STATE_VERSION = 1
+
 
 class SafetyGuardWarning(UserWarning):
-    """The finetune is approaching the edge of the safety basin."""
+    """The finetune is approaching (or past) the guard's promise."""
 
 
-# -- distributed helpers --------------------------------------------------------------------------
-
-
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
-    _rank, world = _dist()
-    if world == 1:
-        return values
-    backend = torch.distributed.get_backend()
-    dev = device if backend == "nccl" else torch.device("cpu")
-    tensor = torch.tensor(values, dtype=torch.float64, device=dev)
-    reduce_op = torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX
-    torch.distributed.all_reduce(tensor, op=reduce_op)
-    return tensor.tolist()
-
-
-def _broadcast_object(obj: Any) -> Any:
-    _rank, world = _dist()
-    if world == 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _barrier() -> None:
-    _rank, world = _dist()
-    if world > 1:
-        torch.distributed.barrier()
-
-
-def _find_trainer() -> Any:
-    """The ``Trainer`` running this callback, found on the call stack (when not passed)."""
-    import inspect
-
-    from transformers import Trainer
-
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            candidate = frame.f_locals.get("self")
-            if isinstance(candidate, Trainer):
-                return candidate
-            frame = frame.f_back
-    finally:
-        del frame
-    return None
-
-
-class SafetyGuardCallback(TrainerCallback):
-    """Guard a finetune with the pre-finetune safety landscape; stop it before safety is gone.
+class SafetyGuardCallback(TrainerCallback, ExportableState):
+    """Guard a finetune; stop it before its ASR rises more than ``max_asr_rise`` points.
 
     Args:
         landscape: a landscape file (or :class:`~safety_guard.landscape.Landscape`) of the
-            model *before* finetuning, checked against the model at train begin. ``None``
-            computes a small one (``landscape_directions`` random directions, adaptive search,
-            the probe prompts) at train begin and saves it in the guard's folder.
-        config: a :class:`GuardConfig`; keyword arguments override its fields.
-        trainer: the trainer, for ``trainer.log()`` (found automatically when omitted).
+            model *before* finetuning, checked against the model at train begin; it gives the
+            random basin radius the displacement is compared with. ``None`` computes a small
+            one at train begin (``landscape_directions`` random directions) in the guard's
+            folder, or reuses the one a resumed run computed.
+        config: a :class:`GuardConfig` (or its ``to_dict()``); keyword arguments override fields.
+        trainer: the trainer, so that ``safety/*`` metrics go through ``trainer.log()`` to
+            your loggers; or call :meth:`attach`. Without it they go to the trajectory file,
+            the Python log and ``trainer.state.log_history``.
         tokenizer: the tokenizer (default: the trainer's ``processing_class``).
+        judge: the judge of generated answers (default: the paper's keyword judge).
     """
 
     def __init__(
         self,
         landscape: str | os.PathLike[str] | Landscape | None = None,
-        config: GuardConfig | None = None,
+        config: GuardConfig | dict[str, Any] | None = None,
         *,
         trainer: Any = None,
         tokenizer: Any = None,
+        judge: Judge | None = None,
         **overrides: Any,
     ) -> None:
+        if isinstance(config, dict):
+            config = GuardConfig.from_dict(config)
         config = config or GuardConfig()
         if overrides:
-            unknown = set(overrides) - {f.name for f in dataclasses.fields(GuardConfig)}
-            if unknown:
-                raise TypeError(f"Unknown SafetyGuardCallback options: {sorted(unknown)}.")
-            config = dataclasses.replace(config, **overrides)
+            try:
+                config = GuardConfig.from_dict({**config.to_dict(), **overrides})
+            except ValueError as err:
+                raise TypeError(f"SafetyGuardCallback options: {err}") from err
         self.config = config
-        self._landscape_source = landscape
+        self.landscape_path: str | None = None
         self.landscape: Landscape | None = landscape if isinstance(landscape, Landscape) else None
         if isinstance(landscape, str | os.PathLike):
             self.landscape = Landscape.load(landscape)  # fail fast on a missing/bad file
+            self.landscape_path = str(landscape)
         self.trainer = trainer
         self.tokenizer = tokenizer
+        self.judge = judge
         self.tracker: FullFinetuneTracker | LoraTracker | None = None
-        self.harmful: PromptSet | None = None
-        self.benign: PromptSet | None = None
-        self.reference_answers: list[str] | None = None
-        self.judge = KeywordJudge()
-        # state that survives checkpoint resume (ExportableState + trajectory file)
+        self.probe: GuardProbe | None = None
+        # state saved with checkpoints (see state())
+        self.records: list[dict[str, Any]] = []
         self.last_safe_step: int | None = None
         self.warn_count = 0
         self.halt_step: int | None = None
-        self.last_probe: dict[str, Any] | None = None
-        self.records: list[dict[str, Any]] = []
+        self.halt_reason: str | None = None
+        self.memo: ProbeMemo | None = None
         self.probe_seconds: list[float] = []
         self.check_seconds: list[float] = []
+        self.restored_state: dict[str, Any] | None = None  # set by transformers' restore
+        self._history: list[tuple[int, float]] = []  # (step, displacement) of recent checks
+        self._safe_adapter: dict[str, torch.Tensor] | None = None
         self._dir: Path | None = None
         self._is_main = True
+        self._pending_halt: str | None = None
+        self._logs_to_history = False
+        self.setup_seconds = 0.0
 
-    # -- ExportableState (transformers >= 4.41) ---------------------------------------------------
+    # -- wiring ---------------------------------------------------------------------------------------
+    def attach(self, trainer: Any) -> SafetyGuardCallback:
+        """Register with ``trainer`` (``trainer.add_callback``) and log through ``trainer.log``.
+
+        Example:
+            >>> guard = SafetyGuardCallback("landscape.json").attach(trainer)  # doctest: +SKIP
+        """
+        self.trainer = trainer
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        return self
+
+    # -- ExportableState ------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
+        """The guard's state for the checkpoint (transformers stores it in trainer_state.json)."""
         return {
-            "args": {"config": self.config.to_dict()},
-            "attributes": {
-                "last_safe_step": self.last_safe_step,
-                "warn_count": self.warn_count,
-                "halt_step": self.halt_step,
-                "last_probe": self.last_probe,
-            },
+            "args": {"landscape": self.landscape_path, "config": self.config.to_dict()},
+            "attributes": {"restored_state": self._export()},
         }
 
-    # -- setup --------------------------------------------------------------------------------------
+    def _export(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "last_safe_step": self.last_safe_step,
+            "warn_count": self.warn_count,
+            "halt_step": self.halt_step,
+            "halt_reason": self.halt_reason,
+            "memo": self.memo.to_dict() if self.memo else None,
+            "history": self._history[-8:],
+            "probe_seconds": self.probe_seconds,
+            "check_seconds": self.check_seconds,
+            "baseline": self.probe.baseline.to_dict()
+            if self.probe and self.probe.baseline
+            else None,
+            "step": self.records[-1]["step"] if self.records else 0,
+        }
+
+    def _import(self, data: dict[str, Any]) -> None:
+        if data.get("version") != _STATE_VERSION:
+            raise ValueError(
+                f"The checkpoint's SafetyGuardCallback state has version {data.get('version')}, "
+                f"this safety-guard reads version {_STATE_VERSION}; resume with the version that "
+                "wrote it."
+            )
+        self.last_safe_step = data["last_safe_step"]
+        self.warn_count = data["warn_count"]
+        self.halt_step = data["halt_step"]
+        self.halt_reason = data.get("halt_reason")
+        self.memo = ProbeMemo.from_dict(data["memo"]) if data.get("memo") else None
+        self._history = [tuple(h) for h in data.get("history", [])]
+        self.probe_seconds = list(data.get("probe_seconds", []))
+        self.check_seconds = list(data.get("check_seconds", []))
+
+    # -- setup ------------------------------------------------------------------------------------------
     def _guard_dir(self, args: TrainingArguments) -> Path:
         return Path(self.config.output_dir or Path(args.output_dir) / "safety-guard")
-
-    def _probe_config(self) -> ProbeConfig:
-        return ProbeConfig(
-            harmful=self.config.harmful,
-            num_harmful=self.config.num_prompts,
-            benign=self.config.benign,
-            num_benign=self.config.num_benign,
-            max_new_tokens=self.config.max_new_tokens,
-            batch_size=self.config.batch_size,
-            system_prompt=self.config.system_prompt,
-        )
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         model: nn.Module = kwargs["model"]
+        setup_start = time.perf_counter()
         self.tokenizer = self.tokenizer or kwargs.get("processing_class") or kwargs.get("tokenizer")
         if self.tokenizer is None:
             raise ValueError(
@@ -219,286 +226,383 @@ class SafetyGuardCallback(TrainerCallback):
                 "The tokenizer has no chat template; the guard probes the model as a chat model. "
                 "Set tokenizer.chat_template before training."
             )
-        self.trainer = self.trainer or _find_trainer()
         if self.trainer is None:
-            logger.warning(
-                "SafetyGuardCallback could not find the trainer: safety/ metrics go to the "
-                "trajectory file only. Pass trainer=... to send them to your loggers."
+            self._logs_to_history = True
+            logger.info(
+                "SafetyGuardCallback: no trainer given; safety/* metrics go to the trajectory "
+                "file and trainer.state.log_history. Use SafetyGuardCallback(...).attach(trainer) "
+                "(or trainer=...) to send them to your loggers."
             )
         self._is_main = state.is_world_process_zero
         self._dir = self._guard_dir(args)
         resumed = state.global_step > 0
-        self.harmful = load_prompts(self.config.harmful, limit=self.config.num_prompts)
-        self.benign = (
-            load_prompts(self.config.benign, limit=self.config.num_benign)
-            if self.config.num_benign
-            else None
-        )
-        tracker_is_lora = _is_lora_model(model)
+        saved = self._saved_state(state) if resumed else None
+        lora = _is_lora(model)
         if self.landscape is None:
-            self.landscape = self._compute_landscape(model)
-        elif not resumed or tracker_is_lora:
+            self.landscape = self._load_or_compute_landscape(model, resumed)
+        elif not resumed or lora:
             self.landscape.check_model(model)  # raises LandscapeMismatchError with a clear message
         selection = self.landscape.config.selection
-        if resumed and not tracker_is_lora:
-            source = self.config.origin or getattr(
-                getattr(model, "config", None), "_name_or_path", None
-            )
-            if not source or not Path(source).is_dir():
-                raise ValueError(
-                    "Resuming a full finetune: the guard needs the pre-finetune weights. Pass "
-                    "GuardConfig(origin=FOLDER) with the model the finetune started from."
-                )
-            self.tracker = FullFinetuneTracker.from_checkpoint(source, model, selection)
+        if resumed and not lora:
+            self.tracker = self._origin_tracker(model, selection)
         else:
             self.tracker = make_tracker(model, selection)
-        if self.benign is not None:
-            # reference answers of the *aligned* model: on resume, go back to θ₀ first
-            at_origin = self.tracker.along(model, 0.0) if resumed else contextlib.nullcontext()
-            with at_origin:
-                self.reference_answers = self._reference_answers(model)
-        if resumed:
-            self._restore_from_trajectory()
+        self.probe = GuardProbe(model, self.tokenizer, self.config, self.judge)
+        if saved is not None:
+            self._import(saved)
+            baseline = saved.get("baseline")
+            if baseline is not None:
+                self._check_baseline_settings(Baseline.from_dict(baseline), model)
+                self.probe.load_baseline(Baseline.from_dict(baseline))
+            self._restore_records(state.global_step)
+        elif resumed:
+            logger.warning(
+                "SafetyGuard: resuming at step %d from a checkpoint without the guard's state "
+                "(saved by another safety-guard, or restore was skipped); the guard starts over "
+                "from here.",
+                state.global_step,
+            )
+            self._restore_records(state.global_step)
+        if self.probe.baseline is None:
+            with self.tracker.along(model, 0.0) if resumed else contextlib.nullcontext():
+                self.probe.measure_baseline(model)
+        if lora and self.last_safe_step is None:
+            self._safe_adapter = _adapter_copy(model)  # θ₀ itself is the first safe adapter
+        elif lora:
+            self._safe_adapter = self._read_last_safe_adapter()
+        baseline = self.probe.baseline
+        self.setup_seconds = time.perf_counter() - setup_start
         logger.info(
-            "SafetyGuard: %s finetune, aligned ASR %.1f %%, random basin radius %s, probe every %d steps.",
+            "SafetyGuard: %s finetune; aligned model on %d probe prompts: ASR %.1f %% (%d flagged "
+            "by the forward screen), capability NLL %s; halts before the ASR rises %g points.",
             self.tracker.kind,
-            self.aligned_asr,
-            f"{self.basin_radius:.4f}" if self.basin_radius else "n/a",
-            self.config.probe_every,
+            self.probe.num_prompts,
+            baseline.asr,
+            sum(baseline.flagged),
+            f"{baseline.nll:.3f}" if baseline.nll is not None else "off",
+            self.config.max_asr_rise,
         )
 
-    def _compute_landscape(self, model: nn.Module) -> Landscape:
+    def _saved_state(self, state: TrainerState) -> dict[str, Any] | None:
+        """The guard's state from the checkpoint being resumed (None if it holds none)."""
+        if self.restored_state is not None:  # transformers rebuilt this callback from it
+            return self.restored_state
+        stored = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if isinstance(stored, list):
+            stored = stored[0] if stored else None
+        if not isinstance(stored, dict):
+            return None
+        return stored.get("attributes", {}).get("restored_state")
+
+    def _check_baseline_settings(self, baseline: Baseline, model: nn.Module) -> None:
+        ours = self.probe.settings(model)
+        for key, value in baseline.settings.items():
+            if ours.get(key) != value:
+                raise ValueError(
+                    f"SafetyGuard: the checkpoint's guard baseline was measured with {key} = "
+                    f"{value!r}, this run's guard uses {ours.get(key)!r}. Resume with the same "
+                    f"GuardConfig (harmful, num_prompts, benign, system_prompt, max_new_tokens) "
+                    "and model dtype, or start a new run."
+                )
+
+    def _restore_records(self, step: int) -> None:
+        if self._dir is None:
+            return
+        path = self._dir / "trajectory.jsonl"
+        if self._is_main:
+            self.records = truncate_after(path, step)
+        barrier()  # every rank reads the truncated file
+        if not self._is_main:
+            from .trajectory import read_records
+
+            self.records = read_records(path)
+
+    def _read_last_safe_adapter(self) -> dict[str, torch.Tensor] | None:
+        """The adapter saved at ``last_safe_step`` (after a resume), or None with a warning."""
+        folder = (self._dir or Path(".")) / "last-safe"
+        marker = folder / "safety_guard_step.json"
+        if marker.exists() and json.loads(marker.read_text())["step"] == self.last_safe_step:
+            from safetensors.torch import load_file
+
+            return load_file(folder / "adapter_model.safetensors")
+        logger.warning(
+            "SafetyGuard: resumed without the adapter of the last safe step %s (%s holds none); "
+            "restore_on_halt cannot load it back. Keep keep_last_safe=True to have it.",
+            self.last_safe_step,
+            folder,
+        )
+        return None
+
+    def _origin_tracker(self, model: nn.Module, selection: Any) -> FullFinetuneTracker:
+        source = self.config.origin or getattr(
+            getattr(model, "config", None), "_name_or_path", None
+        )
+        if not source or not Path(source).is_dir():
+            raise ValueError(
+                "Resuming a full finetune: the guard needs the pre-finetune weights. Pass "
+                "GuardConfig(origin=FOLDER) with the model the finetune started from."
+            )
+        return FullFinetuneTracker.from_checkpoint(source, model, selection)
+
+    def _load_or_compute_landscape(self, model: nn.Module, resumed: bool) -> Landscape:
         path = (self._dir or Path(".")) / "landscape.json"
+        if path.exists():
+            try:
+                land = Landscape.load(path)
+            except LandscapeFileError as err:
+                logger.warning("SafetyGuard: cannot reuse %s (%s); computing it again.", path, err)
+            else:
+                if land.complete:
+                    if not resumed:
+                        land.check_model(model)
+                    self.landscape_path = str(path)
+                    return land
         config = LandscapeConfig(num_directions=self.config.landscape_directions, search="adaptive")
         logger.info(
             "SafetyGuard: no landscape given; computing one for the aligned model -> %s", path
         )
+        from .distributed import all_gather_objects
+
         data = None
         if self._is_main:
-            land = compute_landscape(
-                model,
-                self.tokenizer,
-                config,
-                self._probe_config(),
-                output=path,
-                progress=True,
+            probe = ProbeConfig(
+                harmful=self.config.harmful,
+                num_harmful=min(self.config.num_prompts or 40, 40),
+                num_benign=self.config.num_benign,
+                system_prompt=self.config.system_prompt,
             )
+            land = compute_landscape(model, self.tokenizer, config, probe, output=path)
             data = land.data
-        data = _broadcast_object(data)
+        data = all_gather_objects(data)[0]
+        self.landscape_path = str(path)
         return Landscape(data)
-
-    def _reference_answers(self, model: nn.Module) -> list[str]:
-        gen = generate_responses(
-            model,
-            self.tokenizer,
-            list(self.benign or ()),
-            chat_format=ChatFormat(system_prompt=self.config.system_prompt),
-            max_new_tokens=32,
-            batch_size=self.config.batch_size,
-        )
-        return [a or "." for a in gen.responses]
-
-    def _restore_from_trajectory(self) -> None:
-        path = self._dir / "trajectory.jsonl" if self._dir else None
-        if path is None or not path.exists():
-            return
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            self.records.append(record)
-            if record.get("event") == "probe":
-                self.last_probe = record
-                if record.get("status") == "ok":
-                    self.last_safe_step = record["step"]
-                elif record.get("status") == "warn":
-                    self.warn_count += 1
 
     # -- properties from the landscape ---------------------------------------------------------------
     @property
-    def aligned_asr(self) -> float:
-        origin = self.landscape.origin if self.landscape else None
-        return float(origin["asr"]) if origin else 0.0
-
-    @property
-    def aligned_nll(self) -> float | None:
-        origin = self.landscape.origin if self.landscape else None
-        return origin.get("nll") if origin else None
-
-    @property
     def basin_radius(self) -> float | None:
+        if self.landscape is None:
+            return None
         try:
-            return self.landscape.basin_radius()["mean"] if self.landscape else None
-        except ValueError:
+            return self.landscape.basin_radius()["mean"]
+        except (LandscapeFileError, ValueError) as err:
+            logger.debug("SafetyGuard: no basin radius in the landscape (%s).", err)
             return None
 
-    # -- measurements ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _measure(self, model: nn.Module) -> dict[str, float]:
-        """ASR and capability at the model's current weights; prompts split across ranks."""
-        rank, world = _dist()
-        prompts = list(self.harmful)[rank::world]
-        fmt = ChatFormat(system_prompt=self.config.system_prompt)
-        unsafe = total = 0
-        tokens = 0
-        if prompts:
-            gen = generate_responses(
-                model,
-                self.tokenizer,
-                prompts,
-                chat_format=fmt,
-                max_new_tokens=self.config.max_new_tokens,
-                batch_size=self.config.batch_size,
-                stop_when_decided=getattr(self.judge, "is_decided", None),
-            )
-            verdicts = self.judge(prompts, gen.responses)
-            unsafe, total, tokens = sum(verdicts), len(verdicts), gen.decoded_tokens
-        nll_sum = nll_count = 0.0
-        if self.benign is not None and self.reference_answers is not None:
-            b_prompts = list(self.benign)[rank::world]
-            b_answers = self.reference_answers[rank::world]
-            if b_prompts:
-                nll = sequence_nll(model, self.tokenizer, b_prompts, b_answers, chat_format=fmt)
-                nll_sum, nll_count = (nll * len(b_prompts)), float(len(b_prompts))
-        device = next(model.parameters()).device
-        unsafe, total, tokens, nll_sum, nll_count = _all_reduce(
-            [unsafe, total, tokens, nll_sum, nll_count], device
-        )
-        return {
-            "asr": 100.0 * unsafe / max(total, 1),
-            "nll": nll_sum / nll_count if nll_count else float("nan"),
-            "decoded_tokens": tokens,
-        }
+    @property
+    def aligned_asr(self) -> float:
+        return self.probe.baseline.asr if self.probe and self.probe.baseline else 0.0
 
-    def _probe(self, model: nn.Module, displacement: float) -> dict[str, Any]:
-        start = time.perf_counter()
-        current = self._measure(model)
-        ahead: dict[float, dict[str, float]] = {}
-        if displacement > 0:
-            for s in self.config.lookahead:
-                with self.tracker.along(model, s):
-                    ahead[s] = self._measure(model)
-        decision = decide(current, ahead, self.config, self.aligned_asr, self.aligned_nll)
-        multiples = [1.0, *ahead]
-        points = {1.0: current, **ahead}
-        edge = decision.edge_multiple
-        edge_thr = self.landscape.edge_asr if self.landscape else 100.0
-        line_alphas = [0.0, *multiples]
-        line_asr = [self.aligned_asr] + [points[s]["asr"] for s in multiples]
-        visage_ft = visage_score(line_alphas, line_asr, edge_thr)
-        seconds = time.perf_counter() - start
-        return {
-            "current": current,
-            "lookahead": ahead,
-            "edge_multiple": edge,
-            "edge_distance": decision.edge_distance,
-            "edge_found": edge is not None,
-            "edge_displacement": (edge or max(multiples)) * displacement,
-            "visage_ft": visage_ft,
-            "status": decision.status,
-            "reasons": decision.reasons,
-            "seconds": seconds,
-        }
+    # -- events -----------------------------------------------------------------------------------------
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if isinstance(value, float) and not math.isfinite(value):
+                self._pending_halt = f"the training {key} is {value}"
+        if self._pending_halt and self.tracker is not None and self.halt_step is None:
+            self._halt_now(state.global_step, self._pending_halt, kwargs.get("model"), control)
 
-    # -- events ---------------------------------------------------------------------------------------
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self.tracker is None:
+        if self.tracker is None or self.halt_step is not None:
             return
         step = state.global_step
-        probe_now = step % self.config.probe_every == 0
-        check_now = step % self.config.check_every == 0
-        if not (probe_now or check_now):
+        if step % self.config.check_every and (
+            self.config.probe_every is None or step % self.config.probe_every
+        ):
             return
         model: nn.Module = kwargs["model"]
         t0 = time.perf_counter()
-        displacement = self.tracker.displacement(model)
+        sketch = self.tracker.sketch(model)
+        if self.tracker.kind == "lora":  # exact and cheap from the factors
+            disp = self.tracker.displacement(model)
+        else:  # estimated from the sketch; a pass over θ₀ at every step would cost too much
+            disp = sketch_displacement(sketch, self.tracker.num_tensors)
+        broken = not (math.isfinite(disp) and _trainable_finite(model))
+        broken = all_reduce_max([float(broken)])[0] > 0
+        cosine = sketch_cosine(sketch, self.memo.sketch) if self.memo and self.memo.sketch else None
+        growth = self._growth(step, disp) if not broken else 0.0
         self.check_seconds.append(time.perf_counter() - t0)
-        metrics: dict[str, float] = {"safety/displacement": displacement}
+        record: dict[str, Any] = {
+            "step": step,
+            "event": "check",
+            "displacement": disp,
+            "cosine": cosine,
+        }
+        metrics = {"safety/displacement": disp}
         radius = self.basin_radius
         if radius:
-            metrics["safety/basin_ratio"] = displacement / radius
-        record: dict[str, Any] = {"step": step, "event": "check", "displacement": displacement}
-        if probe_now:
-            result = self._probe(model, displacement)
-            self.probe_seconds.append(result["seconds"])
-            status = int(
-                _all_reduce([float(result["status"])], next(model.parameters()).device, "max")[0]
+            metrics["safety/basin_ratio"] = disp / radius
+        if broken:
+            self._emit(metrics, record, state)
+            self._halt_now(step, "the weights are not finite (NaN or inf)", model, control)
+            return
+        reason = probe_due(step, disp, growth, cosine, self.memo, self.config)
+        if reason is not None:
+            steps_left = (state.max_steps - step) if state.max_steps else None
+            record, probe_metrics, decision = self._probe(model, step, disp, growth, steps_left)
+            record.update({"reason": reason, "cosine": cosine})
+            metrics.update(probe_metrics)
+            self.memo = ProbeMemo(
+                step, disp, disp * decision.covered, [float(f"{v:.6g}") for v in sketch.tolist()]
             )
-            metrics.update(
-                {
-                    "safety/asr": result["current"]["asr"],
-                    "safety/nll": result["current"]["nll"],
-                    "safety/asr_aligned": self.aligned_asr,
-                    "safety/edge_distance": result["edge_distance"],
-                    "safety/edge_displacement": result["edge_displacement"],
-                    "safety/visage_ft": result["visage_ft"],
-                    "safety/status": float(status),
-                    "safety/probe_seconds": result["seconds"],
-                }
-            )
-            with contextlib.suppress(ValueError, AttributeError):
-                metrics["safety/visage_aligned"] = self.landscape.visage()["mean"]
-            for s, point in result["lookahead"].items():
-                metrics[f"safety/lookahead_{s:g}x_asr"] = point["asr"]
-                metrics[f"safety/lookahead_{s:g}x_nll"] = point["nll"]
-            record.update(
-                {
-                    "event": "probe",
-                    "asr": result["current"]["asr"],
-                    "nll": result["current"]["nll"],
-                    "lookahead": {f"{s:g}": p["asr"] for s, p in result["lookahead"].items()},
-                    "lookahead_nll": {f"{s:g}": p["nll"] for s, p in result["lookahead"].items()},
-                    "edge_distance": result["edge_distance"],
-                    "edge_found": result["edge_found"],
-                    "visage_ft": result["visage_ft"],
-                    "status": STATUS_NAMES[status],
-                    "reasons": result["reasons"],
-                    "probe_seconds": result["seconds"],
-                }
-            )
-            self.last_probe = record
-            self._decide(status, result, step, model, control)
-        self._emit(metrics, record)
+            self._emit(metrics, record, state)
+            self._act(decision, step, model, control)
+            return
+        self._emit(metrics, record, state)
 
-    def _decide(
+    def _growth(self, step: int, displacement: float) -> float:
+        """Displacement growth per step over the recent checks (0 until there are two)."""
+        self._history = [*self._history[-7:], (step, displacement)]
+        (s0, d0), (s1, d1) = self._history[0], self._history[-1]
+        return max((d1 - d0) / (s1 - s0), 0.0) if s1 > s0 else 0.0
+
+    @torch.no_grad()
+    def _probe(
         self,
-        status: int,
-        result: dict[str, Any],
-        step: int,
         model: nn.Module,
-        control: TrainerControl,
+        step: int,
+        displacement: float,
+        growth: float,
+        steps_left: int | None,
+    ) -> tuple[dict[str, Any], dict[str, float], Decision]:
+        """Score the current model and the lookahead points, decide, and describe it all."""
+        start = time.perf_counter()
+        probe = self.probe
+        multiples = [1.0, *self.config.lookahead] if displacement > 0 else [1.0]
+        states: dict[float, StateMeasure] = {}
+        for s in multiples:
+            with self.tracker.along(model, s) if s != 1.0 else contextlib.nullcontext():
+                states[s] = probe.measure(model)
+        exact = self.config.signal == "generate"
+        h = horizon(displacement, growth, steps_left, self.config)
+        decision = decide(
+            {s: probe.estimate(st, exact) for s, st in states.items()}, h, self.config
+        )
+        confirm = self.config.confirm == "always" or (
+            self.config.confirm == "halt" and decision.status != OK
+        )
+        confirmed = 0
+        if confirm and not exact:
+            for s, st in states.items():
+                with self.tracker.along(model, s) if s != 1.0 else contextlib.nullcontext():
+                    confirmed += probe.confirm(model, st)
+            exact = True
+            decision = decide(
+                {s: probe.estimate(st, True) for s, st in states.items()}, h, self.config
+            )
+        # every rank must take the same decision (the numbers are all-reduced; make sure)
+        status = int(all_reduce_max([float(decision.status)])[0])
+        if status != decision.status:
+            decision = dataclasses.replace(
+                decision, status=status, reasons=[*decision.reasons, "another rank decided so"]
+            )
+        seconds = time.perf_counter() - start
+        self.probe_seconds.append(seconds)
+        points = {}
+        for s, st in states.items():
+            est = probe.estimate(st, exact)
+            points[f"{s:g}"] = {
+                **est.to_dict(),
+                "nll": st.nll,
+                "flagged": sum(st.flagged),
+                "margins": [round(m, 3) if m == m else None for m in st.margins],
+                "confirmed_unsafe": sorted(i for i, v in st.confirmed.items() if v),
+                "confirmed_safe": sorted(i for i, v in st.confirmed.items() if not v),
+                "tokens": st.tokens,
+                "seconds": st.seconds,
+            }
+        current = points["1"]
+        record = {
+            "step": step,
+            "event": "probe",
+            "displacement": displacement,
+            "exact": exact,
+            "confirmed": confirmed,
+            "horizon": decision.horizon,
+            "horizon_rise": decision.horizon_rise,
+            "horizon_lower": decision.horizon_lower,
+            "covered": decision.covered,
+            "status": STATUS_NAMES[decision.status],
+            "reasons": decision.reasons,
+            "asr": current["asr"],
+            "rise": current["rise"],
+            "points": points,
+            "probe_seconds": seconds,
+        }
+        metrics = {
+            "safety/asr": current["asr"],
+            "safety/asr_rise": current["rise"],
+            "safety/asr_aligned": self.aligned_asr,
+            "safety/horizon_rise": decision.horizon_rise,
+            "safety/status": float(decision.status),
+            "safety/probe_seconds": seconds,
+        }
+        if current["nll_rise"] is not None:
+            metrics["safety/nll_rise"] = current["nll_rise"]
+        for s in self.config.lookahead:
+            if f"{s:g}" in points:
+                metrics[f"safety/lookahead_{s:g}x_rise"] = points[f"{s:g}"]["rise"]
+        return record, metrics, decision
+
+    def _act(
+        self, decision: Decision, step: int, model: nn.Module, control: TrainerControl
     ) -> None:
-        reasons = "; ".join(result["reasons"]) or "outside the basin"
-        if status == OK:
+        reasons = "; ".join(decision.reasons)
+        if decision.status == OK:
             self.last_safe_step = step
+            if self.tracker.kind == "lora":
+                self._safe_adapter = _adapter_copy(model)
             if self.config.keep_last_safe and (
                 self.tracker.kind == "lora" or self.config.keep_last_safe_full
             ):
                 self._save_last_safe(model, step)
             return
-        if status == WARN:
+        if decision.status == WARN:
             self.warn_count += 1
-            message = f"SafetyGuard step {step}: {reasons}. The finetune is heading out of the safety basin."
-            logger.warning(message)
-            warnings.warn(message, SafetyGuardWarning, stacklevel=2)
+            self._warn(f"SafetyGuard step {step}: {reasons}.")
             return
+        self._halt_now(step, reasons, model, control)
+
+    def _halt_now(
+        self, step: int, reason: str, model: nn.Module | None, control: TrainerControl
+    ) -> None:
+        self._pending_halt = None
+        restored = ""
+        lora = self.tracker is not None and self.tracker.kind == "lora"
+        restore = self.config.halt and self.config.restore_on_halt and lora
+        if restore and model is not None and self._safe_adapter:
+            _load_adapter(model, self._safe_adapter)
+            restored = (
+                f" The model holds the adapter of step {self.last_safe_step or 0} again "
+                "(restore_on_halt)."
+            )
         message = (
-            f"SafetyGuard step {step}: {reasons}."
+            f"SafetyGuard step {step}: {reason}."
             + (" Halting training." if self.config.halt else " (halt disabled)")
             + (
-                f" Last in-basin step: {self.last_safe_step}."
+                f" Last step a probe found within the promise: {self.last_safe_step}."
                 if self.last_safe_step is not None
                 else ""
             )
+            + restored
         )
-        logger.warning(message)
-        warnings.warn(message, SafetyGuardWarning, stacklevel=2)
+        self._warn(message)
         if self.config.halt:
             self.halt_step = step
+            self.halt_reason = reason
             control.should_training_stop = True
+
+    def _warn(self, message: str) -> None:
+        logger.warning(message)
+        warnings.warn(message, SafetyGuardWarning, stacklevel=3)
 
     def _save_last_safe(self, model: nn.Module, step: int) -> None:
         if not self._is_main or self._dir is None:
@@ -516,14 +620,14 @@ class SafetyGuardCallback(TrainerCallback):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def _emit(self, metrics: dict[str, float], record: dict[str, Any]) -> None:
+    def _emit(self, metrics: dict[str, float], record: dict[str, Any], state: TrainerState) -> None:
         self.records.append(record)
         if self.trainer is not None:
             self.trainer.log(metrics)
+        elif self._logs_to_history:
+            state.log_history.append({**metrics, "step": record["step"]})
         if self._is_main and self._dir is not None:
-            self._dir.mkdir(parents=True, exist_ok=True)
-            with (self._dir / "trajectory.jsonl").open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
+            append_record(self._dir / "trajectory.jsonl", record)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -534,44 +638,95 @@ class SafetyGuardCallback(TrainerCallback):
             if self._is_main and self._dir is not None and self.records:
                 self._write_outputs(self._dir)
         finally:
-            _barrier()
+            barrier()
 
     def _write_outputs(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
         (folder / "summary.json").write_text(json.dumps(self.summary(), indent=1))
         try:
             from ..plotting import plot_trajectory
-
-            records = [
-                {**r, "event": r.get("status") if r.get("status") in ("warn", "halt") else None}
-                for r in self.records
-            ]
-            plot_trajectory(records, folder / "trajectory.png", landscape=self.landscape)
-        except Exception as err:  # a plot must never fail a finished training run
-            logger.warning("SafetyGuard: could not plot the trajectory: %s", err)
+        except ImportError as err:
+            logger.warning("SafetyGuard: no trajectory plot (%s).", err)
+            return
+        path = folder / "trajectory.png"
+        rows = [
+            {
+                "step": r["step"],
+                "displacement": r.get("displacement"),
+                "asr": r.get("asr"),
+                "lookahead": {k: p["asr"] for k, p in (r.get("points") or {}).items() if k != "1"},
+                "event": r.get("status") if r.get("status") in ("warn", "halt") else None,
+            }
+            for r in self.records
+        ]
+        try:
+            plot_trajectory(rows, path, landscape=self.landscape)
+        except (OSError, ValueError, RuntimeError) as err:  # a plot must not fail a finished run
+            logger.warning("SafetyGuard: could not write the trajectory plot %s: %s", path, err)
 
     def summary(self) -> dict[str, Any]:
         """What the guard saw and did, for reports."""
         probes = [r for r in self.records if r.get("event") == "probe"]
         return {
             "halt_step": self.halt_step,
+            "halt_reason": self.halt_reason,
             "last_safe_step": self.last_safe_step,
             "warn_count": self.warn_count,
             "probes": len(probes),
             "checks": len(self.check_seconds),
-            "max_asr": max((r["asr"] for r in probes), default=None),
+            "max_rise": max((r["rise"] for r in probes if r["rise"] == r["rise"]), default=None),
             "final": probes[-1] if probes else None,
             "mean_probe_seconds": sum(self.probe_seconds) / len(self.probe_seconds)
             if self.probe_seconds
             else None,
+            "total_probe_seconds": sum(self.probe_seconds),
+            "setup_seconds": self.setup_seconds,
             "mean_check_seconds": sum(self.check_seconds) / len(self.check_seconds)
             if self.check_seconds
             else None,
             "aligned_asr": self.aligned_asr,
+            "num_prompts": self.probe.num_prompts if self.probe else None,
             "basin_radius": self.basin_radius,
         }
 
 
-def _is_lora_model(model: nn.Module) -> bool:
-    from .displacement import _is_lora
+@torch.no_grad()
+def _trainable_finite(model: nn.Module) -> bool:
+    """Whether every trainable parameter is finite (chunked: no tensor-sized temporary)."""
+    step = 1 << 22
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        flat = p.detach().reshape(-1)
+        for i in range(0, flat.numel(), step):
+            if not bool(torch.isfinite(flat[i : i + step]).all()):
+                return False
+    return True
 
-    return _is_lora(model)
+
+def _adapter_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the LoRA adapter, keyed as in ``adapter_model.safetensors`` (a few MB)."""
+    from peft import get_peft_model_state_dict
+
+    return {
+        k: v.detach().to("cpu", copy=True)
+        for k, v in get_peft_model_state_dict(_peft_model(model)).items()
+    }
+
+
+@torch.no_grad()
+def _load_adapter(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Load an :func:`_adapter_copy` (or a saved adapter file's tensors) back, bit-exactly."""
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(_peft_model(model), saved)
+
+
+def _peft_model(model: nn.Module) -> nn.Module:
+    from peft import PeftModel
+
+    while not isinstance(model, PeftModel) and isinstance(
+        getattr(model, "module", None), nn.Module
+    ):
+        model = model.module
+    return model

@@ -7,6 +7,11 @@ Two kinds of finetune, one interface (:class:`FullFinetuneTracker`, :class:`Lora
   has displacement α, so this compares directly with the random basin radius.
 * ``along(model, s)`` — a context manager that puts the model at θ₀ + s·δ and restores θₜ
   exactly on exit.
+* ``sketch(model)`` — a cheap sketch of the layer-normalized δ: its values at ``SKETCH_SIZE``
+  fixed coordinates of every tensor (drawn per (seed, name)), scaled so that the sketch's squared
+  norm estimates the sum over tensors of (‖δₜ‖/‖θ₀ₜ‖)². :func:`sketch_cosine` compares the
+  direction of two sketches and :func:`sketch_displacement` estimates the displacement, so the
+  guard can follow δ at every step for the cost of a gather.
 
 For LoRA both are computed from the adapter factors: ‖scale·B A‖²_F = scale²·Σ (BᵀB) ∘ (A Aᵀ)
 needs only r×r products, and θ₀ + s·δ is the adapter with its scaling multiplied by s — no base
@@ -35,10 +40,60 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..directions import name_seed
 from ..perturb import WeightPerturbation
 from ..weights import ParameterSelection, perturbable_parameters, unwrap_model
 
-__all__ = ["FullFinetuneTracker", "LoraTracker", "make_tracker"]
+__all__ = [
+    "SKETCH_SIZE",
+    "FullFinetuneTracker",
+    "LoraTracker",
+    "make_tracker",
+    "sketch_cosine",
+    "sketch_displacement",
+]
+
+#: Coordinates sampled per tensor for the sketch of δ (a few thousand numbers for a whole model).
+SKETCH_SIZE = 32
+_SKETCH_SEED = 20_24
+
+
+def _sketch_index(name: str, numel: int) -> torch.Tensor:
+    """``SKETCH_SIZE`` flat indices into a tensor of ``numel`` elements, fixed per name."""
+    generator = torch.Generator().manual_seed(name_seed(_SKETCH_SEED, name))
+    return torch.randint(0, numel, (min(SKETCH_SIZE, numel),), generator=generator)
+
+
+def _concat(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat(list(parts.values())) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def sketch_cosine(a: torch.Tensor | None, b: torch.Tensor | None) -> float | None:
+    """Cosine between two sketches of δ (``None`` when either is missing or zero).
+
+    Example:
+        >>> sketch_cosine(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]))
+        0.7071067811865475
+    """
+    if a is None or b is None or len(a) != len(b):
+        return None
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    denom = float(a.norm() * b.norm())
+    if denom == 0 or not math.isfinite(denom):
+        return None
+    return float(a @ b) / denom
+
+
+def sketch_displacement(sketch: torch.Tensor, num_tensors: int) -> float:
+    """The displacement estimated from a sketch: √(Σ sketch² / number of tensors).
+
+    Example:
+        >>> sketch_displacement(torch.tensor([0.03, 0.04]), 1)
+        0.05
+    """
+    return math.sqrt(
+        float((torch.as_tensor(sketch, dtype=torch.float64) ** 2).sum()) / max(num_tensors, 1)
+    )
 
 
 def _is_lora(model: nn.Module) -> bool:
@@ -76,6 +131,36 @@ class FullFinetuneTracker:
         self.origin = origin
         self.selection = selection or ParameterSelection()
         self.norms = {name: float(t.float().norm()) for name, t in origin.items()}
+        self._sketch_index = {
+            name: _sketch_index(name, t.numel()) for name, t in origin.items() if self.norms[name]
+        }
+        self._sketch_origin = {
+            name: t.reshape(-1)[idx].double()
+            for name, idx in self._sketch_index.items()
+            for t in (origin[name],)
+        }
+
+    @property
+    def num_tensors(self) -> int:
+        """Tensors the displacement averages over."""
+        return len(self.origin)
+
+    def sketch(self, model: nn.Module) -> torch.Tensor:
+        """δ at the sketch coordinates of every tensor, layer-normalized (float64, CPU)."""
+        return _concat(self.sketch_parts(model))
+
+    @torch.no_grad()
+    def sketch_parts(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The sketch, tensor by tensor (canonical name → its sampled, scaled δ values)."""
+        parts = {}
+        for name, param in perturbable_parameters(model, self.selection):
+            idx = self._sketch_index.get(name)
+            if idx is None:
+                continue
+            values = param.detach().reshape(-1)[idx.to(param.device)].double().cpu()
+            scale = math.sqrt(param.numel() / len(idx)) / self.norms[name]
+            parts[name] = (values - self._sketch_origin[name]) * scale
+        return parts
 
     @classmethod
     @torch.no_grad()
@@ -156,6 +241,46 @@ class LoraTracker:
                 name: float(p.detach().float().norm())
                 for name, p in perturbable_parameters(model, self.selection)
             }
+        self._sketch_index: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def num_tensors(self) -> int:
+        """Tensors the displacement averages over."""
+        return len(self.norms)
+
+    def sketch(self, model: nn.Module) -> torch.Tensor:
+        """δ = scale·B A at the sketch coordinates of every adapted weight, layer-normalized."""
+        return _concat(self.sketch_parts(model))
+
+    @torch.no_grad()
+    def sketch_parts(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The sketch, weight by weight (canonical name → its sampled, scaled δ values)."""
+        parts = {}
+        for name, layer in self._layers(model):
+            key = f"{name}.weight"
+            norm0 = self.norms.get(key)
+            base = getattr(layer, "base_layer", layer)
+            weight = getattr(base, "weight", None)
+            if not norm0 or weight is None:
+                continue
+            rows, cols = weight.shape[0], weight.numel() // weight.shape[0]
+            if key not in self._sketch_index:
+                flat = _sketch_index(key, rows * cols)
+                self._sketch_index[key] = (flat // cols, flat % cols)
+            r, c = self._sketch_index[key]
+            delta = torch.zeros(len(r), dtype=torch.float64)
+            for adapter in layer.active_adapters:
+                if adapter not in layer.lora_A:
+                    continue
+                a = layer.lora_A[adapter].weight.detach()
+                b = layer.lora_B[adapter].weight.detach()
+                a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+                if a.shape[1] != cols or b.shape[0] != rows:
+                    continue  # a layer kind whose update is not B·A on the weight's layout
+                picked = (b[r.to(b.device)].double() * a[:, c.to(a.device)].T.double()).sum(-1)
+                delta += float(layer.scaling[adapter]) * picked.cpu()
+            parts[key] = delta * math.sqrt(rows * cols / len(r)) / norm0
+        return parts
 
     @staticmethod
     def _layers(model: nn.Module) -> Iterator[tuple[str, Any]]:
