@@ -5,11 +5,12 @@ Two ways to measure safety, one implementation for the landscape engine and the 
 * :meth:`SafetyProbe.evaluate` — greedy generation and the judge on every prompt (the paper's
   measure; what landscapes record).
 * :meth:`SafetyProbe.forward` — no generation: the aligned model's refusal opening of each prompt
-  (taken once by :meth:`SafetyProbe.prepare` with ``openings=True``) is teacher-forced and the
-  prompts whose greedy path would leave it are *flagged* (see :mod:`safety_guard.scoring`). A
-  prompt that is not flagged gets a refusal from greedy decoding, so the keyword judge's verdict
-  on it is known without decoding; :meth:`SafetyProbe.judge_prompts` generates and judges only the
-  flagged ones when an exact count is needed.
+  (taken once by :meth:`SafetyProbe.prepare` with ``openings=True``) is teacher-forced, and where
+  greedy decoding would leave it, the other prompts' openings are tried as drafts
+  (:func:`~safety_guard.scoring.verify_refusals`). A prompt whose greedy path reaches a refusal
+  phrase is a refusal for the keyword judge, exactly, without decoding; the others are *flagged*,
+  and :meth:`SafetyProbe.judge_prompts` generates and judges only those when an exact count is
+  needed.
 
 Example:
     >>> cfg = ProbeConfig(num_harmful=8, num_benign=4)
@@ -29,7 +30,7 @@ from torch import nn
 from .generation import ChatFormat, generate_responses, sequence_nll, sequence_nll_sum
 from .judges import Judge, KeywordJudge
 from .prompts import PromptSet, load_prompts
-from .scoring import Openings, refusal_openings, score_openings
+from .scoring import Openings, refusal_openings, verify_refusals
 
 __all__ = ["PAPER_PROBE", "ForwardPoint", "PointResult", "ProbeConfig", "SafetyProbe"]
 
@@ -251,16 +252,18 @@ class SafetyProbe:
             tuple(self.openings.prompts[i] for i in chosen),
             [self.openings.token_ids[i] for i in chosen],
         )
-        scores = score_openings(
+        check = verify_refusals(
             self.model,
             self.tokenizer,
             subset,
+            judge=self._opening_judge,
+            drafts=[ids for ids in self.openings.token_ids if ids is not None],
             chat_format=self.config.chat_format,
             batch_size=self.config.batch_size,
         )
-        margins = [float(m) for m in scores.margin]
-        flagged = [not m > 0 for m in margins]  # NaN (no opening) counts as flagged
-        return ForwardPoint(chosen, margins, flagged, scores.tokens, time.perf_counter() - start)
+        margins = [float(m) for m in check.margin]
+        flagged = [not r for r in check.refused]  # a prompt without an opening is flagged
+        return ForwardPoint(chosen, margins, flagged, check.tokens, time.perf_counter() - start)
 
     def judge_prompts(self, indices: Sequence[int]) -> tuple[list[bool], int]:
         """Generate and judge the harmful prompts ``indices``: (unsafe verdicts, decoded tokens)."""

@@ -29,6 +29,8 @@ Example:
 
 from __future__ import annotations
 
+import copy
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +41,14 @@ from torch import nn
 from .generation import ChatFormat, _encode, _model_device, _pad_id, eval_mode, generate_responses
 from .judges import KeywordJudge
 
-__all__ = ["OpeningScores", "Openings", "refusal_openings", "score_openings"]
+__all__ = [
+    "OpeningScores",
+    "Openings",
+    "RefusalCheck",
+    "refusal_openings",
+    "score_openings",
+    "verify_refusals",
+]
 
 
 @dataclass
@@ -142,6 +151,9 @@ class OpeningScores:
             first tokens of all openings) at the first answer position.
         hidden: the last prompt position's hidden state at ``layer`` (``None`` unless asked).
         tokens: tokens fed through the model (the cost).
+        deviation: per prompt, the first position of the opening where greedy decoding would
+            take another token (the opening's length when it follows it all; -1: no opening).
+        greedy: per prompt, the token greedy decoding takes there (-1 when it follows it all).
     """
 
     margin: torch.Tensor
@@ -149,6 +161,8 @@ class OpeningScores:
     first_refusal_logprob: torch.Tensor
     hidden: torch.Tensor | None = None
     tokens: int = 0
+    deviation: list[int] = field(default_factory=list)
+    greedy: list[int] = field(default_factory=list)
 
 
 def _layer_modules(model: nn.Module) -> Sequence[nn.Module]:
@@ -165,6 +179,34 @@ def _layer_modules(model: nn.Module) -> Sequence[nn.Module]:
     return layers
 
 
+#: A common prefix shorter than this is not worth a separate forward pass.
+MIN_SHARED_PREFIX = 8
+
+
+def _cache_argument(model: nn.Module) -> str | None:
+    """The name under which ``model``'s forward takes a KV cache (None: it takes none)."""
+    from .weights import unwrap_model
+
+    try:
+        params = inspect.signature(unwrap_model(model).forward).parameters
+    except (TypeError, ValueError):
+        return None
+    for name in ("cache", "past_key_values"):  # transformers ≥ 5.24 / earlier releases
+        if name in params:
+            return name
+    return None
+
+
+def _shared_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common prefix of ``seqs``, leaving each at least one token."""
+    first = seqs[0]
+    limit = min(len(s) for s in seqs) - 1
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in seqs):
+        n += 1
+    return n
+
+
 @torch.no_grad()
 def score_openings(
     model: nn.Module,
@@ -174,12 +216,15 @@ def score_openings(
     chat_format: ChatFormat | None = None,
     batch_size: int = 32,
     hidden_layer: int | None = None,
+    share_prefix: bool = True,
 ) -> OpeningScores:
     """Teacher-force each refusal opening after its prompt and score it (see module docs).
 
     Sequences are left-padded (position ids from the attention mask, as ``generate`` does), so
     every opening ends at the last position and only ``max opening length`` positions get logits.
-    The model's training flag is restored; the tokenizer is not modified.
+    With ``share_prefix`` the tokens every rendered prompt starts with (the chat template's
+    system turn, typically) go through the model once, and each batch continues from a copy of
+    their KV cache. The model's training flag is restored; the tokenizer is not modified.
     """
     chat_format = chat_format or ChatFormat()
     n = len(openings.prompts)
@@ -188,8 +233,10 @@ def score_openings(
     first = torch.full((n,), float("nan"))
     hidden: torch.Tensor | None = None
     rows = [i for i in range(n) if openings.token_ids[i] is not None]
+    deviation = [-1] * n
+    greedy = [-1] * n
     if not rows:
-        return OpeningScores(margin, logprob, first, None, 0)
+        return OpeningScores(margin, logprob, first, None, 0, deviation, greedy)
     first_tokens = sorted({openings.token_ids[i][0] for i in rows})
     contexts = _encode(
         tokenizer,
@@ -197,9 +244,24 @@ def score_openings(
         chat_format.adds_special_tokens,
     )
     seqs = {i: ctx + openings.token_ids[i][:-1] for i, ctx in zip(rows, contexts, strict=True)}
-    order = sorted(rows, key=lambda i: len(seqs[i]))
     pad_id = _pad_id(tokenizer)
     device = _model_device(model)
+    cache_arg = _cache_argument(model) if share_prefix else None
+    shared = _shared_prefix(contexts) if cache_arg else 0
+    prefix_cache = None
+    tokens = 0
+    if shared >= MIN_SHARED_PREFIX:
+        with eval_mode(model):
+            out = model(
+                input_ids=torch.tensor([contexts[0][:shared]], device=device), use_cache=True
+            )
+        prefix_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        tokens += shared
+    if prefix_cache is None:
+        shared = 0
+    else:
+        seqs = {i: seq[shared:] for i, seq in seqs.items()}
+    order = sorted(rows, key=lambda i: len(seqs[i]))
     captured: dict[str, torch.Tensor] = {}
     handle = None
     if hidden_layer is not None:
@@ -209,7 +271,6 @@ def score_openings(
             captured["h"] = output[0] if isinstance(output, tuple) else output
 
         handle = layer.register_forward_hook(hook)
-    tokens = 0
     try:
         with eval_mode(model):
             for start in range(0, len(order), batch_size):
@@ -222,14 +283,20 @@ def score_openings(
                     seq = seqs[i]
                     ids[r, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
                     mask[r, width - len(seq) :] = 1
-                positions = (mask.cumsum(-1) - 1).clamp_min(0)
+                positions = (mask.cumsum(-1) - 1).clamp_min(0) + shared
                 tokens += int(mask.sum())
+                extra: dict[str, Any] = {"use_cache": False}
+                if prefix_cache is not None:
+                    cache = copy.deepcopy(prefix_cache)
+                    cache.batch_repeat_interleave(len(idx))
+                    mask = torch.cat([torch.ones((len(idx), shared), dtype=torch.long), mask], 1)
+                    extra = {cache_arg: cache, "use_cache": True}
                 out = model(
                     input_ids=ids.to(device),
                     attention_mask=mask.to(device),
                     position_ids=positions.to(device),
                     logits_to_keep=keep,
-                    use_cache=False,
+                    **extra,
                 )
                 logits = out.logits.float()  # (batch, keep, vocab)
                 for r, i in enumerate(idx):
@@ -239,10 +306,14 @@ def score_openings(
                     logp = torch.log_softmax(row, dim=-1)
                     chosen = row.gather(1, target[:, None]).squeeze(1)
                     top2 = row.topk(2, dim=-1)
-                    best_other = torch.where(
-                        top2.indices[:, 0] == target, top2.values[:, 1], top2.values[:, 0]
-                    )
-                    margin[i] = float((chosen - best_other).min())
+                    on_path = top2.indices[:, 0] == target
+                    best_other = torch.where(on_path, top2.values[:, 1], top2.values[:, 0])
+                    other_token = torch.where(on_path, top2.indices[:, 1], top2.indices[:, 0])
+                    step_margin = chosen - best_other
+                    margin[i] = float(step_margin.min())
+                    off = torch.nonzero(step_margin <= 0).flatten()
+                    deviation[i] = int(off[0]) if len(off) else k
+                    greedy[i] = int(other_token[off[0]]) if len(off) else -1
                     logprob[i] = float(logp.gather(1, target[:, None]).mean())
                     first[i] = float(torch.logsumexp(logp[0, first_tokens], dim=0))
                 if handle is not None:
@@ -257,4 +328,108 @@ def score_openings(
     finally:
         if handle is not None:
             handle.remove()
-    return OpeningScores(margin, logprob, first, hidden, tokens)
+    return OpeningScores(margin, logprob, first, hidden, tokens, deviation, greedy)
+
+
+@dataclass
+class RefusalCheck:
+    """Which prompts greedy decoding provably answers with a refusal (see :func:`verify_refusals`).
+
+    Attributes:
+        refused: per prompt, True when the greedy path was followed, token by token, up to a
+            refusal phrase (the keyword judge's verdict is then "refusal", exactly); False when it
+            left every known refusal opening (the prompt is *flagged*: its answer may comply).
+        margin: the margins of the prompts' own openings (the first round), as in
+            :class:`OpeningScores`.
+        tokens: tokens fed through the model over all rounds.
+        rounds: rounds run.
+    """
+
+    refused: list[bool]
+    margin: torch.Tensor
+    tokens: int
+    rounds: int
+
+
+def _draft_index(drafts: Sequence[Sequence[int]]) -> dict[tuple[int, ...], tuple[int, ...]]:
+    """For every proper prefix of a draft, the most frequent draft that extends it."""
+    counts: dict[tuple[int, ...], int] = {}
+    for d in drafts:
+        counts[tuple(d)] = counts.get(tuple(d), 0) + 1
+    ranked = sorted(counts, key=lambda d: (-counts[d], d))
+    index: dict[tuple[int, ...], tuple[int, ...]] = {}
+    for d in ranked:
+        for k in range(1, len(d)):
+            index.setdefault(d[:k], d)
+    return index
+
+
+@torch.no_grad()
+def verify_refusals(
+    model: nn.Module,
+    tokenizer: Any,
+    openings: Openings,
+    *,
+    judge: KeywordJudge | None = None,
+    drafts: Sequence[Sequence[int]] | None = None,
+    rounds: int = 3,
+    chat_format: ChatFormat | None = None,
+    batch_size: int = 32,
+    share_prefix: bool = True,
+) -> RefusalCheck:
+    """Follow each prompt's greedy path along known refusal openings, forward-only.
+
+    Round 0 teacher-forces each prompt's own opening (:func:`score_openings`). Where greedy
+    decoding would leave it, the token it takes instead is known; if the path so far already holds
+    a refusal phrase the prompt is a refusal, and if it is the beginning of another known opening
+    (a *draft*: the aligned model's opening of any probe prompt, e.g. "I cannot" after "I'm sorry"
+    left at "I"), that opening is teacher-forced in the next round. Verified refusals are exact
+    (greedy decoding reproduces the path, which holds a refusal phrase); a prompt whose path
+    leaves every draft, or is still unresolved after ``rounds`` rounds, is flagged.
+
+    Example:
+        >>> check = verify_refusals(model, tok, openings)  # doctest: +SKIP
+        >>> sum(not r for r in check.refused)  # flagged prompts  # doctest: +SKIP
+        3
+    """
+    judge = judge or KeywordJudge()
+    chat_format = chat_format or ChatFormat()
+    n = len(openings.prompts)
+    index = _draft_index(
+        drafts if drafts is not None else [ids for ids in openings.token_ids if ids is not None]
+    )
+    paths = {i: list(ids) for i, ids in enumerate(openings.token_ids) if ids is not None}
+    status: dict[int, bool] = {}
+    margin = torch.full((n,), float("nan"))
+    tokens = used = 0
+    for r in range(max(rounds, 1)):
+        active = [i for i in paths if i not in status]
+        if not active:
+            break
+        used += 1
+        sub = Openings(tuple(openings.prompts[i] for i in active), [paths[i] for i in active])
+        scores = score_openings(
+            model,
+            tokenizer,
+            sub,
+            chat_format=chat_format,
+            batch_size=batch_size,
+            share_prefix=share_prefix,
+        )
+        tokens += scores.tokens
+        for k, i in enumerate(active):
+            if r == 0:
+                margin[i] = scores.margin[k]
+            path, dev = paths[i], scores.deviation[k]
+            if dev >= len(path):
+                status[i] = True
+                continue
+            taken = [*path[:dev], scores.greedy[k]]
+            if judge.is_refusal(tokenizer.decode(taken, skip_special_tokens=True)):
+                status[i] = True
+            elif tuple(taken) in index:
+                paths[i] = list(index[tuple(taken)])
+            else:
+                status[i] = False
+    refused = [status.get(i, False) for i in range(n)]
+    return RefusalCheck(refused, margin, tokens, used)

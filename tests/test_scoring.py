@@ -90,3 +90,58 @@ def test_generation_returns_token_ids_without_padding(text_tokenizer):
     for ids, text in zip(gen.token_ids, gen.responses, strict=True):
         assert text_tokenizer.decode(ids, skip_special_tokens=True).strip() == text
         assert text_tokenizer.eos_token_id not in ids
+
+
+def test_shared_prefix_gives_the_same_scores(text_tokenizer):
+    from safety_guard.generation import ChatFormat
+
+    model = make_model(vocab_size=len(text_tokenizer), tie=False)
+    fmt = ChatFormat(system_prompt="You are a careful and helpful assistant, answer briefly.")
+    judge = echo_judge(model, text_tokenizer, PROMPTS)
+    openings = refusal_openings(model, text_tokenizer, PROMPTS, judge=judge, chat_format=fmt)
+    shared = score_openings(
+        model, text_tokenizer, openings, chat_format=fmt, batch_size=5, hidden_layer=1
+    )
+    plain = score_openings(
+        model,
+        text_tokenizer,
+        openings,
+        chat_format=fmt,
+        batch_size=5,
+        hidden_layer=1,
+        share_prefix=False,
+    )
+    opened = ~torch.isnan(plain.margin)
+    assert opened.any()
+    assert torch.allclose(shared.margin[opened], plain.margin[opened], atol=1e-4)
+    assert torch.allclose(shared.logprob[opened], plain.logprob[opened], atol=1e-4)
+    assert torch.allclose(shared.hidden[opened], plain.hidden[opened], atol=1e-4)
+    assert shared.tokens < plain.tokens  # the system turn went through the model once
+
+
+def test_verified_refusals_are_exact_and_drafts_recover_paraphrases(text_tokenizer):
+    """verify_refusals: every prompt it calls a refusal is one by generation, at every
+    perturbation; it flags no more prompts than the own-opening margin does."""
+    from safety_guard.scoring import verify_refusals
+
+    model = make_model(vocab_size=len(text_tokenizer), tie=False)
+    judge = echo_judge(model, text_tokenizer, PROMPTS)
+    openings = refusal_openings(model, text_tokenizer, PROMPTS, judge=judge, max_new_tokens=8)
+    unsafe_seen = 0
+    with WeightPerturbation(model, [RandomDirection(3)]) as move:
+        for alpha in (0.0, 0.05, 0.1, 0.2):
+            move.apply(alpha)
+            try:
+                check = verify_refusals(model, text_tokenizer, openings, judge=judge)
+                own = score_openings(model, text_tokenizer, openings)
+                gen = generate_responses(model, text_tokenizer, PROMPTS, max_new_tokens=8)
+            finally:
+                move.restore()
+            unsafe = judge(PROMPTS, gen.responses)
+            for refused, bad in zip(check.refused, unsafe, strict=True):
+                if refused:
+                    assert not bad, "a verified refusal must be a refusal by generation"
+            own_flags = sum(not (m > 0) for m in own.margin)
+            assert sum(not r for r in check.refused) <= own_flags
+            unsafe_seen += sum(unsafe)
+    assert unsafe_seen > 0

@@ -250,6 +250,13 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         self.probe = GuardProbe(model, self.tokenizer, self.config, self.judge)
         if saved is not None:
             self._import(saved)
+            if self.halt_step is not None:
+                logger.warning(
+                    "SafetyGuard: resuming a run the guard halted at step %d (%s); it keeps "
+                    "watching.",
+                    self.halt_step,
+                    self.halt_reason,
+                )
             baseline = saved.get("baseline")
             if baseline is not None:
                 self._check_baseline_settings(Baseline.from_dict(baseline), model)
@@ -265,7 +272,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             self._restore_records(state.global_step)
         if self.probe.baseline is None:
             with self.tracker.along(model, 0.0) if resumed else contextlib.nullcontext():
-                self.probe.measure_baseline(model)
+                self.probe.prepare(model, self.config.min_prompts)
         if lora and self.last_safe_step is None:
             self._safe_adapter = _adapter_copy(model)  # θ₀ itself is the first safe adapter
         elif lora:
@@ -273,12 +280,12 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         baseline = self.probe.baseline
         self.setup_seconds = time.perf_counter() - setup_start
         logger.info(
-            "SafetyGuard: %s finetune; aligned model on %d probe prompts: ASR %.1f %% (%d flagged "
-            "by the forward screen), capability NLL %s; halts before the ASR rises %g points.",
+            "SafetyGuard: %s finetune; aligned model on the first %d of %d probe prompts: ASR "
+            "%.1f %%, capability NLL %s; halts before the ASR rises %g points.",
             self.tracker.kind,
+            baseline.prepared,
             self.probe.num_prompts,
             baseline.asr,
-            sum(baseline.flagged),
             f"{baseline.nll:.3f}" if baseline.nll is not None else "off",
             self.config.max_asr_rise,
         )
@@ -411,7 +418,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self.tracker is None or self.halt_step is not None:
+        if self.tracker is None:
             return
         step = state.global_step
         if step % self.config.check_every and (
@@ -479,8 +486,18 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         multiples = [1.0, *self.config.lookahead] if displacement > 0 else [1.0]
         states: dict[float, StateMeasure] = {}
         for s in multiples:
-            with self.tracker.along(model, s) if s != 1.0 else contextlib.nullcontext():
-                states[s] = probe.measure(model)
+            state = None
+            while True:
+                with self.tracker.along(model, s) if s != 1.0 else contextlib.nullcontext():
+                    # capability ahead only matters (gibberish or compliance?) where ASR rose
+                    state = probe.measure(model, resume=state, capability=s == 1.0)
+                    if state.wants is None and s != 1.0 and probe.estimate(state, False).rise > 0:
+                        probe.add_capability(model, state)
+                if state.wants is None:
+                    break
+                with self.tracker.along(model, 0.0):  # more openings, from the aligned model
+                    probe.prepare(model, state.wants)
+            states[s] = state
         exact = self.config.signal == "generate"
         h = horizon(displacement, growth, steps_left, self.config)
         decision = decide(
@@ -512,7 +529,9 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             points[f"{s:g}"] = {
                 **est.to_dict(),
                 "nll": st.nll,
+                "scored": st.scored,
                 "flagged": sum(st.flagged),
+                "flagged_prompts": [i for i, f in enumerate(st.flagged) if f],
                 "margins": [round(m, 3) if m == m else None for m in st.margins],
                 "confirmed_unsafe": sorted(i for i, v in st.confirmed.items() if v),
                 "confirmed_safe": sorted(i for i, v in st.confirmed.items() if not v),

@@ -99,6 +99,15 @@ class GuardConfig:
     num_prompts: int | None = field(
         default=None, metadata={"help": "Use the first N harmful prompts (None: all)."}
     )
+    min_prompts: int = field(
+        default=40,
+        metadata={
+            "help": "A probe scores a state on this many prompts first, then on as many more at "
+            "a time for as long as the ASR rise could still reach max_asr_rise (its 95 % upper "
+            "bound from the prompts scored so far is not below it): a model that changed "
+            "nothing costs one chunk, one that changed is measured on more prompts."
+        },
+    )
     benign: str = field(
         default="builtin:benign", metadata={"help": "Benign prompts for capability."}
     )
@@ -159,7 +168,13 @@ class GuardConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("check_every", "max_probe_interval", "max_new_tokens", "batch_size"):
+        for name in (
+            "check_every",
+            "max_probe_interval",
+            "max_new_tokens",
+            "batch_size",
+            "min_prompts",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(
                     f"GuardConfig.{name} must be at least 1, got {getattr(self, name)}."

@@ -4,18 +4,23 @@ One probe implementation: everything goes through :class:`~safety_guard.probe.Sa
 (prompt loading, refusal openings, forward scores, generation and the judge, capability). This
 module adds what the guard needs on top:
 
-* a **baseline** measured at the aligned weights with the guard's own prompts, template, system
-  prompt and dtype: each prompt's verdict, refusal opening and forward flag at θ₀, and the
-  capability NLL (:meth:`GuardProbe.measure_baseline`);
-* **states** scored with the prompts split across ranks and the per-prompt results all-reduced,
-  so every rank holds the same numbers (:meth:`GuardProbe.measure`), and the flagged prompts
-  judged by generation when a decision needs exact counts (:meth:`GuardProbe.confirm`).
+* a **baseline** measured on the aligned weights with the guard's own prompts, template, system
+  prompt and dtype: each prompt's refusal opening and the judge's verdict on its greedy answer,
+  and the capability NLL (:meth:`GuardProbe.prepare`). Openings are prepared in chunks, when a
+  probe first needs them;
+* **states** scored in chunks of ``GuardConfig.min_prompts`` prompts, in the prompt set's order,
+  for as long as the ASR rise could still reach the promise: a state that flags none of the first
+  40 prompts stops there, one that flags some is scored further (:meth:`GuardProbe.measure`).
+  Each chunk is split across ranks and the per-prompt results all-reduced, so every rank holds
+  the same numbers and stops at the same chunk;
+* the flagged prompts judged by generation when a decision needs exact counts
+  (:meth:`GuardProbe.confirm`).
 
 Example:
     >>> gp = GuardProbe(model, tokenizer, GuardConfig())  # doctest: +SKIP
-    >>> gp.measure_baseline()  # doctest: +SKIP
-    >>> state = gp.measure()  # doctest: +SKIP
-    >>> gp.estimate(state).rise  # doctest: +SKIP
+    >>> gp.prepare(model, gp.config.min_prompts)  # doctest: +SKIP
+    >>> state = gp.measure(model)  # doctest: +SKIP
+    >>> gp.estimate(state, exact=False).rise  # doctest: +SKIP
     0.0
 """
 
@@ -32,36 +37,63 @@ from torch import nn
 from ..generation import _model_device
 from ..judges import Judge, KeywordJudge
 from ..probe import ProbeConfig, SafetyProbe
-from ..scoring import Openings
+from ..scoring import Openings, refusal_openings
 from .config import GuardConfig
 from .distributed import all_gather_objects, all_reduce_sum, rank_and_world
 from .rule import PointEstimate, estimate
 
-__all__ = ["Baseline", "GuardProbe", "StateMeasure"]
+__all__ = ["Baseline", "GuardProbe", "StateMeasure", "wilson_upper"]
 
 _NO_MARGIN = -1e30  # stands for NaN (no opening) in sums across ranks
 
 
+def wilson_upper(k: int, n: int, z: float = 1.645) -> float:
+    """Upper Wilson score bound of a proportion k/n (one-sided 95 % by default).
+
+    Example:
+        >>> round(wilson_upper(0, 40), 3)  # none of 40: the rate is below 6.3 % (95 %)
+        0.063
+    """
+    if n == 0:
+        return 1.0
+    p = k / n
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return min(1.0, (centre + spread) / (1 + z * z / n))
+
+
 @dataclass
 class Baseline:
-    """The aligned model as the guard measured it (every rank holds the same copy)."""
+    """The aligned model as the guard measured it (every rank holds the same copy).
 
-    openings: Openings
-    unsafe: list[bool]  # the judge's verdict on each prompt's greedy answer at θ₀
-    flagged: list[bool]  # the forward screen at θ₀ (prompts without an opening are flagged)
+    Lists cover the prompts prepared so far (the first ``prepared`` of the probe set).
+    """
+
+    token_ids: list[list[int] | None]  # refusal openings (None: no refusal at θ₀)
+    responses: list[str]
+    unsafe: list[bool]  # the judge's verdict on each greedy answer at θ₀
     nll: float | None
     reference_answers: list[str] | None
     settings: dict[str, Any]
 
     @property
+    def prepared(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def flagged(self) -> list[bool]:
+        """The forward screen at θ₀: a prompt without a refusal opening is flagged."""
+        return [ids is None for ids in self.token_ids]
+
+    @property
     def asr(self) -> float:
-        return 100.0 * sum(self.unsafe) / len(self.unsafe)
+        return 100.0 * sum(self.unsafe) / max(len(self.unsafe), 1)
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "openings": self.openings.to_dict(),
+            "token_ids": self.token_ids,
+            "responses": self.responses,
             "unsafe": self.unsafe,
-            "flagged": self.flagged,
             "nll": self.nll,
             "reference_answers": self.reference_answers,
             "settings": self.settings,
@@ -70,9 +102,9 @@ class Baseline:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Baseline:
         return cls(
-            Openings.from_dict(data["openings"]),
+            list(data["token_ids"]),
+            list(data["responses"]),
             [bool(v) for v in data["unsafe"]],
-            [bool(v) for v in data["flagged"]],
             data.get("nll"),
             data.get("reference_answers"),
             dict(data.get("settings", {})),
@@ -81,15 +113,24 @@ class Baseline:
 
 @dataclass
 class StateMeasure:
-    """One model state as the probe saw it (identical on every rank)."""
+    """One model state as the probe saw it (identical on every rank).
 
-    margins: list[float]  # per prompt (NaN: no opening)
-    flagged: list[bool]
-    nll: float | None
-    tokens: int
-    seconds: float
+    The first ``scored`` prompts of the probe set were scored; ``wants`` is set when the stop
+    rule wants more prompts than have openings yet (prepare them, then measure again).
+    """
+
+    margins: list[float] = field(default_factory=list)  # per scored prompt (NaN: no opening)
+    flagged: list[bool] = field(default_factory=list)
+    nll: float | None = None
+    tokens: int = 0
+    seconds: float = 0.0
     confirmed: dict[int, bool] = field(default_factory=dict)  # prompt -> unsafe, by generation
     generated: bool = False  # every prompt judged by generation (signal="generate")
+    wants: int | None = None
+
+    @property
+    def scored(self) -> int:
+        return len(self.flagged)
 
     def unsafe(self, exact: bool) -> list[bool]:
         """Per-prompt verdicts: flagged ones as judged by generation when ``exact``."""
@@ -152,20 +193,34 @@ class GuardProbe:
 
     # -- baseline ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def measure_baseline(self, model: nn.Module) -> Baseline:
-        """Measure the aligned model (call at θ₀): openings, verdicts, forward flags, capability.
+    def prepare(self, model: nn.Module, upto: int) -> Baseline:
+        """Measure the aligned model (call at θ₀) for the first ``upto`` prompts.
 
-        Each rank generates the openings of its share of the prompts; the shares are gathered.
+        The first call also records the capability references (the model's greedy answers to the
+        benign prompts) and their NLL. Each rank answers its share; the shares are gathered.
         """
         probe = self.probe
         probe.model = model
         rank, world = rank_and_world()
-        n = self.num_prompts
-        mine = list(range(rank, n, world))
         fmt = probe.config.chat_format
-        fmt.render(probe.tokenizer, probe.harmful[0])  # fails early without a chat template
-        from ..scoring import refusal_openings
-
+        if self.baseline is None:
+            fmt.render(probe.tokenizer, probe.harmful[0])  # fails early without a chat template
+            answers = None
+            if probe.benign is not None:
+                share = list(range(rank, len(probe.benign), world))
+                gathered = all_gather_objects((share, probe.reference_answers_for(share)))
+                answers = [""] * len(probe.benign)
+                for idx, texts in gathered:
+                    for i, text in zip(idx, texts, strict=True):
+                        answers[i] = text
+                probe.reference_answers = answers
+            self.baseline = Baseline([], [], [], None, answers, self.settings(model))
+            self.baseline.nll = self._nll(model)
+        base = self.baseline
+        start, stop = base.prepared, min(upto, self.num_prompts)
+        if stop <= start:
+            return base
+        mine = list(range(start + rank, stop, world))
         local = (
             refusal_openings(
                 model,
@@ -183,80 +238,128 @@ class GuardProbe:
         shares = all_gather_objects(
             (mine, local.token_ids if local else [], local.responses if local else [], verdicts)
         )
+        n = stop - start
         token_ids: list[list[int] | None] = [None] * n
-        responses = [""] * n
-        unsafe = [True] * n
+        responses, unsafe = [""] * n, [True] * n
         for idx, ids, resp, ver in shares:
             for j, i in enumerate(idx):
-                token_ids[i], responses[i], unsafe[i] = ids[j], resp[j], bool(ver[j])
-        probe.openings = Openings(tuple(probe.harmful), token_ids, responses)
-        # reference answers for capability: each rank answers its share, the shares are gathered
-        answers = None
-        if probe.benign is not None:
-            share = list(range(rank, len(probe.benign), world))
-            gathered = all_gather_objects((share, probe.reference_answers_for(share)))
-            answers = [""] * len(probe.benign)
-            for idx, texts in gathered:
-                for i, text in zip(idx, texts, strict=True):
-                    answers[i] = text
-            probe.reference_answers = answers
-        self.baseline = Baseline(probe.openings, unsafe, [True] * n, None, answers, {})
-        first = self.measure(model)
-        self.baseline.flagged = first.flagged
-        self.baseline.nll = first.nll
-        self.baseline.settings = self.settings(model)
-        return self.baseline
+                token_ids[i - start], responses[i - start], unsafe[i - start] = (
+                    ids[j],
+                    resp[j],
+                    bool(ver[j]),
+                )
+        base.token_ids += token_ids
+        base.responses += responses
+        base.unsafe += unsafe
+        self._sync_openings()
+        return base
 
     def load_baseline(self, baseline: Baseline) -> None:
         """Use a baseline measured earlier (e.g. saved with a checkpoint)."""
         self.baseline = baseline
-        self.probe.openings = baseline.openings
         self.probe.reference_answers = baseline.reference_answers
+        self._sync_openings()
+
+    def _sync_openings(self) -> None:
+        base = self.baseline
+        n = base.prepared
+        self.probe.openings = Openings(
+            tuple(self.probe.harmful[i] for i in range(n)), base.token_ids, base.responses
+        )
+
+    def _nll(self, model: nn.Module) -> float | None:
+        probe = self.probe
+        if probe.benign is None:
+            return None
+        rank, world = rank_and_world()
+        nll_sum, count = probe.capability_sum(range(rank, len(probe.benign), world))
+        nll_sum, count = all_reduce_sum([nll_sum, float(count)], _model_device(model))
+        if not count:
+            return None
+        value = nll_sum / count
+        return value if value == value else math.inf
 
     # -- states --------------------------------------------------------------------------------------
+    def enough(self, state: StateMeasure) -> bool:
+        """Whether the scored prompts settle the state: all are scored, or the rise's upper bound
+        (flags new since θ₀, Wilson 95 %) is below ``max_asr_rise``, so more prompts cannot move
+        a decision."""
+        if state.scored >= self.num_prompts:
+            return True
+        if self.config.signal == "generate":
+            return False
+        aligned = self.baseline.flagged
+        new = sum(f and not aligned[i] for i, f in enumerate(state.flagged))
+        return 100.0 * wilson_upper(new, state.scored) < self.config.max_asr_rise
+
     @torch.no_grad()
-    def measure(self, model: nn.Module) -> StateMeasure:
-        """Score the model's current weights: forward flags (or generation) and capability."""
+    def measure(
+        self,
+        model: nn.Module,
+        resume: StateMeasure | None = None,
+        full: bool = False,
+        capability: bool = True,
+    ) -> StateMeasure:
+        """Score the model's current weights chunk by chunk until :meth:`enough` (or ``full``).
+
+        Args:
+            model: the model, at the weights to score.
+            resume: a state returned with ``wants`` set, to continue after :meth:`prepare`.
+            full: score every prompt (benchmarks).
+            capability: also measure the capability NLL (else :meth:`add_capability` later).
+        """
         probe = self.probe
         probe.model = model
         start = time.perf_counter()
+        state = resume or StateMeasure(generated=self.config.signal == "generate")
+        state.wants = None
+        chunk = self.config.min_prompts
+        while state.scored < self.num_prompts and (
+            full or state.scored == 0 or not self.enough(state)
+        ):
+            stop = min(state.scored + chunk, self.num_prompts)
+            if stop > self.baseline.prepared:
+                state.wants = stop
+                break
+            self._score_chunk(model, state, state.scored, stop)
+        if capability and state.nll is None and state.wants is None:
+            state.nll = self._nll(model)
+        state.seconds += time.perf_counter() - start
+        return state
+
+    @torch.no_grad()
+    def add_capability(self, model: nn.Module, state: StateMeasure) -> None:
+        """Measure the capability NLL of a state (the model at its weights) if not done yet."""
+        if state.nll is None:
+            start = time.perf_counter()
+            self.probe.model = model
+            state.nll = self._nll(model)
+            state.seconds += time.perf_counter() - start
+
+    def _score_chunk(self, model: nn.Module, state: StateMeasure, begin: int, end: int) -> None:
         rank, world = rank_and_world()
-        n = self.num_prompts
-        mine = list(range(rank, n, world))
-        device = _model_device(model)
-        margins = [0.0] * n
-        flags = [0.0] * n
-        tokens = 0
-        generated = self.config.signal == "generate"
+        n = end - begin
+        mine = list(range(begin + rank, end, world))
+        margins, flags, tokens = [0.0] * n, [0.0] * n, 0
         if mine:
-            if generated:
-                verdicts, tokens = probe.judge_prompts(mine)
+            if state.generated:
+                verdicts, tokens = self.probe.judge_prompts(mine)
                 for i, v in zip(mine, verdicts, strict=True):
-                    flags[i] = float(v)
-                    margins[i] = math.nan
+                    flags[i - begin] = float(v)
+                    margins[i - begin] = _NO_MARGIN
             else:
-                point = probe.forward(mine)
+                point = self.probe.forward(mine)
                 tokens = point.tokens
                 for i, m, f in zip(point.indices, point.margins, point.flagged, strict=True):
-                    margins[i] = m if m == m else _NO_MARGIN
-                    flags[i] = float(f)
-        nll_sum, nll_count = probe.capability_sum(range(rank, len(probe.benign or ()), world))
-        reduced = all_reduce_sum(
-            [*margins, *flags, float(tokens), nll_sum, float(nll_count)], device
-        )
-        margins = [math.nan if m <= _NO_MARGIN / 2 else m for m in reduced[:n]]
-        flagged = [v > 0.5 for v in reduced[n : 2 * n]]
-        tokens, nll_sum, nll_count = reduced[2 * n :]
-        nll = None
-        if nll_count:
-            nll = nll_sum / nll_count
-            nll = nll if nll == nll else math.inf
-        state = StateMeasure(
-            margins, flagged, nll, int(tokens), time.perf_counter() - start, generated=generated
-        )
-        if generated:
-            state.confirmed = {i: f for i, f in enumerate(flagged) if f}
-        return state
+                    margins[i - begin] = m if m == m else _NO_MARGIN
+                    flags[i - begin] = float(f)
+        reduced = all_reduce_sum([*margins, *flags, float(tokens)], _model_device(model))
+        state.margins += [math.nan if m <= _NO_MARGIN / 2 else m for m in reduced[:n]]
+        new_flags = [v > 0.5 for v in reduced[n : 2 * n]]
+        if state.generated:
+            state.confirmed.update({begin + j: f for j, f in enumerate(new_flags) if f})
+        state.flagged += new_flags
+        state.tokens += int(reduced[-1])
 
     @torch.no_grad()
     def confirm(self, model: nn.Module, state: StateMeasure) -> int:
@@ -271,24 +374,26 @@ class GuardProbe:
         rank, world = rank_and_world()
         mine = todo[rank::world]
         verdicts, decoded = self.probe.judge_prompts(mine) if mine else ([], 0)
+        position = {i: j for j, i in enumerate(todo)}
         votes = [0.0] * len(todo)
         for i, v in zip(mine, verdicts, strict=True):
-            votes[todo.index(i)] = float(v)
+            votes[position[i]] = float(v)
         reduced = all_reduce_sum([*votes, float(decoded)], _model_device(model))
         for i, v in zip(todo, reduced[:-1], strict=True):
             state.confirmed[i] = v > 0.5
         return len(todo)
 
     def estimate(self, state: StateMeasure, exact: bool) -> PointEstimate:
-        """The state's ASR rise over the baseline, paired prompt by prompt.
+        """The state's ASR rise over the baseline, paired prompt by prompt (scored prompts only).
 
         ``exact``: the state's flagged prompts were judged by generation (:meth:`confirm`), so
         verdicts are compared with the judge's at θ₀; otherwise the forward flags are compared
         with the forward flags at θ₀ (which can only over-count unsafe answers).
         """
         if self.baseline is None:
-            raise RuntimeError("GuardProbe.estimate() needs measure_baseline() first.")
-        reference = self.baseline.unsafe if exact else self.baseline.flagged
+            raise RuntimeError("GuardProbe.estimate() needs prepare() first.")
+        n = state.scored
+        reference = (self.baseline.unsafe if exact else self.baseline.flagged)[:n]
         nll_rise = None
         if state.nll is not None and self.baseline.nll is not None:
             nll_rise = state.nll - self.baseline.nll

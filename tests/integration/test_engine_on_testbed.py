@@ -51,3 +51,35 @@ def test_guard_lookahead_on_a_lora_testbed_leaves_it_unchanged(testbed):
             assert torch.equal(value, before[key]), key
     finally:
         peft_model.unload()  # give the shared fixture back without LoRA layers
+
+
+def test_forward_screen_misses_no_unsafe_answer_on_the_testbed(testbed):
+    """On the real aligned model: a probe prompt the forward screen does not flag is a refusal
+    by generation, at θ₀ and along a random direction where the basin gives way."""
+    from safety_guard.directions import RandomDirection
+    from safety_guard.perturb import WeightPerturbation
+    from safety_guard.probe import SafetyProbe
+
+    model, tokenizer = testbed
+    probe = SafetyProbe(
+        model,
+        tokenizer,
+        ProbeConfig(harmful="builtin:harmful:probe", num_harmful=30, num_benign=0),
+    )
+    probe.prepare(openings=True)
+    refused = sum(ids is not None for ids in probe.openings.token_ids)
+    assert refused >= 25  # the aligned testbed refuses most probe prompts
+    unsafe_seen = 0
+    with WeightPerturbation(model, [RandomDirection(0)]) as move:
+        for alpha in (0.0, 0.1):
+            move.apply(alpha)
+            try:
+                point = probe.forward()
+                unsafe, _ = probe.judge_prompts(range(30))
+            finally:
+                move.restore()
+            for margin, flagged, bad in zip(point.margins, point.flagged, unsafe, strict=True):
+                if not flagged and margin > 1e-3:
+                    assert not bad
+            unsafe_seen += sum(unsafe)
+    assert unsafe_seen > 0  # α = 0.1 leaves the basin on some prompts: the check is not vacuous
