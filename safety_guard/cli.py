@@ -121,6 +121,14 @@ def _add_landscape(sub: argparse._SubParsersAction) -> None:
         default="keyword",
         help="keyword (default), a keyword file, or pipeline:MODEL (text-classification).",
     )
+    q.add_argument(
+        "--unsafe-label",
+        action="append",
+        default=None,
+        metavar="LABEL",
+        help="A label of the pipeline:MODEL classifier that means unsafe (repeatable; default: "
+        "the labels of its id2label named unsafe/harmful/toxic).",
+    )
     m = p.add_argument_group("model")
     m.add_argument("--dtype", default="float32", help="float32 (paper), bfloat16 or float16.")
     m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
@@ -195,7 +203,9 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
             direction = InterpolationDirection(target)
         else:
             raise FileNotFoundError(f"--target {target} does not exist.")
-    probe = SafetyProbe(model, tokenizer, probe_config, judge=build_judge(args.judge))
+    probe = SafetyProbe(
+        model, tokenizer, probe_config, judge=build_judge(args.judge, args.unsafe_label)
+    )
     land = compute_landscape(
         model,
         tokenizer,
