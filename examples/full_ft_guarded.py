@@ -4,7 +4,8 @@
     python examples/full_ft_guarded.py --data benign
 
 The guard keeps a copy of the pre-finetune weights on the CPU and probes θ₀ + s·δ ahead of the
-current model along the finetuning direction.
+current model along the finetuning direction. Needs the testbed extra (TRL, and the testbed's
+GGUF loader): pip install "safety-guard[testbed]".
 """
 
 from __future__ import annotations

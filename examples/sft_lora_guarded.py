@@ -5,6 +5,7 @@
     python examples/sft_lora_guarded.py --model ./my-chat-model --landscape landscape.json
 
 Without --landscape the guard computes a small landscape of the aligned model at train begin.
+Needs the testbed extra (TRL, and the testbed's GGUF loader): pip install "safety-guard[testbed]".
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ._extras import MissingExtraError
 from ._options import add_const_option, add_dataclass_options, field_default, given_options
 
 if TYPE_CHECKING:
@@ -203,9 +204,12 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
     from .judges import build_judge
     from .landscape import compute_landscape
     from .models import load_model
+    from .plotting import plot_landscape, require_matplotlib
     from .probe import SafetyProbe
 
     config, probe_config = landscape_configs(args)
+    if args.plot:
+        require_matplotlib()  # before the landscape's minutes, not after
     interpolation = config.kind == "interpolation"
     if interpolation and not args.target:
         raise ValueError(
@@ -241,8 +245,6 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
     _print_summary(land)
     print(f"saved {args.output}")
     if args.plot:
-        from .plotting import plot_landscape
-
         print(f"plot  {plot_landscape(land, args.plot)}")
     return 0
 
@@ -288,10 +290,7 @@ def _cmd_visage(args: argparse.Namespace) -> int:
             "edge_asr": land.edge_asr,
             "origin_asr": (land.origin or {}).get("asr"),
         }
-        try:
-            out["basin_radius"] = land.basin_radius()
-        except ValueError:
-            out["basin_radius"] = None
+        out["basin_radius"] = land.basin_radius() if land.has_basin_radius() else None
         print(json.dumps(out))
     else:
         note = "" if land.complete else " (incomplete landscape)"
@@ -359,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, OSError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, OSError, MissingExtraError) as err:
         print(f"safety-guard: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._extras import require
+
 __all__ = ["GGUF_FILE", "GGUF_MODULE", "GGUF_PACKAGE", "find_gguf", "load_gguf_model"]
 
 logger = logging.getLogger(__name__)
@@ -112,6 +114,7 @@ def load_gguf_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    require("gguf", "testbed", purpose="Loading the testbed's GGUF base model")
     gguf = Path(path) if path is not None else find_gguf()
     if not gguf.is_file():
         raise FileNotFoundError(f"GGUF file {gguf} does not exist.")

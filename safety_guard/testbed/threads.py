@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from .._extras import MissingExtraError, require
+
 __all__ = ["ThreadAdvisor"]
 
 logger = logging.getLogger(__name__)
@@ -44,17 +46,32 @@ class ThreadAdvisor:
         self.used: set[int] = {self.initial}
         self.active = not os.environ.get("OMP_NUM_THREADS") and not torch.cuda.is_available()
         self._psutil: Any = None
-        if self.active:
-            try:
-                import psutil
-
-                self._psutil = psutil
-                self._process = psutil.Process()
-            except Exception:  # psutil missing or unsupported platform: keep torch's choice
-                self.active = False
         self._last: tuple[float, float, float] | None = None
         if self.active:
+            self.active = self._start()
+
+    def _start(self) -> bool:
+        """Take the first CPU-time sample; ``False`` (with a warning) when psutil cannot."""
+        try:
+            self._psutil = require(
+                "psutil", "testbed", purpose="Adapting the testbed build's CPU threads"
+            )
+        except MissingExtraError as err:
+            logger.warning("%s. The build keeps torch's %d threads.", err, self.initial)
+            return False
+        try:
+            self._process = self._psutil.Process()
             self._last = self._sample()
+        except (self._psutil.Error, OSError, NotImplementedError) as err:
+            logger.warning(
+                "psutil cannot read this machine's CPU times (%s: %s); the build keeps torch's "
+                "%d threads.",
+                type(err).__name__,
+                err,
+                self.initial,
+            )
+            return False
+        return True
 
     def _sample(self) -> tuple[float, float, float]:
         times = self._psutil.cpu_times()

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .._extras import require
 from .data import _prompt_completion
 from .recipe import RECIPE, TestbedRecipe
 
@@ -113,6 +114,8 @@ def _model_loss_sft_trainer(opening_tokens: int = 0, opening_weight: float = 1.0
         'ModelLossSFTTrainer'
     """
     from transformers import Trainer
+
+    require("trl", "testbed", purpose="Training the testbed")
     from trl import SFTTrainer
 
     if opening_weight <= 0 or opening_tokens < 0:
@@ -190,6 +193,7 @@ def _train(
     callbacks: list[Any] | None = None,
 ) -> dict[str, Any]:
     """SFT on the assistant answers (TRL, conversational prompt-completion pairs)."""
+    require("trl", "testbed", purpose="Training the testbed")
     from trl import SFTConfig, SFTTrainer
 
     precision = _mixed_precision() if recipe.precision == "auto" else recipe.precision
