@@ -1,11 +1,12 @@
 """A full-finetuning script (transformers Trainer) with the safety guard, offline on the testbed.
 
+Needs the testbed extra (TRL, and the testbed's GGUF loader): pip install "safety-guard[testbed]".
+
     python examples/full_ft_guarded.py                        # harmful-compliance data, lr 2e-5
     python examples/full_ft_guarded.py --data benign
 
 The guard keeps a copy of the pre-finetune weights on the CPU and probes θ₀ + s·δ ahead of the
-current model along the finetuning direction. Needs the testbed extra (TRL, and the testbed's
-GGUF loader): pip install "safety-guard[testbed]".
+current model along the finetuning direction.
 """
 
 from __future__ import annotations

@@ -343,6 +343,7 @@ def plot_trajectory(
         ValueError: ``records`` is empty or no record has a step.
         MissingExtraError: matplotlib is not installed (``pip install "safety-guard[plots]"``).
     """
+    require_matplotlib()
     rows = [r for r in records or [] if _number(r.get("step")) is not None]
     if not rows:
         raise ValueError(

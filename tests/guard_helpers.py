@@ -46,12 +46,6 @@ def make_landscape(
     return land
 
 
-def tiny_dataset(tokenizer, n: int = 16) -> Dataset:
-    texts = [f"question {i} answer {i % 3}" for i in range(n)]
-    enc = [tokenizer(t)["input_ids"][:16] for t in texts]
-    return Dataset.from_dict({"input_ids": enc, "labels": enc})
-
-
 def make_trainer(model, tokenizer, tmp_path, callback, steps=6, **kw) -> Trainer:
     """A CPU ``Trainer`` of ``model`` on :func:`tiny_dataset`, output in ``tmp_path/out``."""
     options = dict(
@@ -74,3 +68,9 @@ def make_trainer(model, tokenizer, tmp_path, callback, steps=6, **kw) -> Trainer
         data_collator=DataCollatorForSeq2Seq(tokenizer),
         callbacks=[callback],
     )
+
+
+def tiny_dataset(tokenizer, n: int = 16) -> Dataset:
+    texts = [f"question {i} answer {i % 3}" for i in range(n)]
+    enc = [tokenizer(t)["input_ids"][:16] for t in texts]
+    return Dataset.from_dict({"input_ids": enc, "labels": enc})

@@ -7,13 +7,35 @@ import json
 import pytest
 import torch
 from conftest import make_model
-from guard_helpers import make_landscape, make_trainer
+from guard_helpers import make_landscape, tiny_dataset
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from safety_guard.guard import FullFinetuneTracker, GuardConfig, LoraTracker, SafetyGuardCallback
 from safety_guard.judges import CallableJudge
 from safety_guard.landscape import LandscapeMismatchError
 
-_trainer = make_trainer
+
+def _trainer(model, tokenizer, tmp_path, callback, steps=6, **kw):
+    options = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    args = TrainingArguments(**{**options, **kw})
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=tiny_dataset(tokenizer),
+        processing_class=tokenizer,
+        data_collator=DataCollatorForSeq2Seq(tokenizer),
+        callbacks=[callback],
+    )
 
 
 def _guard(land, **kw):
