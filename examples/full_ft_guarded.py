@@ -1,5 +1,7 @@
 """A full-finetuning script (transformers Trainer) with the safety guard, offline on the testbed.
 
+Needs the testbed extra (TRL, and the testbed's GGUF loader): pip install "safety-guard[testbed]".
+
     python examples/full_ft_guarded.py                        # harmful-compliance data, lr 2e-5
     python examples/full_ft_guarded.py --data benign
 

@@ -1,5 +1,7 @@
 """A LoRA SFT script with the safety guard added (one line), runnable offline on the testbed.
 
+Needs the testbed extra (TRL, and the testbed's GGUF loader): pip install "safety-guard[testbed]".
+
     python examples/sft_lora_guarded.py                       # harmful-compliance data: the guard halts
     python examples/sft_lora_guarded.py --data benign         # benign data: the guard lets it run
     python examples/sft_lora_guarded.py --model ./my-chat-model --landscape landscape.json

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from ._extras import MissingExtraError
 from .basin import BasinEdges, basin_edges, visage
 from .directions import InterpolationDirection, LoraDirection, RandomDirection
 from .generation import ChatFormat, MissingChatTemplateError, generate_responses
@@ -41,6 +42,7 @@ __all__ = [
     "LandscapeMismatchError",
     "LoraDirection",
     "MissingChatTemplateError",
+    "MissingExtraError",
     "ParameterSelection",
     "PipelineJudge",
     "PointResult",

@@ -16,13 +16,38 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-__all__ = ["build_parser", "main"]
+from ._extras import MissingExtraError
+from ._options import add_const_option, add_dataclass_options, field_default, given_options
+
+if TYPE_CHECKING:
+    from .landscape import LandscapeConfig
+    from .probe import ProbeConfig
+
+__all__ = ["build_parser", "landscape_configs", "main"]
 
 TESTBED = "testbed"
 
 
+#: The α grid of an interpolation landscape when --grid is not given: past the finetuned model.
+INTERPOLATION_GRID = "-0.5:1.5:21"
+_LANDSCAPE, _PROBE = "landscape.", "probe."
+
+
 def _add_landscape(sub: argparse._SubParsersAction) -> None:
+    """The ``landscape`` subcommand; its direction and probing options come from the dataclasses.
+
+    Every :class:`~safety_guard.landscape.LandscapeConfig` and
+    :class:`~safety_guard.probe.ProbeConfig` field is an option (help and default from the
+    field); the established names are kept as the first option string (``--direction`` for
+    ``kind``, ``--grid`` for ``alphas``, ``--beta-grid`` for ``betas``, ``--num-prompts`` for
+    ``num_harmful``), with the field's own name as an alias.
+    """
+    from .landscape import LandscapeConfig, format_grid, parse_grid
+    from .probe import PAPER_PROBE, ProbeConfig
+    from .weights import ParameterSelection
+
     p = sub.add_parser(
         "landscape",
         help="Compute the safety landscape of a chat model and save it.",
@@ -39,87 +64,85 @@ def _add_landscape(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", "-o", required=True, help="Landscape JSON file to write.")
     p.add_argument("--plot", help="Also write a PNG plot here.")
     g = p.add_argument_group("directions")
-    g.add_argument("--direction", choices=["random", "interpolation"], default="random")
+    add_dataclass_options(
+        g,
+        LandscapeConfig,
+        prefix=_LANDSCAPE,
+        flags={
+            "kind": ["--direction", "--kind"],
+            "alphas": ["--grid", "--alphas"],
+            "betas": ["--beta-grid", "--betas"],
+        },
+        skip={"selection"},
+        parse={"alphas": parse_grid, "betas": parse_grid},
+        show={"alphas": format_grid},
+        notes={
+            "alphas": f"--direction interpolation: {INTERPOLATION_GRID}",
+            "betas": "default: the α grid",
+            "search": "grid with --paper, --dims 2 or --direction interpolation",
+        },
+    )
     g.add_argument(
         "--target",
         help="Interpolation target: finetuned model folder/.safetensors or LoRA adapter folder.",
     )
-    g.add_argument("--dims", type=int, choices=[1, 2], default=1)
-    g.add_argument(
-        "--num-directions", type=int, default=3, help="Random 1D directions (default 3)."
-    )
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument(
-        "--grid",
-        default=None,
-        help="α grid: start:stop:count or a comma list, written --grid=-0.5:0.5:21 (default -0.5:0.5:21; interpolation -0.5:1.5:21).",
-    )
-    g.add_argument("--beta-grid", default=None, help="β grid for 2D (default: the α grid).")
-    g.add_argument(
-        "--search",
-        choices=["adaptive", "grid"],
-        default=None,
-        help="adaptive edge bisection (1D default) or full grid.",
-    )
-    g.add_argument(
-        "--edge-asr",
-        type=float,
-        default=100.0,
-        help="ASR %% at or above which a point is outside the basin (paper: 100).",
-    )
-    g.add_argument("--normalization", choices=["layer", "filter", "none"], default="layer")
     g.add_argument(
         "--exclude",
         action="append",
-        default=[],
-        help="Regex of parameter names not to perturb (repeatable).",
-    )
-    g.add_argument(
-        "--offload",
-        choices=["cpu", "disk"],
-        default="cpu",
-        help="Where the copy of the original weights lives.",
+        dest=_LANDSCAPE + "exclude",
+        default=argparse.SUPPRESS,
+        metavar="REGEX",
+        help=ParameterSelection.__dataclass_fields__["exclude"].metadata["help"] + " (repeatable).",
     )
     q = p.add_argument_group("probing")
-    q.add_argument(
-        "--harmful",
-        default="builtin:harmful",
-        help="Harmful prompts: builtin:harmful, a CSV (goal column), JSONL, TXT or dataset name.",
+    probe_flags = {"num_harmful": ["--num-prompts", "--num-harmful"]}
+    add_dataclass_options(
+        q,
+        ProbeConfig,
+        prefix=_PROBE,
+        flags=probe_flags,
+        skip={"system_prompt"},
+        notes={
+            "max_new_tokens": f"--paper: {PAPER_PROBE.max_new_tokens}",
+            "early_stop": f"--paper: {PAPER_PROBE.early_stop}",
+        },
     )
-    q.add_argument("--prompt-column", default=None, help="Column/key holding the prompt.")
-    q.add_argument(
-        "--num-prompts", type=int, default=80, help="Harmful prompts per point (paper: 80)."
+    add_const_option(
+        q,
+        "--plain-template",
+        prefix=_PROBE,
+        name="template",
+        value="plain",
+        help="Same as --template plain (models without a chat template).",
     )
-    q.add_argument(
-        "--benign", default="builtin:benign", help="Benign prompts for the capability measure."
+    sp = q.add_mutually_exclusive_group()
+    add_dataclass_options(sp, ProbeConfig, prefix=_PROBE, only={"system_prompt"})
+    add_const_option(
+        sp,
+        "--no-system-prompt",
+        prefix=_PROBE,
+        name="system_prompt",
+        value="",
+        help="Send an empty system message (same as --system-prompt '').",
     )
-    q.add_argument(
-        "--num-benign", type=int, default=16, help="Benign prompts for capability (0: off)."
-    )
-    q.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=None,
-        help="Decode budget per response (default 24; --paper: 512).",
-    )
-    q.add_argument("--batch-size", type=int, default=16)
     q.add_argument(
         "--paper",
         action="store_true",
-        help="The paper's probing: 512 new tokens, every response decoded to the end, full grid.",
-    )
-    sp = q.add_mutually_exclusive_group()
-    sp.add_argument("--system-prompt", default=None, help="Custom system prompt.")
-    sp.add_argument("--no-system-prompt", action="store_true", help="Send an empty system message.")
-    q.add_argument(
-        "--plain-template",
-        action="store_true",
-        help="Use a plain instruction template (models without a chat template).",
+        help="The paper's probing: "
+        f"{PAPER_PROBE.max_new_tokens} new tokens, every response decoded to the end, full grid.",
     )
     q.add_argument(
         "--judge",
         default="keyword",
         help="keyword (default), a keyword file, or pipeline:MODEL (text-classification).",
+    )
+    q.add_argument(
+        "--unsafe-label",
+        action="append",
+        default=None,
+        metavar="LABEL",
+        help="A label of the pipeline:MODEL classifier that means unsafe (repeatable; default: "
+        "the labels of its id2label named unsafe/harmful/toxic).",
     )
     m = p.add_argument_group("model")
     m.add_argument("--dtype", default="float32", help="float32 (paper), bfloat16 or float16.")
@@ -130,6 +153,42 @@ def _add_landscape(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quiet", "-q", action="store_true", help="No progress bar.")
     p.set_defaults(func=_cmd_landscape)
+
+
+def landscape_configs(args: argparse.Namespace) -> tuple[LandscapeConfig, ProbeConfig]:
+    """The ``(LandscapeConfig, ProbeConfig)`` of parsed ``safety-guard landscape`` arguments.
+
+    Options not given keep the dataclass default, except where the command line changes it:
+    ``--direction interpolation`` walks the grid ``-0.5:1.5:21``; ``--paper``, ``--dims 2`` and
+    interpolation search the full grid; ``--paper`` decodes every response to
+    ``PAPER_PROBE.max_new_tokens``.
+
+    Example:
+        >>> args = build_parser().parse_args(["landscape", "-o", "l.json", "--paper"])
+        >>> landscape, probe = landscape_configs(args)
+        >>> landscape.search, probe.max_new_tokens, probe.early_stop
+        ('grid', 512, False)
+    """
+    from .landscape import LandscapeConfig, parse_grid
+    from .probe import PAPER_PROBE, ProbeConfig
+    from .weights import ParameterSelection
+
+    land = given_options(args, LandscapeConfig, prefix=_LANDSCAPE)
+    probe = given_options(args, ProbeConfig, prefix=_PROBE)
+    paper = getattr(args, "paper", False)
+    interpolation = land.get("kind", field_default(LandscapeConfig, "kind")) == "interpolation"
+    dims = land.get("dims", field_default(LandscapeConfig, "dims"))
+    if interpolation:
+        land.setdefault("alphas", parse_grid(INTERPOLATION_GRID))
+    if paper or dims == 2 or interpolation:
+        land.setdefault("search", "grid")
+    exclude = getattr(args, _LANDSCAPE + "exclude", None)
+    if exclude:
+        land["selection"] = ParameterSelection(exclude=exclude)
+    if paper:
+        probe.setdefault("max_new_tokens", PAPER_PROBE.max_new_tokens)
+        probe.setdefault("early_stop", PAPER_PROBE.early_stop)
+    return LandscapeConfig(**land), ProbeConfig(**probe)
 
 
 def _resolve_model_id(model: str) -> str:
@@ -143,45 +202,19 @@ def _resolve_model_id(model: str) -> str:
 def _cmd_landscape(args: argparse.Namespace) -> int:
     from .directions import InterpolationDirection, LoraDirection
     from .judges import build_judge
-    from .landscape import LandscapeConfig, compute_landscape, parse_grid
+    from .landscape import compute_landscape
     from .models import load_model
-    from .probe import ProbeConfig, SafetyProbe
-    from .weights import ParameterSelection
+    from .plotting import plot_landscape, require_matplotlib
+    from .probe import SafetyProbe
 
-    interpolation = args.direction == "interpolation"
+    config, probe_config = landscape_configs(args)
+    if args.plot:
+        require_matplotlib()  # before the landscape's minutes, not after
+    interpolation = config.kind == "interpolation"
     if interpolation and not args.target:
         raise ValueError(
             "--direction interpolation needs --target (finetuned model or LoRA adapter)."
         )
-    grid = parse_grid(args.grid or ("-0.5:1.5:21" if interpolation else "-0.5:0.5:21"))
-    search = args.search or (
-        "grid" if args.paper or args.dims == 2 or interpolation else "adaptive"
-    )
-    config = LandscapeConfig(
-        kind=args.direction,
-        dims=args.dims,
-        num_directions=args.num_directions,
-        seed=args.seed,
-        alphas=grid,
-        betas=parse_grid(args.beta_grid) if args.beta_grid else None,
-        search=search,
-        edge_asr=args.edge_asr,
-        normalization=args.normalization,
-        selection=ParameterSelection(exclude=args.exclude),
-        offload=args.offload,
-    )
-    probe_config = ProbeConfig(
-        harmful=args.harmful,
-        num_harmful=args.num_prompts,
-        benign=args.benign,
-        num_benign=args.num_benign,
-        max_new_tokens=args.max_new_tokens or (512 if args.paper else 24),
-        batch_size=args.batch_size,
-        early_stop=not args.paper,
-        template="plain" if args.plain_template else "chat",
-        system_prompt="" if args.no_system_prompt else args.system_prompt,
-        prompt_column=args.prompt_column,
-    )
     model_id = _resolve_model_id(args.model)
     model, tokenizer = load_model(
         model_id, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file
@@ -195,7 +228,9 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
             direction = InterpolationDirection(target)
         else:
             raise FileNotFoundError(f"--target {target} does not exist.")
-    probe = SafetyProbe(model, tokenizer, probe_config, judge=build_judge(args.judge))
+    probe = SafetyProbe(
+        model, tokenizer, probe_config, judge=build_judge(args.judge, args.unsafe_label)
+    )
     land = compute_landscape(
         model,
         tokenizer,
@@ -210,8 +245,6 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
     _print_summary(land)
     print(f"saved {args.output}")
     if args.plot:
-        from .plotting import plot_landscape
-
         print(f"plot  {plot_landscape(land, args.plot)}")
     return 0
 
@@ -257,10 +290,7 @@ def _cmd_visage(args: argparse.Namespace) -> int:
             "edge_asr": land.edge_asr,
             "origin_asr": (land.origin or {}).get("asr"),
         }
-        try:
-            out["basin_radius"] = land.basin_radius()
-        except ValueError:
-            out["basin_radius"] = None
+        out["basin_radius"] = land.basin_radius() if land.has_basin_radius() else None
         print(json.dumps(out))
     else:
         note = "" if land.complete else " (incomplete landscape)"
@@ -328,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, OSError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, OSError, MissingExtraError) as err:
         print(f"safety-guard: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

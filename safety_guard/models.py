@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._extras import require
+
 __all__ = ["load_model", "resolve_device", "resolve_dtype"]
 
 _DTYPES = {
@@ -75,6 +77,8 @@ def load_model(
 
     Raises:
         FileNotFoundError: the local path does not exist or holds no model.
+        MissingExtraError: a GGUF file is asked for and the ``gguf`` package is not installed
+            (``pip install "safety-guard[gguf]"``).
         OSError: the hub id cannot be resolved (offline, typo, gated).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -94,6 +98,8 @@ def load_model(
     elif _looks_like_path(source):
         raise FileNotFoundError(f"Model path {source!r} does not exist.")
     torch_dtype = resolve_dtype(dtype)
+    if gguf_file:
+        require("gguf", "gguf", purpose=f"Loading the GGUF file {gguf_file!r}")
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)

@@ -32,23 +32,43 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
-from matplotlib.ticker import MaxNLocator
 
+from ._extras import require
 from .basin import basin_edges
-from .landscape import Landscape, LandscapeFileError
+from .landscape import Landscape
 
-__all__ = ["plot_landscape", "plot_trajectory"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["plot_landscape", "plot_trajectory", "require_matplotlib"]
 
 _EVENT_COLORS = {"warn": "tab:orange", "halt": "tab:red"}
 
 
 # -- helpers --------------------------------------------------------------------------------------
+
+
+def require_matplotlib() -> None:
+    """Check that matplotlib (the ``plots`` extra) is installed.
+
+    Raises:
+        safety_guard._extras.MissingExtraError: (an ``ImportError``) it is not; the message
+            says ``pip install "safety-guard[plots]"``.
+
+    Example:
+        >>> require_matplotlib()  # doctest: +SKIP
+    """
+    require("matplotlib", "plots", purpose="Plotting")
+
+
+def _figure(figsize: tuple[float, float]) -> Figure:
+    require_matplotlib()
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize, layout="constrained")
 
 
 def _number(value: Any) -> float | None:
@@ -64,6 +84,8 @@ def _number(value: Any) -> float | None:
 
 def _save(fig: Figure, path: str | os.PathLike[str], dpi: int) -> Path:
     """Render ``fig`` to a PNG at ``path`` atomically (creating parent folders)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)  # attaches the Agg canvas to the figure; no global backend involved
@@ -87,10 +109,9 @@ def _direction_label(direction: dict[str, Any], index: int) -> str:
 
 def _default_title(landscape: Landscape) -> str:
     name = (landscape.data.get("model") or {}).get("name") or "model"
-    try:
-        v = landscape.visage()
-    except (LandscapeFileError, ValueError):
+    if not any(0.0 in c["alphas"] for c in landscape.curves()):  # 2D: no VISAGE to show
         return f"{name} — safety landscape"
+    v = landscape.visage()
     return f"{name} — VISAGE {v['mean']:.1f} ± {v['std']:.1f} (n = {v['num_directions']})"
 
 
@@ -101,10 +122,7 @@ def _basin_of(curve: dict[str, Any], edge_asr: float) -> dict[str, Any] | None:
         return basin
     alphas, asr = curve["alphas"], curve["asr"]
     if 0.0 in alphas and all(_number(s) is not None for s in asr):
-        try:
-            return basin_edges(alphas, asr, edge_asr).to_dict()
-        except ValueError:
-            return None
+        return basin_edges(alphas, asr, edge_asr).to_dict()
     return None
 
 
@@ -112,6 +130,8 @@ def _basin_of(curve: dict[str, Any], edge_asr: float) -> dict[str, Any] | None:
 
 
 def _plot_1d(fig: Figure, landscape: Landscape, curves: list[dict[str, Any]]) -> None:
+    from matplotlib.patches import Patch
+
     edge = landscape.edge_asr
     has_nll = any(_number(v) is not None for c in curves for v in c["nll"])
     if has_nll:
@@ -175,6 +195,8 @@ def _plot_1d(fig: Figure, landscape: Landscape, curves: list[dict[str, Any]]) ->
 
 
 def _plot_2d(fig: Figure, landscape: Landscape, surface: dict[str, Any]) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     points = [p for p in surface.get("points") or [] if _number(p.get("asr")) is not None]
     alphas = sorted({float(p["alpha"]) for p in points} | set(surface.get("alphas") or []))
     betas = sorted({float(p["beta"]) for p in points} | set(surface.get("betas") or []))
@@ -258,7 +280,9 @@ def plot_landscape(
     Raises:
         ValueError: the landscape holds no measured point.
         LandscapeFileError: ``landscape`` is a path that is not a readable landscape file.
+        MissingExtraError: matplotlib is not installed (``pip install "safety-guard[plots]"``).
     """
+    require_matplotlib()
     if not isinstance(landscape, Landscape):
         landscape = Landscape.load(landscape)
     curves = [c for c in landscape.curves() if c["alphas"]]
@@ -269,10 +293,10 @@ def plot_landscape(
             "first (safety-guard landscape MODEL --output FILE)."
         )
     if curves:
-        fig = Figure(figsize=(10.5, 6.5), layout="constrained")
+        fig = _figure((10.5, 6.5))
         _plot_1d(fig, landscape, curves)
     else:
-        fig = Figure(figsize=(13, 5.5), layout="constrained")
+        fig = _figure((13, 5.5))
         _plot_2d(fig, landscape, surface)
     fig.suptitle(title if title is not None else _default_title(landscape))
     return _save(fig, path, dpi)
@@ -317,7 +341,9 @@ def plot_trajectory(
 
     Raises:
         ValueError: ``records`` is empty or no record has a step.
+        MissingExtraError: matplotlib is not installed (``pip install "safety-guard[plots]"``).
     """
+    require_matplotlib()
     rows = [r for r in records or [] if _number(r.get("step")) is not None]
     if not rows:
         raise ValueError(
@@ -335,7 +361,7 @@ def plot_trajectory(
                 ys.append(y)
         return xs, ys
 
-    fig = Figure(figsize=(10.5, 6.5), layout="constrained")
+    fig = _figure((10.5, 6.5))
     ax_asr, ax_disp = fig.subplots(2, 1, sharex=True)
 
     xs, ys = series(lambda r: r.get("asr"))
@@ -397,19 +423,15 @@ def plot_trajectory(
         )
         ax_edge.set_ylabel("basin edge ahead\n(× current displacement)", color="C2")
         ax_edge.set_ylim(bottom=0)
-    if landscape is not None:
-        try:
-            radius = landscape.basin_radius()["mean"]
-        except (LandscapeFileError, ValueError, KeyError, TypeError):
-            radius = None
-        if radius is not None:
-            ax_disp.axhline(
-                radius,
-                color="tab:purple",
-                linestyle="--",
-                linewidth=1.2,
-                label=f"basin radius (random dirs, mean {radius:.3g})",
-            )
+    if landscape is not None and landscape.has_basin_radius():
+        radius = landscape.basin_radius()["mean"]
+        ax_disp.axhline(
+            radius,
+            color="tab:purple",
+            linestyle="--",
+            linewidth=1.2,
+            label=f"basin radius (random dirs, mean {radius:.3g})",
+        )
     ax_disp.set_ylabel("displacement\n(layer-normalized)")
     ax_disp.set_xlabel("training step")
     ax_disp.grid(True, alpha=0.3)

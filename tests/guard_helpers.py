@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datasets import Dataset
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from safety_guard.landscape import Landscape, LandscapeConfig
 from safety_guard.weights import model_fingerprint
@@ -43,6 +44,30 @@ def make_landscape(
     land.summarize()
     assert abs(land.basin_radius()["mean"] - 1.5 * radius) < 1e-9
     return land
+
+
+def make_trainer(model, tokenizer, tmp_path, callback, steps=6, **kw) -> Trainer:
+    """A CPU ``Trainer`` of ``model`` on :func:`tiny_dataset`, output in ``tmp_path/out``."""
+    options = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    args = TrainingArguments(**{**options, **kw})
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=tiny_dataset(tokenizer),
+        processing_class=tokenizer,
+        data_collator=DataCollatorForSeq2Seq(tokenizer),
+        callbacks=[callback],
+    )
 
 
 def tiny_dataset(tokenizer, n: int = 16) -> Dataset:

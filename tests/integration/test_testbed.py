@@ -10,6 +10,8 @@ import pytest
 
 from safety_guard import testbed as tb
 from safety_guard.prompts import builtin_records
+from safety_guard.testbed import build as tb_build
+from safety_guard.testbed.cache import _REQUIRED_FILES
 
 pytestmark = pytest.mark.integration
 
@@ -75,7 +77,7 @@ def test_second_call_reuses_the_build(testbed_dir: Path, monkeypatch: pytest.Mon
     def no_build(*args: object, **kwargs: object) -> None:
         raise AssertionError("build_testbed() rebuilt a complete cache")
 
-    monkeypatch.setattr(tb, "_build_into", no_build)
+    monkeypatch.setattr(tb_build, "_build_into", no_build)
     again = tb.build_testbed()
     assert again == testbed_dir
     assert _marker(again)["created"] == before["created"]
@@ -97,13 +99,13 @@ def test_half_built_folder_is_detected(
         calls.append(folder)
         for name in ("config.json", "model.safetensors", "tokenizer_config.json"):
             shutil.copy(testbed_dir / name, folder / name)
-        files = {name: (folder / name).stat().st_size for name in tb._REQUIRED_FILES}
+        files = {name: (folder / name).stat().st_size for name in _REQUIRED_FILES}
         marker = {"format": tb.MARKER_FORMAT, "version": tb.MARKER_VERSION, "seed": seed}
         marker["files"] = files
         (folder / tb.MARKER_NAME).write_text(json.dumps(marker))
         return marker
 
-    monkeypatch.setattr(tb, "_build_into", fake_build)
+    monkeypatch.setattr(tb_build, "_build_into", fake_build)
     assert tb.build_testbed(cache_dir=tmp_path, progress=False) == copy
     assert len(calls) == 1 and calls[0] != copy
     assert tb.read_marker(copy) is not None
