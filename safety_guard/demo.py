@@ -212,9 +212,13 @@ def run_finetune(
     ``callbacks`` run after the guard (e.g. a benchmark's recorders).
     """
     from peft import LoraConfig
+
+    from ._extras import require
+
+    require("trl", "testbed", purpose="the testbed finetunes")
     from trl import SFTConfig, SFTTrainer
 
-    from .testbed import _mixed_precision, load_testbed
+    from .testbed import load_testbed, mixed_precision
 
     output_dir = Path(output_dir)
     model, tokenizer = load_testbed(progress=progress)
@@ -242,7 +246,7 @@ def run_finetune(
         # TRL's default bf16 autocast is emulated, and ~5x slower, on CPUs without native bf16
         bf16=torch.cuda.is_bf16_supported()
         if torch.cuda.is_available()
-        else _mixed_precision() == "bf16",
+        else mixed_precision() == "bf16",
         report_to=[],
         save_strategy="no",
         logging_steps=10,

@@ -662,12 +662,15 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
     def _write_outputs(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "summary.json").write_text(json.dumps(self.summary(), indent=1))
-        try:
-            from ..plotting import plot_trajectory
-        except ImportError as err:
-            logger.warning("SafetyGuard: no trajectory plot (%s).", err)
-            return
+        from .._extras import MissingExtraError
+        from ..plotting import plot_trajectory, require_matplotlib
+
         path = folder / "trajectory.png"
+        try:
+            require_matplotlib()
+        except MissingExtraError as err:
+            logger.warning("SafetyGuard: no trajectory plot %s: %s", path, err)
+            return
         rows = [
             {
                 "step": r["step"],

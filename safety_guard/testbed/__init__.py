@@ -66,6 +66,7 @@ from .data import (
 )
 from .measure import measure_heldout
 from .recipe import ASR_GOAL, OVER_REFUSAL_GOAL, RECIPE, TestbedRecipe
+from .training import mixed_precision
 
 __all__ = [
     "ASR_GOAL",
@@ -89,6 +90,7 @@ __all__ = [
     "load_gguf_model",
     "load_testbed",
     "measure_heldout",
+    "mixed_precision",
     "read_marker",
     "run_testbed_command",
     "seeded_choices",

@@ -81,8 +81,15 @@ def _training_order(
     return order
 
 
-def _mixed_precision() -> str:
-    """``"bf16"`` on a CPU with native bf16 (AVX512-BF16/AMX: ~1.5-2x faster steps), else ``"no"``."""
+def mixed_precision() -> str:
+    """``"bf16"`` on a CPU with native bf16 (AVX512-BF16/AMX: ~1.5-2x faster steps), else ``"no"``.
+
+    On CPUs without it (AVX2 only) bf16 autocast is emulated and several times slower than fp32.
+
+    Example:
+        >>> mixed_precision() in ("bf16", "no")
+        True
+    """
     if torch.cuda.is_available():
         return "no"
     try:
@@ -196,7 +203,7 @@ def _train(
     require("trl", "testbed", purpose="Training the testbed")
     from trl import SFTConfig, SFTTrainer
 
-    precision = _mixed_precision() if recipe.precision == "auto" else recipe.precision
+    precision = mixed_precision() if recipe.precision == "auto" else recipe.precision
     lengths = [
         len(tokenizer.apply_chat_template(row, tokenize=True, return_dict=True)["input_ids"])
         for row in data["messages"]
