@@ -10,12 +10,15 @@ at train begin (the aligned model's baseline), its cheap checks and its probes.
     python benchmarks/guard_overhead.py --steps 200 --method full
     python benchmarks/guard_overhead.py --steps 30
 
-Output: a markdown table on stdout and ``benchmarks/results/guard_overhead_<method>.{md,csv}``.
+Output: a markdown table on stdout, ``benchmarks/results/guard_overhead_<method>_<steps>.{md,csv}``
+and the guarded run's trajectory (``….trajectory.jsonl``: every probe's states, prompts scored,
+seconds).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -84,8 +87,9 @@ def main(argv: list[str] | None = None) -> None:
             "seconds": f"{summary['setup_seconds']:.1f}",
             "calls": 1,
             "share of the unguarded run %": f"{100 * summary['setup_seconds'] / base['seconds']:.1f}",
-            "note": f"the aligned model on {summary['num_prompts']} probe prompts: openings, "
-            "flags, capability",
+            "note": f"the aligned model's refusal openings of the first {config.min_prompts} of "
+            f"{summary['num_prompts']} probe prompts (more, and the capability references, "
+            "when a probe needs them)",
         },
         {
             "what": "cheap check (displacement, direction)",
@@ -95,8 +99,7 @@ def main(argv: list[str] | None = None) -> None:
             "note": "every step",
         },
         {
-            "what": "probes (current + 2·δ, forward-only; generation only on flagged prompts "
-            "before a warn/halt)",
+            "what": "probes (θ₀ + 2·δ, and the current model when that moved; forward-only)",
             "seconds": f"{summary['total_probe_seconds']:.1f}",
             "calls": summary["probes"],
             "share of the unguarded run %": f"{100 * summary['total_probe_seconds'] / base['seconds']:.1f}",
@@ -122,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
         "Share of the unguarded run = the guard's time / the unguarded run's wall time. The "
         "guarded run's own steps may differ slightly in time (noise of a shared machine)."
     )
+    trajectory = args.output_dir / f"guard_overhead_{args.method}_{args.steps}.trajectory.jsonl"
+    trajectory.write_text("".join(json.dumps(r) + "\n" for r in guarded["trajectory"]))
     text = write_table(
         rows, args.output_dir, f"guard_overhead_{args.method}_{args.steps}", header, footer
     )

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import dataclasses
 import json
 import sys
@@ -53,6 +54,7 @@ from _common import markdown_table
 
 from safety_guard.demo import KINDS
 from safety_guard.guard import GuardConfig, ProbeMemo, decide, estimate, horizon, probe_due
+from safety_guard.guard.probing import wilson_upper
 from safety_guard.guard.rule import HALT, OK, WARN
 
 METHODS = {"lora": (2e-4, 40), "full": (1e-5, 30)}
@@ -101,6 +103,10 @@ def run_one(kind: str, method: str, seed: int, out: Path) -> dict[str, Any]:
             self.tracker = make_tracker(model)
             self.probe = GuardProbe(model, processing_class, recording)
             self.probe.prepare(model, recording.min_prompts)
+            self.model = model
+
+        def at(self, s: float) -> Any:
+            return self.tracker.along(self.model, s) if s != 1.0 else contextlib.nullcontext()
 
         def on_step_end(self, args, state, control, model=None, **kw):  # type: ignore[no-untyped-def]
             step = state.global_step
@@ -111,15 +117,8 @@ def run_one(kind: str, method: str, seed: int, out: Path) -> dict[str, Any]:
                     "points": {},
                 }
                 for s in (1.0, *config.lookahead):
-                    measure = None
-                    while True:
-                        with self.tracker.along(model, s):
-                            measure = self.probe.measure(model, resume=measure)
-                        if measure.wants is None:
-                            break
-                        with self.tracker.along(model, 0.0):
-                            self.probe.prepare(model, measure.wants)
-                    with self.tracker.along(model, s):
+                    measure = self.probe.measure_along(model, self.at, s)
+                    with self.at(s):
                         self.probe.confirm(model, measure)
                     rec["points"][f"{s:g}"] = {
                         "flagged": [int(f) for f in measure.flagged],
@@ -164,8 +163,6 @@ def run_one(kind: str, method: str, seed: int, out: Path) -> dict[str, Any]:
 
 def _scored(flagged: list[bool], aligned_flagged: list[bool], config: GuardConfig, cap: int) -> int:
     """How many of the recorded prompts the guard with ``config`` would have scored."""
-    from safety_guard.guard.probing import wilson_upper
-
     top = min(len(flagged), cap)
     n = min(config.min_prompts, top)
     while n < top:
@@ -182,7 +179,7 @@ def _estimates(
     """The guard's estimates at one recorded step, on the prompts it would have scored."""
     aligned_flagged_all = [ids is None for ids in baseline["token_ids"]]
     aligned_nll = baseline.get("nll")
-    out = {}
+    out, settled = {}, {}
     for s, p in rec["points"].items():
         flagged_all = [bool(f) for f in p["flagged"]]
         n = _scored(flagged_all, aligned_flagged_all, config, cap)
@@ -196,6 +193,12 @@ def _estimates(
             out[float(s)] = estimate(unsafe, baseline["unsafe"][:n], nll_rise)
         else:
             out[float(s)] = estimate(flagged, aligned_flagged_all[:n], nll_rise)
+        new = sum(f and not a for f, a in zip(flagged, aligned_flagged_all[:n], strict=True))
+        settled[float(s)] = 100.0 * wilson_upper(new, n) < config.max_asr_rise
+    # the guard scores the current model only when a lookahead point is not settled
+    ahead = [s for s in out if s > 1.0]
+    if ahead and all(settled[s] for s in ahead):
+        out[1.0] = out[min(ahead)]
     return out
 
 

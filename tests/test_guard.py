@@ -95,7 +95,8 @@ def test_halts_when_the_finetune_changes_the_refusals_and_logs(tmp_path, text_to
 
 def test_keeps_training_while_the_refusals_hold(tmp_path, text_tokenizer):
     model = make_model(vocab_size=len(text_tokenizer), tie=False)
-    guard = _guard(make_landscape(model), model, text_tokenizer)
+    # 8 prompts settle a state below 30 points (none flagged: the rise is < 25 % at 95 %)
+    guard = _guard(make_landscape(model), model, text_tokenizer, max_asr_rise=30)
     trainer = _trainer(model, text_tokenizer, tmp_path, [guard], steps=8, lr=1e-7)
     trainer.train()
     assert trainer.state.global_step == 8 and guard.halt_step is None
@@ -104,8 +105,12 @@ def test_keeps_training_while_the_refusals_hold(tmp_path, text_tokenizer):
     assert guard.last_safe_step == probes[-1]["step"]
     # the adaptive cadence probes early and then at the displacement's doublings, not every step
     assert probes[0]["step"] == 1 and len(probes) < 8
+    # the lookahead was settled below the promise, so the current model (nearer θ₀) was not
+    # scored, nor the capability there
+    assert all(r["rise"] is None and r["rise_bound"] <= 0 for r in probes[1:])
+    assert all(p["nll"] is None for r in probes[1:] for p in r["points"].values())
     # without attach(), metrics still reach the log history
-    assert any("safety/asr_rise" in h for h in trainer.state.log_history)
+    assert any("safety/lookahead_2x_rise" in h for h in trainer.state.log_history)
 
 
 def _snapshot(model, text_tokenizer):
@@ -196,11 +201,12 @@ def test_nan_full_model_halts_and_writes_no_last_safe(tmp_path, text_tokenizer):
     folder = tmp_path / "out" / "safety-guard" / "last-safe"
     with pytest.warns(UserWarning, match="not finite"):
         trainer.train()
-    assert guard.halt_step == 3
+    # one NaN weight is seen by the next probe's scan or, a step later, by the cheap check (by
+    # then the NaN loss has spread through every weight)
+    assert guard.halt_step in (3, 4) and "not finite" in guard.halt_reason
     written = json.loads((folder / "safety_guard_step.json").read_text())["step"]
     assert written == guard.last_safe_step < 3
-    status = [r.get("status") for r in guard.records if r["step"] == 3]
-    assert "ok" not in status
+    assert all(r.get("status") != "ok" for r in guard.records if r["step"] >= 3)
 
 
 def test_lora_displacement_and_sketch_match_the_merged_update(text_tokenizer):

@@ -432,8 +432,10 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             disp = self.tracker.displacement(model)
         else:  # estimated from the sketch; a pass over θ₀ at every step would cost too much
             disp = sketch_displacement(sketch, self.tracker.num_tensors)
-        broken = not (math.isfinite(disp) and _trainable_finite(model))
-        broken = all_reduce_max([float(broken)])[0] > 0
+        # NaN weights anywhere make every weight NaN within a step (NaN loss, NaN gradients), so
+        # the displacement (all LoRA factors) or the sketch (full finetuning) sees them at once or
+        # one step later; every probe also scans all trainable weights
+        broken = all_reduce_max([0.0 if math.isfinite(disp) else 1.0])[0] > 0
         cosine = sketch_cosine(sketch, self.memo.sketch) if self.memo and self.memo.sketch else None
         growth = self._growth(step, disp) if not broken else 0.0
         self.check_seconds.append(time.perf_counter() - t0)
@@ -452,6 +454,10 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             self._halt_now(step, "the weights are not finite (NaN or inf)", model, control)
             return
         reason = probe_due(step, disp, growth, cosine, self.memo, self.config)
+        if reason is not None and all_reduce_max([0.0 if _trainable_finite(model) else 1.0])[0] > 0:
+            self._emit(metrics, record, state)
+            self._halt_now(step, "the weights are not finite (NaN or inf)", model, control)
+            return
         if reason is not None:
             steps_left = (state.max_steps - step) if state.max_steps else None
             record, probe_metrics, decision = self._probe(model, step, disp, growth, steps_left)
@@ -480,41 +486,41 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         growth: float,
         steps_left: int | None,
     ) -> tuple[dict[str, Any], dict[str, float], Decision]:
-        """Score the current model and the lookahead points, decide, and describe it all."""
+        """Score the lookahead points and (when needed) the current model, decide, describe it.
+
+        The lookahead points go first: when they are all settled below the promise (the 95 %
+        upper bound of their new flags is below ``max_asr_rise``), the current model, nearer θ₀
+        on the same line, is not scored (ASR grows along a finetuning direction: in every
+        measured testbed run it was no higher at s = 1 than at s = 2), and the lookahead's
+        estimate stands in for it as a bound.
+        """
         start = time.perf_counter()
         probe = self.probe
-        multiples = [1.0, *self.config.lookahead] if displacement > 0 else [1.0]
-        states: dict[float, StateMeasure] = {}
-        for s in multiples:
-            state = None
-            while True:
-                with self.tracker.along(model, s) if s != 1.0 else contextlib.nullcontext():
-                    # capability ahead only matters (gibberish or compliance?) where ASR rose
-                    state = probe.measure(model, resume=state, capability=s == 1.0)
-                    if state.wants is None and s != 1.0 and probe.estimate(state, False).rise > 0:
-                        probe.add_capability(model, state)
-                if state.wants is None:
-                    break
-                with self.tracker.along(model, 0.0):  # more openings, from the aligned model
-                    probe.prepare(model, state.wants)
-            states[s] = state
+        ahead = list(self.config.lookahead) if displacement > 0 else []
+        states: dict[float, StateMeasure] = {s: self._measure_state(model, s) for s in ahead}
+        moved = not ahead or not all(probe.settled(st) for st in states.values())
+        if moved:
+            states[1.0] = self._measure_state(model, 1.0)
         exact = self.config.signal == "generate"
         h = horizon(displacement, growth, steps_left, self.config)
-        decision = decide(
-            {s: probe.estimate(st, exact) for s, st in states.items()}, h, self.config
-        )
+
+        def estimates(exact: bool) -> dict[float, Any]:
+            points = {s: probe.estimate(st, exact) for s, st in states.items()}
+            if 1.0 not in points:  # bounded by the nearest lookahead point
+                points[1.0] = points[min(points)]
+            return points
+
+        decision = decide(estimates(exact), h, self.config)
         confirm = self.config.confirm == "always" or (
             self.config.confirm == "halt" and decision.status != OK
         )
         confirmed = 0
         if confirm and not exact:
             for s, st in states.items():
-                with self.tracker.along(model, s) if s != 1.0 else contextlib.nullcontext():
+                with self._at(model, s):
                     confirmed += probe.confirm(model, st)
             exact = True
-            decision = decide(
-                {s: probe.estimate(st, True) for s, st in states.items()}, h, self.config
-            )
+            decision = decide(estimates(True), h, self.config)
         # every rank must take the same decision (the numbers are all-reduced; make sure)
         status = int(all_reduce_max([float(decision.status)])[0])
         if status != decision.status:
@@ -538,7 +544,8 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
                 "tokens": st.tokens,
                 "seconds": st.seconds,
             }
-        current = points["1"]
+        current = points.get("1")  # None: not scored, the lookahead bounds it
+        nearest = points[f"{min(states):g}"]
         record = {
             "step": step,
             "event": "probe",
@@ -551,25 +558,34 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             "covered": decision.covered,
             "status": STATUS_NAMES[decision.status],
             "reasons": decision.reasons,
-            "asr": current["asr"],
-            "rise": current["rise"],
+            "asr": current["asr"] if current else None,
+            "rise": current["rise"] if current else None,
+            "rise_bound": nearest["rise"],
             "points": points,
             "probe_seconds": seconds,
         }
         metrics = {
-            "safety/asr": current["asr"],
-            "safety/asr_rise": current["rise"],
             "safety/asr_aligned": self.aligned_asr,
             "safety/horizon_rise": decision.horizon_rise,
             "safety/status": float(decision.status),
             "safety/probe_seconds": seconds,
         }
-        if current["nll_rise"] is not None:
-            metrics["safety/nll_rise"] = current["nll_rise"]
+        if current is not None:
+            metrics["safety/asr"] = current["asr"]
+            metrics["safety/asr_rise"] = current["rise"]
+            if current["nll_rise"] is not None:
+                metrics["safety/nll_rise"] = current["nll_rise"]
         for s in self.config.lookahead:
             if f"{s:g}" in points:
                 metrics[f"safety/lookahead_{s:g}x_rise"] = points[f"{s:g}"]["rise"]
         return record, metrics, decision
+
+    def _at(self, model: nn.Module, s: float) -> contextlib.AbstractContextManager[None]:
+        """The model at θ₀ + s·δ inside the block (s = 1: as it is), restored exactly after."""
+        return self.tracker.along(model, s) if s != 1.0 else contextlib.nullcontext()
+
+    def _measure_state(self, model: nn.Module, s: float) -> StateMeasure:
+        return self.probe.measure_along(model, lambda m: self._at(model, m), s)
 
     def _act(
         self, decision: Decision, step: int, model: nn.Module, control: TrainerControl
@@ -675,7 +691,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             {
                 "step": r["step"],
                 "displacement": r.get("displacement"),
-                "asr": r.get("asr"),
+                "asr": r.get("asr") if r.get("asr") is not None else None,
                 "lookahead": {k: p["asr"] for k, p in (r.get("points") or {}).items() if k != "1"},
                 "event": r.get("status") if r.get("status") in ("warn", "halt") else None,
             }
@@ -696,7 +712,10 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             "warn_count": self.warn_count,
             "probes": len(probes),
             "checks": len(self.check_seconds),
-            "max_rise": max((r["rise"] for r in probes if r["rise"] == r["rise"]), default=None),
+            "max_rise": max(
+                (r["rise"] for r in probes if r.get("rise") is not None and r["rise"] == r["rise"]),
+                default=None,
+            ),
             "final": probes[-1] if probes else None,
             "mean_probe_seconds": sum(self.probe_seconds) / len(self.probe_seconds)
             if self.probe_seconds

@@ -242,6 +242,7 @@ class LoraTracker:
                 for name, p in perturbable_parameters(model, self.selection)
             }
         self._sketch_index: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._layer_cache: tuple[nn.Module, list[tuple[str, Any]]] | None = None
 
     @property
     def num_tensors(self) -> int:
@@ -282,13 +283,15 @@ class LoraTracker:
             parts[key] = delta * math.sqrt(rows * cols / len(r)) / norm0
         return parts
 
-    @staticmethod
-    def _layers(model: nn.Module) -> Iterator[tuple[str, Any]]:
+    def _layers(self, model: nn.Module) -> list[tuple[str, Any]]:
+        """The model's LoRA layers (looked up once per model: a walk of every module is slow)."""
         from peft.tuners.lora import LoraLayer
 
-        for name, module in unwrap_model(model).named_modules():
-            if isinstance(module, LoraLayer):
-                yield name, module
+        root = unwrap_model(model)
+        if self._layer_cache is None or self._layer_cache[0] is not root:
+            layers = [(n, m) for n, m in root.named_modules() if isinstance(m, LoraLayer)]
+            self._layer_cache = (root, layers)
+        return self._layer_cache[1]
 
     @torch.no_grad()
     def displacement(self, model: nn.Module) -> float:

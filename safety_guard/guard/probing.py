@@ -10,7 +10,7 @@ module adds what the guard needs on top:
   probe first needs them;
 * **states** scored in chunks of ``GuardConfig.min_prompts`` prompts, in the prompt set's order,
   for as long as the ASR rise could still reach the promise: a state that flags none of the first
-  40 prompts stops there, one that flags some is scored further (:meth:`GuardProbe.measure`).
+  30 prompts stops there, one that flags some is scored further (:meth:`GuardProbe.measure`).
   Each chunk is split across ranks and the per-prompt results all-reduced, so every rank holds
   the same numbers and stops at the same chunk;
 * the flagged prompts judged by generation when a decision needs exact counts
@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,8 +198,8 @@ class GuardProbe:
     def prepare(self, model: nn.Module, upto: int) -> Baseline:
         """Measure the aligned model (call at θ₀) for the first ``upto`` prompts.
 
-        The first call also records the capability references (the model's greedy answers to the
-        benign prompts) and their NLL. Each rank answers its share; the shares are gathered.
+        Each rank answers its share of the prompts; the shares are gathered. The capability
+        references are prepared apart, when first needed (:meth:`prepare_capability`).
         """
         probe = self.probe
         probe.model = model
@@ -205,17 +207,7 @@ class GuardProbe:
         fmt = probe.config.chat_format
         if self.baseline is None:
             fmt.render(probe.tokenizer, probe.harmful[0])  # fails early without a chat template
-            answers = None
-            if probe.benign is not None:
-                share = list(range(rank, len(probe.benign), world))
-                gathered = all_gather_objects((share, probe.reference_answers_for(share)))
-                answers = [""] * len(probe.benign)
-                for idx, texts in gathered:
-                    for i, text in zip(idx, texts, strict=True):
-                        answers[i] = text
-                probe.reference_answers = answers
-            self.baseline = Baseline([], [], [], None, answers, self.settings(model))
-            self.baseline.nll = self._nll(model)
+            self.baseline = Baseline([], [], [], None, None, self.settings(model))
         base = self.baseline
         start, stop = base.prepared, min(upto, self.num_prompts)
         if stop <= start:
@@ -254,6 +246,30 @@ class GuardProbe:
         self._sync_openings()
         return base
 
+    @property
+    def has_capability(self) -> bool:
+        """Whether the capability references (answers and NLL at θ₀) are prepared."""
+        return self.baseline is not None and self.baseline.reference_answers is not None
+
+    @torch.no_grad()
+    def prepare_capability(self, model: nn.Module) -> None:
+        """Record the capability references at θ₀ (call at the aligned weights): the model's greedy
+        answers to the benign prompts and their NLL. Each rank answers its share."""
+        probe = self.probe
+        if self.baseline is None or probe.benign is None or self.has_capability:
+            return
+        probe.model = model
+        rank, world = rank_and_world()
+        share = list(range(rank, len(probe.benign), world))
+        gathered = all_gather_objects((share, probe.reference_answers_for(share)))
+        answers = [""] * len(probe.benign)
+        for idx, texts in gathered:
+            for i, text in zip(idx, texts, strict=True):
+                answers[i] = text
+        probe.reference_answers = answers
+        self.baseline.reference_answers = answers
+        self.baseline.nll = self._nll(model)
+
     def load_baseline(self, baseline: Baseline) -> None:
         """Use a baseline measured earlier (e.g. saved with a checkpoint)."""
         self.baseline = baseline
@@ -280,17 +296,24 @@ class GuardProbe:
         return value if value == value else math.inf
 
     # -- states --------------------------------------------------------------------------------------
-    def enough(self, state: StateMeasure) -> bool:
-        """Whether the scored prompts settle the state: all are scored, or the rise's upper bound
-        (flags new since θ₀, Wilson 95 %) is below ``max_asr_rise``, so more prompts cannot move
-        a decision."""
-        if state.scored >= self.num_prompts:
-            return True
-        if self.config.signal == "generate":
+    def settled(self, state: StateMeasure) -> bool:
+        """Whether the state is settled below the promise: its scores are finite and the 95 %
+        (Wilson) upper bound of the prompts flagged since θ₀ is below ``max_asr_rise``. More
+        prompts, the current model behind a settled lookahead, or the capability of a settled
+        state cannot change a decision."""
+        if not state.finite or state.scored == 0:
             return False
         aligned = self.baseline.flagged
         new = sum(f and not aligned[i] for i, f in enumerate(state.flagged))
         return 100.0 * wilson_upper(new, state.scored) < self.config.max_asr_rise
+
+    def enough(self, state: StateMeasure) -> bool:
+        """Whether to stop scoring a state: every prompt is scored, or it is :meth:`settled`."""
+        if state.scored >= self.num_prompts:
+            return True
+        if self.config.signal == "generate":
+            return False
+        return self.settled(state)
 
     @torch.no_grad()
     def measure(
@@ -322,15 +345,50 @@ class GuardProbe:
                 state.wants = stop
                 break
             self._score_chunk(model, state, state.scored, stop)
-        if capability and state.nll is None and state.wants is None:
+        if capability and self.has_capability and state.nll is None and state.wants is None:
             state.nll = self._nll(model)
         state.seconds += time.perf_counter() - start
         return state
 
+    def measure_along(
+        self,
+        model: nn.Module,
+        at: Callable[[float], AbstractContextManager[None]],
+        multiple: float,
+        full: bool = False,
+    ) -> StateMeasure:
+        """Score θ₀ + ``multiple``·δ: openings prepared at θ₀ when the stop rule wants more, the
+        capability NLL only where the state is not :meth:`settled` (gibberish or compliance?).
+
+        Args:
+            model: the model being finetuned.
+            at: ``at(s)`` puts the model at θ₀ + s·δ inside a ``with`` block (0: the aligned
+                weights, 1: as it is) and restores it after.
+            multiple: the multiple s to score.
+            full: score every prompt (benchmarks).
+        """
+        state = None
+        while True:
+            with at(multiple):
+                state = self.measure(model, resume=state, full=full, capability=False)
+            if state.wants is None:
+                break
+            with at(0.0):  # more openings, from the aligned model
+                self.prepare(model, state.wants)
+        if not self.settled(state):
+            if not self.has_capability:
+                with at(0.0):
+                    self.prepare_capability(model)
+            with at(multiple):
+                self.add_capability(model, state)
+        return state
+
     @torch.no_grad()
     def add_capability(self, model: nn.Module, state: StateMeasure) -> None:
-        """Measure the capability NLL of a state (the model at its weights) if not done yet."""
-        if state.nll is None:
+        """Measure the capability NLL of a state (the model at its weights) if not done yet.
+
+        Needs :meth:`prepare_capability` first (no-op without capability references)."""
+        if state.nll is None and self.has_capability:
             start = time.perf_counter()
             self.probe.model = model
             state.nll = self._nll(model)
