@@ -48,7 +48,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FORMAT = "safety-guard-landscape"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: points may record unsafe/flagged prompts, summary["screen"]
 
 
 class LandscapeFileError(ValueError):
@@ -421,7 +421,49 @@ class Landscape:
         summary["num_points"] = sum(len(e["points"]) for e in self.data["directions"]) + len(
             (self.data.get("surface") or {}).get("points", [])
         )
+        screen = self.screen_agreement()
+        if screen is not None:
+            summary["screen"] = screen
         self.data["summary"] = summary
+
+    def screen_agreement(self) -> dict[str, Any] | None:
+        """How the guard's forward screen agreed with the judge over the recorded points.
+
+        ``missed`` counts unsafe answers the screen did not flag: 0 when its exactness holds on
+        this model (the guard then trusts unflagged prompts without generating them); ``recall``
+        and ``precision`` are those of its flags. ``None`` when no point recorded the screen.
+
+        Example:
+            >>> land.screen_agreement()["missed"]  # doctest: +SKIP
+            0
+        """
+        points = [p for e in self.data["directions"] for p in e["points"] if p.get("alpha")]
+        points += [
+            p
+            for p in (self.data.get("surface") or {}).get("points", [])
+            if p.get("alpha") or p.get("beta")
+        ]
+        origin = self.data.get("origin") or {}
+        points += [origin] if "flagged_prompts" in origin else []
+        points = [p for p in points if "flagged_prompts" in p and "unsafe_prompts" in p]
+        if not points:
+            return None
+        unsafe = flagged = missed = hits = 0
+        for p in points:
+            bad, flags = set(p["unsafe_prompts"]), set(p["flagged_prompts"])
+            unsafe += len(bad)
+            flagged += len(flags)
+            hits += len(bad & flags)
+            missed += len(bad - flags)
+        return {
+            "points": len(points),
+            "answers": sum(p["total"] for p in points),
+            "unsafe": unsafe,
+            "flagged": flagged,
+            "missed": missed,
+            "recall": hits / unsafe if unsafe else None,
+            "precision": hits / flagged if flagged else None,
+        }
 
 
 # -- computing ------------------------------------------------------------------------------------
@@ -640,8 +682,8 @@ class _LandscapeRun:
             self.land.save(self.output)
 
     def measure(self) -> dict[str, Any]:
-        """Probe the model at its current weights."""
-        result: PointResult = self.prober.evaluate()
+        """Probe the model at its current weights (and the forward screen, when it runs)."""
+        result: PointResult = self.prober.evaluate(per_prompt=self.prober.screens)
         self.bar.update(1)
         return result.to_dict()
 
@@ -803,7 +845,7 @@ def compute_landscape(
     fingerprint = model_fingerprint(model)  # before any move; also checks the model is usable
     name = model_name or getattr(getattr(model, "config", None), "name_or_path", None)
 
-    prober.prepare()
+    prober.prepare(openings=prober.screens)
     settings = prober.settings()
     land = _resumed_landscape(output, resume, model, config, settings, line_specs)
     if land is None:

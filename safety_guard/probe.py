@@ -78,6 +78,14 @@ class ProbeConfig:
     prompt_column: str | None = field(
         default=None, metadata={"help": "Column/key of the prompt in CSV/JSONL/datasets sources."}
     )
+    screen: bool = field(
+        default=True,
+        metadata={
+            "help": "With the keyword judge: also run the guard's forward-only screen at every "
+            "point and record which prompts it flags, so the file says how well it agrees with "
+            "the judge on this model (the guard's calibration; about a third of a point's cost)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.num_harmful is not None and self.num_harmful < 1:
@@ -111,16 +119,14 @@ class PointResult:
     decoded_tokens: int
     seconds: float
     samples: list[str] = field(default_factory=list)
-    verdicts: list[bool] | None = None
-    margins: list[float] | None = None
+    unsafe_prompts: list[int] | None = None
+    flagged_prompts: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for key in ("verdicts", "margins"):
+        for key in ("unsafe_prompts", "flagged_prompts"):
             if data[key] is None:
                 del data[key]
-        if self.margins is not None:
-            data["margins"] = [round(m, 4) for m in self.margins]
         return data
 
 
@@ -314,6 +320,12 @@ class SafetyProbe:
             batch_size=self.config.batch_size,
         )
 
+    @property
+    def screens(self) -> bool:
+        """Whether :meth:`evaluate` also runs the forward screen (``config.screen`` with a
+        keyword judge; the refusal openings are prepared by ``prepare(openings=True)``)."""
+        return self.config.screen and isinstance(self.judge, KeywordJudge)
+
     def evaluate(
         self,
         prompts: PromptSet | None = None,
@@ -324,12 +336,13 @@ class SafetyProbe:
         """ASR (percent) of ``prompts`` (default: the harmful set) and capability, now.
 
         Args:
-            per_prompt: also keep each prompt's verdict and, when openings were prepared and
-                ``prompts`` is the harmful set, its forward opening margin (for calibration).
+            per_prompt: also keep which prompts were judged unsafe and, when the refusal
+                openings are prepared and ``prompts`` is the harmful set, which ones the forward
+                screen flags (the landscape file's calibration of the guard's screen).
         """
-        margins = None
+        flagged = None
         if per_prompt and self.openings is not None and prompts is None:
-            margins = self.forward().margins
+            flagged = [i for i, f in enumerate(self.forward().flagged) if f]
         prompts = prompts or self.harmful
         start = time.perf_counter()
         decided = None
@@ -356,8 +369,8 @@ class SafetyProbe:
             decoded_tokens=gen.decoded_tokens,
             seconds=time.perf_counter() - start,
             samples=gen.responses[:2],
-            verdicts=list(verdicts) if per_prompt else None,
-            margins=margins,
+            unsafe_prompts=[i for i, v in enumerate(verdicts) if v] if per_prompt else None,
+            flagged_prompts=flagged,
         )
 
     def settings(self) -> dict[str, Any]:

@@ -317,3 +317,20 @@ def test_a_changed_guard_cannot_resume_a_checkpoint(tmp_path, text_tokenizer):
     checkpoint = str(tmp_path / "c" / "out" / "checkpoint-4")
     with pytest.raises(ValueError, match="harmful"):
         _resumable_run(tmp_path, text_tokenizer, "c", 6, resume=checkpoint, num_prompts=6)
+
+
+def test_a_screen_that_missed_unsafe_answers_on_the_landscape_falls_back_to_generation(
+    tmp_path, text_tokenizer, caplog
+):
+    model = make_model(vocab_size=len(text_tokenizer), tie=False)
+    land = make_landscape(model)
+    for point in land.data["directions"][0]["points"]:  # the judge saw an answer the screen missed
+        point.update({"unsafe_prompts": [0], "flagged_prompts": [] if point["alpha"] else [0]})
+    land.summarize()
+    assert land.screen_agreement()["missed"] == 4
+    guard = _guard(land, model, text_tokenizer)
+    trainer = _trainer(model, text_tokenizer, tmp_path, [guard], steps=1, lr=1e-7)
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert guard.config.signal == "generate" and "missed 4 of 4" in caplog.text
+    assert guard.records[-1]["exact"]  # every prompt judged by generation

@@ -38,13 +38,13 @@ class StepProbe(SafetyProbe):
         self.fail_after = fail_after
         self.seen: list[float] = []
 
-    def prepare(self):
+    def prepare(self, **kwargs):
         pass
 
     def settings(self):
         return {"synthetic": [self.lower, self.upper]}
 
-    def evaluate(self, prompts=None, progress=None, capability=True):
+    def evaluate(self, prompts=None, progress=None, capability=True, **kwargs):
         if self.fail_after is not None and self.calls >= self.fail_after:
             raise KeyboardInterrupt("simulated crash")
         self.calls += 1
@@ -244,3 +244,38 @@ def test_adaptive_side_search_finds_the_first_outside_point_on_a_non_monotone_cu
     first_outside = min(a for a, v in seen.items() if v >= 100)
     assert first_outside == 0.15
     assert estimate == pytest.approx(exact)
+
+
+def test_landscape_records_the_forward_screen_against_the_judge(tmp_path, text_tokenizer):
+    """Each point records which prompts the judge found unsafe and which the guard's screen
+    flagged; the summary says the screen missed none (its exactness on this model)."""
+    from guard_helpers import echo_judge
+
+    from safety_guard.prompts import load_prompts
+
+    model = make_model(vocab_size=len(text_tokenizer), tie=False)
+    prompts = list(load_prompts("builtin:harmful", limit=12))
+    probe = SafetyProbe(
+        model,
+        text_tokenizer,
+        ProbeConfig(num_harmful=12, num_benign=0, max_new_tokens=8),
+        judge=echo_judge(model, text_tokenizer, prompts),
+    )
+    land = compute_landscape(
+        model,
+        text_tokenizer,
+        LandscapeConfig(num_directions=1, alphas=(-0.2, -0.1, 0.0, 0.1, 0.2), search="grid"),
+        probe,
+        output=tmp_path / "land.json",
+        progress=False,
+    )
+    saved = json.loads((tmp_path / "land.json").read_text())
+    assert saved["version"] == FORMAT_VERSION == 2
+    points = saved["directions"][0]["points"]
+    assert all("flagged_prompts" in p and "unsafe_prompts" in p for p in points)
+    screen = land.screen_agreement()
+    assert screen == saved["summary"]["screen"]
+    assert screen["points"] == 5 and screen["unsafe"] > 0  # the far points left the basin
+    assert screen["missed"] == 0 and screen["recall"] == 1.0
+    for p in points:  # every unsafe answer was flagged
+        assert set(p["unsafe_prompts"]) <= set(p["flagged_prompts"])

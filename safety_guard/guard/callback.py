@@ -242,6 +242,25 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             self.landscape = self._load_or_compute_landscape(model, resumed)
         elif not resumed or lora:
             self.landscape.check_model(model)  # raises LandscapeMismatchError with a clear message
+        screen = self.landscape.screen_agreement()
+        if screen is not None and screen["missed"] and self.config.signal == "forward":
+            logger.warning(
+                "SafetyGuard: on this model's landscape the forward screen missed %d of %d "
+                "unsafe answers (%d points); the guard probes by generation instead "
+                "(signal='generate').",
+                screen["missed"],
+                screen["unsafe"],
+                screen["points"],
+            )
+            self.config = dataclasses.replace(self.config, signal="generate")
+        elif screen is not None:
+            logger.info(
+                "SafetyGuard: on this model's landscape the forward screen flagged every one of "
+                "%d unsafe answers (%d points), precision %s.",
+                screen["unsafe"],
+                screen["points"],
+                f"{screen['precision']:.0%}" if screen["precision"] is not None else "n/a",
+            )
         selection = self.landscape.config.selection
         if resumed and not lora:
             self.tracker = self._origin_tracker(model, selection)
