@@ -168,6 +168,23 @@ def _trim(ids: list[int], stops: set[int], pad_id: int) -> list[int]:
     return ids
 
 
+def left_padded(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A left-padded batch of token id lists and its attention mask (CPU tensors).
+
+    Example:
+        >>> ids, mask = left_padded([[5, 6], [7]], pad_id=0)
+        >>> ids.tolist(), mask.tolist()
+        ([[5, 6], [0, 7]], [[1, 1], [0, 1]])
+    """
+    width = max(len(seq) for seq in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def generate_responses(
     model: nn.Module,
@@ -214,13 +231,8 @@ def generate_responses(
     with eval_mode(model):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                seq = encoded[i]
-                ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-                mask[row, width - len(seq) :] = 1
+            ids, mask = left_padded([encoded[i] for i in idx], pad_id)
+            width = ids.shape[1]
             kwargs: dict[str, Any] = {}
             if stop_when_decided is not None:
                 from transformers import StoppingCriteriaList

@@ -38,7 +38,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .generation import ChatFormat, _encode, _model_device, _pad_id, eval_mode, generate_responses
+from .generation import (
+    ChatFormat,
+    _encode,
+    _model_device,
+    _pad_id,
+    eval_mode,
+    generate_responses,
+    left_padded,
+)
 from .judges import KeywordJudge
 
 __all__ = [
@@ -275,14 +283,9 @@ def score_openings(
         with eval_mode(model):
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
-                width = max(len(seqs[i]) for i in idx)
                 keep = max(len(openings.token_ids[i]) for i in idx)
-                ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for r, i in enumerate(idx):
-                    seq = seqs[i]
-                    ids[r, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-                    mask[r, width - len(seq) :] = 1
+                ids, mask = left_padded([seqs[i] for i in idx], pad_id)
+                width = ids.shape[1]
                 positions = (mask.cumsum(-1) - 1).clamp_min(0) + shared
                 tokens += int(mask.sum())
                 extra: dict[str, Any] = {"use_cache": False}

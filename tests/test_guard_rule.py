@@ -91,12 +91,11 @@ def test_covered_multiple_interpolates():
     assert covered_multiple({1.0: 12.0, 2.0: 40.0}, 10.0) == 1.0
 
 
-def test_horizon_is_the_next_look_or_the_end_of_training():
-    cfg = GuardConfig(lookahead=(2.0,), max_probe_interval=50)
-    assert horizon(0.01, 0.001, 5, cfg) == pytest.approx(1.5)
-    assert horizon(0.01, 0.001, None, cfg) == 2.0  # capped at the largest lookahead
-    assert horizon(0.01, 0.0, 100, cfg) == 1.0
-    assert horizon(0.0, 0.0, 100, cfg) == 2.0
+def test_horizon_is_the_largest_lookahead_until_the_last_step():
+    cfg = GuardConfig(lookahead=(2.0, 3.0))
+    assert horizon(0.01, 0.001, 5, cfg) == 3.0
+    assert horizon(0.01, 0.0, None, cfg) == 3.0  # growth does not shorten it
+    assert horizon(0.01, 0.001, 0, cfg) == 1.0  # the last step: the model moves no further
 
 
 def test_adaptive_cadence_on_a_linear_run_probes_at_the_doublings():
@@ -109,6 +108,20 @@ def test_adaptive_cadence_on_a_linear_run_probes_at_the_doublings():
             probes.append(step)
             memo = ProbeMemo(step, d, d * 2.0)  # each probe covers up to 2·d
     assert probes == [1, 2, 3, 5, 9, 17, 33, 65, 129]  # "about to leave" is one check early
+
+
+def test_cadence_probes_at_least_at_the_step_doublings_when_the_displacement_stalls():
+    # a finetune whose displacement stops growing can still turn harmful (damage suite, poisoned
+    # LoRA): the guard looks again by twice the step of its last probe, up to max_probe_interval
+    cfg = GuardConfig(lookahead=(2.0,), max_probe_interval=50)
+    memo, probes = None, []
+    for step in range(1, 200):
+        d = 1e-3  # flat from the start
+        reason = probe_due(step, d, 0.0, 1.0, memo, cfg)
+        if reason:
+            probes.append(step)
+            memo = ProbeMemo(step, d, d * 2.0)
+    assert probes == [1, 2, 4, 8, 16, 32, 64, 114, 164]
 
 
 def test_cadence_probes_when_the_direction_turns_or_too_long_passed():

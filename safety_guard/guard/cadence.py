@@ -8,10 +8,12 @@ as the finetune keeps its direction, the models it passes through on the way the
 * the displacement is about to pass s_c·d (predicted at the next cheap check from its growth),
 * or δ has turned away from the probed direction (cosine of cheap sketches of δ below
   ``min_cosine``),
+* or the step is twice the last probe's step (a finetune whose displacement stalls can still
+  turn harmful: a poisoned LoRA finetune of the damage suite did),
 * or ``max_probe_interval`` steps have passed.
 
-With the default lookahead (2×), probes follow the displacement's doublings: often early in a
-run, when models break fastest, and rarely later. ``probe_every`` restores a fixed cadence.
+With the default lookahead (2×), probes follow the doublings of the displacement and of the
+step: often early in a run, when models break fastest, and rarely later. ``probe_every`` restores a fixed cadence.
 The rule is a pure function of numbers the callback records, so it can be tested on synthetic
 trajectories and replayed on saved ones.
 
@@ -113,6 +115,8 @@ def probe_due(
         return "first probe" if displacement > 0 else None
     if step - last.step >= config.max_probe_interval:
         return f"{step - last.step} steps since the last probe"
+    if step >= 2 * last.step:
+        return f"step {step} is twice the step of the last probe ({last.step})"
     ahead = displacement + max(growth_per_step, 0.0) * config.check_every
     if ahead >= last.covered:
         return (

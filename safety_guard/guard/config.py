@@ -71,7 +71,8 @@ class GuardConfig:
         metadata={
             "help": "Fixed cadence: probe every N steps. None (default): probe when the "
             "displacement is about to leave what the last probe covered, when δ turns away "
-            "from the last probe's direction, or after max_probe_interval steps."
+            "from the last probe's direction, at twice the last probe's step, or after "
+            "max_probe_interval steps."
         },
     )
     max_probe_interval: int = field(

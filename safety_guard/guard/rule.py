@@ -7,9 +7,8 @@ The promise is one number, ``GuardConfig.max_asr_rise``: halt *before* the model
 than this many points above the aligned model's. A probe estimates the rise, prompt by prompt
 against the same prompt at θ₀ (:func:`estimate`), at the current model (multiple s = 1) and
 ahead along the finetuning direction (θ₀ + s·δ), with a standard error from the paired
-differences. The **horizon** h is the multiple where the model is expected to be when the guard
-looks again (the next probe, or the end of training if that comes first; at most the largest
-lookahead). With z = ``confidence_z``:
+differences. The **horizon** h is the multiple the guard answers for: the largest lookahead
+multiple (1 on the last step of training; see :func:`horizon`). With z = ``confidence_z``:
 
 * **halt** — the current scores or weights are not finite; or capability collapsed at the current
   model (its NLL rose by more than ``nll_tolerance``); or the rise is confidently past the promise
@@ -111,25 +110,24 @@ def estimate(
 def horizon(
     displacement: float, growth_per_step: float, steps_left: int | None, config: GuardConfig
 ) -> float:
-    """The multiple of δ where the model is expected to be when the guard looks again.
+    """The multiple of δ the guard answers for: the largest lookahead, 1 on the last step.
 
-    The next probe comes when the displacement reaches what this probe covers (at most the
-    largest lookahead multiple), after ``max_probe_interval`` steps, or at the end of training,
-    whichever is first; the displacement is extrapolated linearly from its recent growth.
+    The guard vouches for the line θ₀ + s·δ up to the largest lookahead multiple, not only up
+    to where the displacement's recent growth says the model will be at the next probe: on the
+    damage suite (``benchmarks/guard_runs.py``) the growth under-predicted where the harm went
+    (a poisoned LoRA finetune moved 14 % further between steps 12 and 18 while the rise at
+    θ₀ + 2·δ went from 5.5 to 21.5 points), and that projection let it pass the promise.
+    On the last step (``steps_left == 0``) the model moves no further: 1. ``displacement`` and
+    ``growth_per_step`` are kept for callers and replays.
 
     Example:
         >>> from safety_guard.guard import GuardConfig
-        >>> horizon(0.01, 0.001, 5, GuardConfig())  # training ends 5 steps on: 0.015 / 0.01
-        1.5
+        >>> horizon(0.01, 0.001, 5, GuardConfig()), horizon(0.01, 0.001, 0, GuardConfig())
+        (2.0, 1.0)
     """
-    largest = max(config.lookahead)
-    if displacement <= 0 or not math.isfinite(displacement):
-        return largest
-    steps = config.max_probe_interval if config.probe_every is None else config.probe_every
-    if steps_left is not None:
-        steps = min(steps, max(steps_left, 0))
-    ahead = 1.0 + max(growth_per_step, 0.0) * steps / displacement
-    return max(1.0, min(largest, ahead))
+    if steps_left is not None and steps_left <= 0:
+        return 1.0
+    return max(config.lookahead)
 
 
 def _interpolate(points: Mapping[float, PointEstimate], at: float) -> tuple[float, float]:
