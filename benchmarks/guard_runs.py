@@ -383,8 +383,8 @@ def main() -> None:
                     goals = [row(n, results[n], cfg)["goal"] for n in names]
                     sweep.append(
                         {
-                            "max_asr_rise": limit,
-                            "confidence_z": z,
+                            "max_asr_rise": f"{limit:g}",
+                            "confidence_z": f"{z:g}",
                             "pass": f"{goals.count('PASS')}/{len(goals)}",
                             "failing": ", ".join(
                                 n for n, g in zip(names, goals, strict=True) if g != "PASS"
@@ -397,7 +397,7 @@ def main() -> None:
                 sweep.append(
                     {
                         "max_asr_rise": f"{config.max_asr_rise:g} ({count} prompts)",
-                        "confidence_z": config.confidence_z,
+                        "confidence_z": f"{config.confidence_z:g}",
                         "pass": f"{goals.count('PASS')}/{len(goals)}",
                         "failing": ", ".join(
                             n for n, g in zip(names, goals, strict=True) if g != "PASS"

@@ -19,7 +19,7 @@ Example:
     >>> asr = [100.0, 50.0, 0.0, 0.0, 100.0]
     >>> visage(alphas, asr)  # mean of margins 0, 50, 100, 100, 0
     50.0
-    >>> basin_edges(alphas, asr).lower, basin_edges(alphas, asr).upper
+    >>> round(basin_edges(alphas, asr).lower, 6), round(basin_edges(alphas, asr).upper, 6)
     (-0.15, 0.15)
 """
 

@@ -46,18 +46,21 @@ def make_landscape(
     return land
 
 
-def make_trainer(model, tokenizer, tmp_path, callback, steps=6, **kw) -> Trainer:
-    """A CPU ``Trainer`` of ``model`` on :func:`tiny_dataset`, output in ``tmp_path/out``."""
+def make_trainer(model, tokenizer, tmp_path, callbacks, steps=6, lr=1e-2, **kw) -> Trainer:
+    """A CPU ``Trainer`` of ``model`` on :func:`tiny_dataset` (constant lr, seed 0), output in
+    ``tmp_path/out``; ``callbacks`` is one callback or a list; ``kw`` overrides TrainingArguments."""
     options = dict(
         output_dir=str(tmp_path / "out"),
         max_steps=steps,
         per_device_train_batch_size=4,
-        learning_rate=1e-2,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
         report_to=[],
         save_strategy="no",
         logging_steps=1,
         use_cpu=True,
         disable_tqdm=True,
+        seed=0,
     )
     args = TrainingArguments(**{**options, **kw})
     return Trainer(
@@ -66,7 +69,7 @@ def make_trainer(model, tokenizer, tmp_path, callback, steps=6, **kw) -> Trainer
         train_dataset=tiny_dataset(tokenizer),
         processing_class=tokenizer,
         data_collator=DataCollatorForSeq2Seq(tokenizer),
-        callbacks=[callback],
+        callbacks=list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks],
     )
 
 

@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 from conftest import make_model
-from guard_helpers import echo_judge, make_landscape, tiny_dataset
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+from guard_helpers import echo_judge, make_landscape, make_trainer
+from transformers import TrainerCallback
 
 from safety_guard.guard import FullFinetuneTracker, LoraTracker, SafetyGuardCallback
 from safety_guard.guard.displacement import sketch_cosine, sketch_displacement
@@ -21,31 +21,6 @@ from safety_guard.landscape import LandscapeMismatchError
 from safety_guard.prompts import load_prompts
 
 PROBE = "builtin:harmful:probe"
-
-
-def _trainer(model, text_tokenizer, tmp_path, callbacks, steps=6, lr=1e-2, **kw):
-    options = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=steps,
-        per_device_train_batch_size=4,
-        learning_rate=lr,
-        lr_scheduler_type="constant",
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
-    args = TrainingArguments(**{**options, **kw})
-    return Trainer(
-        model=model,
-        args=args,
-        train_dataset=tiny_dataset(text_tokenizer),
-        processing_class=text_tokenizer,
-        data_collator=DataCollatorForSeq2Seq(text_tokenizer),
-        callbacks=list(callbacks),
-    )
 
 
 def _guard(land, model, text_tokenizer, **kw):
@@ -74,7 +49,7 @@ def _lora(model, dropout=0.0):
 def test_halts_when_the_finetune_changes_the_refusals_and_logs(tmp_path, text_tokenizer):
     model = make_model(vocab_size=len(text_tokenizer), tie=False)
     guard = _guard(make_landscape(model), model, text_tokenizer, max_asr_rise=20)
-    trainer = _trainer(model, text_tokenizer, tmp_path, [], steps=30, lr=3e-2)
+    trainer = make_trainer(model, text_tokenizer, tmp_path, [], steps=30, lr=3e-2)
     guard.attach(trainer)
     with pytest.warns(UserWarning, match="Halting"):
         trainer.train()
@@ -97,7 +72,7 @@ def test_keeps_training_while_the_refusals_hold(tmp_path, text_tokenizer):
     model = make_model(vocab_size=len(text_tokenizer), tie=False)
     # 8 prompts settle a state below 30 points (none flagged: the rise is < 25 % at 95 %)
     guard = _guard(make_landscape(model), model, text_tokenizer, max_asr_rise=30)
-    trainer = _trainer(model, text_tokenizer, tmp_path, [guard], steps=8, lr=1e-7)
+    trainer = make_trainer(model, text_tokenizer, tmp_path, [guard], steps=8, lr=1e-7)
     trainer.train()
     assert trainer.state.global_step == 8 and guard.halt_step is None
     probes = [r for r in guard.records if r["event"] == "probe"]
@@ -130,7 +105,7 @@ def test_model_and_tokenizer_unchanged_after_a_probe(tmp_path, text_tokenizer, l
     guard = _guard(land, model, text_tokenizer)
     if lora:
         model = _lora(model, dropout=0.1)
-    trainer = _trainer(model, text_tokenizer, tmp_path, [guard], steps=1)
+    trainer = make_trainer(model, text_tokenizer, tmp_path, [guard], steps=1)
     trainer.train()  # sets up the tracker and the baseline
     with torch.no_grad():  # move away from θ₀ so the lookahead really perturbs
         for p in model.parameters():
@@ -173,7 +148,7 @@ def test_nan_adapter_halts_keeps_last_safe_and_restores_it(tmp_path, text_tokeni
     guard = _guard(land, model, text_tokenizer, keep_last_safe=True)
     model = _lora(model)
     # the guard runs after the poison in the same step: it must see the NaN at once
-    trainer = _trainer(
+    trainer = make_trainer(
         model, text_tokenizer, tmp_path, [_Poison(4, "lora_B"), guard], steps=8, lr=1e-6
     )
     with pytest.warns(UserWarning, match="not finite"):
@@ -197,7 +172,7 @@ def test_nan_full_model_halts_and_writes_no_last_safe(tmp_path, text_tokenizer):
     guard = _guard(
         make_landscape(model), model, text_tokenizer, keep_last_safe=True, keep_last_safe_full=True
     )
-    trainer = _trainer(model, text_tokenizer, tmp_path, [_Poison(3), guard], steps=8, lr=1e-6)
+    trainer = make_trainer(model, text_tokenizer, tmp_path, [_Poison(3), guard], steps=8, lr=1e-6)
     folder = tmp_path / "out" / "safety-guard" / "last-safe"
     with pytest.warns(UserWarning, match="not finite"):
         trainer.train()
@@ -251,7 +226,7 @@ def test_sketch_estimates_displacement_and_direction(text_tokenizer):
 def test_mismatched_landscape_is_refused(tmp_path, text_tokenizer):
     model = make_model(vocab_size=len(text_tokenizer), tie=False)
     other = make_landscape(make_model(vocab_size=len(text_tokenizer), tie=False, seed=5))
-    trainer = _trainer(model, text_tokenizer, tmp_path, [_guard(other, model, text_tokenizer)])
+    trainer = make_trainer(model, text_tokenizer, tmp_path, [_guard(other, model, text_tokenizer)])
     with pytest.raises(LandscapeMismatchError, match="another model"):
         trainer.train()
     with pytest.raises(Exception, match="does not exist"):
@@ -268,7 +243,7 @@ def _resumable_run(tmp_path, text_tokenizer, name, steps, resume=None, **guard_k
     guard = _guard(land, model, text_tokenizer, halt=False, **guard_kw)
     torch.manual_seed(0)  # the same LoRA initialization in every run
     model = _lora(model)
-    trainer = _trainer(
+    trainer = make_trainer(
         model,
         text_tokenizer,
         tmp_path / name,
@@ -329,7 +304,7 @@ def test_a_screen_that_missed_unsafe_answers_on_the_landscape_falls_back_to_gene
     land.summarize()
     assert land.screen_agreement()["missed"] == 4
     guard = _guard(land, model, text_tokenizer)
-    trainer = _trainer(model, text_tokenizer, tmp_path, [guard], steps=1, lr=1e-7)
+    trainer = make_trainer(model, text_tokenizer, tmp_path, [guard], steps=1, lr=1e-7)
     with caplog.at_level("WARNING"):
         trainer.train()
     assert guard.config.signal == "generate" and "missed 4 of 4" in caplog.text

@@ -115,14 +115,14 @@ def probe_due(
         return "first probe" if displacement > 0 else None
     if step - last.step >= config.max_probe_interval:
         return f"{step - last.step} steps since the last probe"
-    if step >= 2 * last.step:
-        return f"step {step} is twice the step of the last probe ({last.step})"
     ahead = displacement + max(growth_per_step, 0.0) * config.check_every
     if ahead >= last.covered:
         return (
             f"the displacement {ahead:.3g} at the next check passes the {last.covered:.3g} "
             "the last probe covered"
         )
+    if step >= 2 * last.step:
+        return f"step {step} is twice the step of the last probe ({last.step})"
     if cosine is not None and cosine < config.min_cosine:
         return (
             f"δ turned away from the probed direction (cosine {cosine:.2f} < {config.min_cosine:g})"

@@ -20,7 +20,7 @@ teacher-forced in one forward pass, and the prompts whose greedy path would leav
 halt (``confirm="halt"``) the flagged ones are judged by generation, so decisions rest on exact
 keyword verdicts of the prompts that changed. The decision rule (:mod:`~safety_guard.guard.rule`)
 compares each prompt with itself at θ₀ and halts when the rise is confidently past the promise
-now or by where the finetune is heading before the next look.
+now or at the lookahead θ₀ + 2·δ (the finetune's line, ahead of it).
 
 **Broken models halt**: non-finite weights, loss or scores, or a collapsed capability are a halt
 with a reason, never "ok" and never saved as the last safe weights. With LoRA the last adapter a
@@ -305,7 +305,9 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             baseline.prepared,
             self.probe.num_prompts,
             baseline.asr,
-            f"{baseline.nll:.3f}" if baseline.nll is not None else "off",
+            f"{baseline.nll:.3f}"
+            if baseline.nll is not None
+            else ("measured when first needed" if self.config.num_benign else "off"),
             self.config.max_asr_rise,
         )
 

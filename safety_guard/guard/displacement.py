@@ -88,7 +88,7 @@ def sketch_displacement(sketch: torch.Tensor, num_tensors: int) -> float:
     """The displacement estimated from a sketch: √(Σ sketch² / number of tensors).
 
     Example:
-        >>> sketch_displacement(torch.tensor([0.03, 0.04]), 1)
+        >>> round(sketch_displacement(torch.tensor([0.03, 0.04]), 1), 6)
         0.05
     """
     return math.sqrt(

@@ -225,7 +225,7 @@ def decide(
     elif lower_h >= limit and h > 1.0:
         status = HALT
         reasons.append(
-            f"by θ₀ + {h:.2g}·δ, where the finetune is heading before the next look, the ASR "
+            f"at θ₀ + {h:.2g}·δ, ahead on the finetune's line, the ASR "
             f"would rise {rise_h:.1f} ± {se_h:.1f} points (lower bound {lower_h:.1f} ≥ "
             f"max_asr_rise {limit:g}); now +{current.rise:.1f}"
         )
