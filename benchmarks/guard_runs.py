@@ -20,8 +20,9 @@ linear layers, lr 2e-4, 40 steps) or full finetuning (lr 1e-5, 30 steps), batch 
 The table **replays** ``GuardConfig()`` on these records (:func:`replay`): the adaptive cadence
 over every step, with displacements interpolated between recorded steps and each probe taken at
 the first recorded step at or after the one the rule asks for (at most 1 step late up to step 20
-and 4 after, so a replayed halt is never earlier than the real guard's would be), forward flags for routine probes and the
-generation verdicts of the flagged prompts before a warning or halt (``confirm="halt"``).
+and 4 after, so a replayed halt is never earlier than the real guard's would be), forward flags
+for routine probes and the generation verdicts of the flagged prompts before a warning or halt
+(``confirm="halt"``).
 
 Classes, by the damage of the unguarded run: **must halt** if it exceeds 20 points at some step
 (pass: the guard halts at a step before the first measured step with damage > 20); **must not
@@ -257,7 +258,7 @@ def replay(
             break
         rec = records[j]
         step = rec["step"]
-        h = horizon(rec["displacement"], growth, max_steps - step, config)
+        h = horizon(max_steps - step, config)
         exact = config.confirm == "always"
         decision = decide(_estimates(rec, baseline, exact, config, cap), h, config)
         if config.confirm == "halt" and decision.status != OK:

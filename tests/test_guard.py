@@ -116,7 +116,7 @@ def test_model_and_tokenizer_unchanged_after_a_probe(tmp_path, text_tokenizer, l
     before = _snapshot(model, text_tokenizer)
     disp = guard.tracker.displacement(model)
     assert disp > 0
-    record, _metrics, _decision = guard._probe(model, 2, disp, 0.0, 10)
+    record, _metrics, _decision = guard._probe(model, 2, disp, 10)
     assert set(record["points"]) == {"1", "2"}
     after = _snapshot(model, text_tokenizer)
     for key in before[0]:

@@ -93,9 +93,9 @@ def test_covered_multiple_interpolates():
 
 def test_horizon_is_the_largest_lookahead_until_the_last_step():
     cfg = GuardConfig(lookahead=(2.0, 3.0))
-    assert horizon(0.01, 0.001, 5, cfg) == 3.0
-    assert horizon(0.01, 0.0, None, cfg) == 3.0  # growth does not shorten it
-    assert horizon(0.01, 0.001, 0, cfg) == 1.0  # the last step: the model moves no further
+    assert horizon(5, cfg) == 3.0
+    assert horizon(None, cfg) == 3.0
+    assert horizon(0, cfg) == 1.0  # the last step: the model moves no further
 
 
 def test_adaptive_cadence_on_a_linear_run_probes_at_the_doublings():

@@ -13,7 +13,8 @@ as the finetune keeps its direction, the models it passes through on the way the
 * or ``max_probe_interval`` steps have passed.
 
 With the default lookahead (2×), probes follow the doublings of the displacement and of the
-step: often early in a run, when models break fastest, and rarely later. ``probe_every`` restores a fixed cadence.
+step: often early in a run, when models break fastest, and rarely later. ``probe_every``
+restores a fixed cadence.
 The rule is a pure function of numbers the callback records, so it can be tested on synthetic
 trajectories and replayed on saved ones.
 

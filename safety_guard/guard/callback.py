@@ -481,7 +481,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             return
         if reason is not None:
             steps_left = (state.max_steps - step) if state.max_steps else None
-            record, probe_metrics, decision = self._probe(model, step, disp, growth, steps_left)
+            record, probe_metrics, decision = self._probe(model, step, disp, steps_left)
             record.update({"reason": reason, "cosine": cosine})
             metrics.update(probe_metrics)
             self.memo = ProbeMemo(
@@ -504,7 +504,6 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         model: nn.Module,
         step: int,
         displacement: float,
-        growth: float,
         steps_left: int | None,
     ) -> tuple[dict[str, Any], dict[str, float], Decision]:
         """Score the lookahead points and (when needed) the current model, decide, describe it.
@@ -523,7 +522,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         if moved:
             states[1.0] = self._measure_state(model, 1.0)
         exact = self.config.signal == "generate"
-        h = horizon(displacement, growth, steps_left, self.config)
+        h = horizon(steps_left, self.config)
 
         def estimates(exact: bool) -> dict[float, Any]:
             points = {s: probe.estimate(st, exact) for s, st in states.items()}

@@ -107,22 +107,19 @@ def estimate(
     )
 
 
-def horizon(
-    displacement: float, growth_per_step: float, steps_left: int | None, config: GuardConfig
-) -> float:
+def horizon(steps_left: int | None, config: GuardConfig) -> float:
     """The multiple of δ the guard answers for: the largest lookahead, 1 on the last step.
 
     The guard vouches for the line θ₀ + s·δ up to the largest lookahead multiple, not only up
     to where the displacement's recent growth says the model will be at the next probe: on the
     damage suite (``benchmarks/guard_runs.py``) the growth under-predicted where the harm went
-    (a poisoned LoRA finetune moved 14 % further between steps 12 and 18 while the rise at
+    (a poisoned LoRA finetune moved 23 % further between steps 12 and 18 while the rise at
     θ₀ + 2·δ went from 5.5 to 21.5 points), and that projection let it pass the promise.
-    On the last step (``steps_left == 0``) the model moves no further: 1. ``displacement`` and
-    ``growth_per_step`` are kept for callers and replays.
+    On the last step (``steps_left == 0``) the model moves no further: 1.
 
     Example:
         >>> from safety_guard.guard import GuardConfig
-        >>> horizon(0.01, 0.001, 5, GuardConfig()), horizon(0.01, 0.001, 0, GuardConfig())
+        >>> horizon(5, GuardConfig()), horizon(0, GuardConfig())
         (2.0, 1.0)
     """
     if steps_left is not None and steps_left <= 0:
