@@ -119,6 +119,15 @@ def main(argv: list[str] | None = None) -> None:
                 else f"ratio {ratio:.3f} (goal ≤ 1.10 at 200 steps): wall time of trainer.train()"
             ),
         },
+        {
+            "what": "held-out ASR at the end, unguarded / guarded %",
+            "seconds": "",
+            "calls": "",
+            "share of the unguarded run %": "",
+            "note": f"{base['final_heldout_asr']:.0f} / {guarded['final_heldout_asr']:.0f} "
+            "(100 held-out prompts, generation, keyword judge; the aligned testbed: 5; the "
+            "guarded model is the one the trainer holds at its end)",
+        },
     ]
     info = machine_info()
     header = (

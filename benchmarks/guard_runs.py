@@ -55,9 +55,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import markdown_table
 
 from safety_guard.demo import KINDS
-from safety_guard.guard import GuardConfig, ProbeMemo, decide, estimate, horizon, probe_due
+from safety_guard.guard import GuardConfig, ProbeMemo, horizon, probe_due
+from safety_guard.guard.confirmation import Evidence, Settled, decide_probe
 from safety_guard.guard.probing import wilson_upper
-from safety_guard.guard.rule import HALT, OK, WARN
+from safety_guard.guard.rule import HALT, WARN
 
 METHODS = {"lora": (2e-4, 40), "full": (1e-5, 30)}
 #: The recorders score each state with the stop rule of the most demanding setting replayed
@@ -178,33 +179,39 @@ def _scored(flagged: list[bool], aligned_flagged: list[bool], config: GuardConfi
     return n
 
 
-def _estimates(
-    rec: dict[str, Any], baseline: dict[str, Any], exact: bool, config: GuardConfig, cap: int
-) -> dict[float, Any]:
-    """The guard's estimates at one recorded step, on the prompts it would have scored."""
-    aligned_flagged_all = [ids is None for ids in baseline["token_ids"]]
+def _evidence(
+    rec: dict[str, Any], s: float, baseline: dict[str, Any], config: GuardConfig, cap: int
+) -> Evidence:
+    """The evidence the guard would have had at multiple ``s`` of one recorded step."""
+    aligned_flagged = [ids is None for ids in baseline["token_ids"]]
+    p = rec["points"][f"{s:g}"]
+    flagged_all = [bool(f) for f in p["flagged"]]
+    n = _scored(flagged_all, aligned_flagged, config, cap)
     aligned_nll = baseline.get("nll")
-    out, settled = {}, {}
-    for s, p in rec["points"].items():
-        flagged_all = [bool(f) for f in p["flagged"]]
-        n = _scored(flagged_all, aligned_flagged_all, config, cap)
-        flagged = flagged_all[:n]
-        unsafe_set = set(p["confirmed_unsafe"])
-        nll_rise = (
-            p["nll"] - aligned_nll if p["nll"] is not None and aligned_nll is not None else None
-        )
-        if exact:
-            unsafe = [f and i in unsafe_set for i, f in enumerate(flagged)]
-            out[float(s)] = estimate(unsafe, baseline["unsafe"][:n], nll_rise)
-        else:
-            out[float(s)] = estimate(flagged, aligned_flagged_all[:n], nll_rise)
-        new = sum(f and not a for f, a in zip(flagged, aligned_flagged_all[:n], strict=True))
-        settled[float(s)] = 100.0 * wilson_upper(new, n) < config.max_asr_rise
-    # the guard scores the current model only when a lookahead point is not settled
-    ahead = [s for s in out if s > 1.0]
-    if ahead and all(settled[s] for s in ahead):
-        out[1.0] = out[min(ahead)]
-    return out
+    nll_rise = p["nll"] - aligned_nll if p["nll"] is not None and aligned_nll is not None else None
+    return Evidence(flagged_all[:n], {}, nll_rise)
+
+
+def _decide(
+    rec: dict[str, Any], baseline: dict[str, Any], h: float, config: GuardConfig, cap: int
+) -> Settled:
+    """The guard's decision at one recorded step (the callback's own rule, recorded verdicts)."""
+    unsafe = {s: set(p["confirmed_unsafe"]) for s, p in rec["points"].items()}
+
+    def confirm(s: float, indices: list[int]) -> dict[int, bool]:
+        return {i: i in unsafe[f"{s:g}"] for i in indices}
+
+    settled, _ = decide_probe(
+        lambda s: _evidence(rec, s, baseline, config, cap),
+        list(config.lookahead),
+        baseline["unsafe"],
+        [ids is None for ids in baseline["token_ids"]],
+        h,
+        config,
+        confirm,
+        config.batch_size,
+    )
+    return settled
 
 
 def replay(
@@ -259,16 +266,14 @@ def replay(
         rec = records[j]
         step = rec["step"]
         h = horizon(max_steps - step, config)
-        exact = config.confirm == "always"
-        decision = decide(_estimates(rec, baseline, exact, config, cap), h, config)
-        if config.confirm == "halt" and decision.status != OK:
-            exact = True
-            decision = decide(_estimates(rec, baseline, True, config, cap), h, config)
+        settled = _decide(rec, baseline, h, config, cap)
+        decision = settled.decision
         probes.append(
             {
                 "step": step,
                 "status": decision.status,
-                "exact": exact,
+                "exact": not settled.forward,
+                "confirmed": settled.confirmed,
                 "horizon_rise": decision.horizon_rise,
             }
         )
@@ -326,6 +331,7 @@ def row(
         "lead on >10 (steps)": (over10 - halt) if (halt is not None and over10) else "-",
         "probes": len(rep["probes"]),
         "confirmed probes": sum(p["exact"] for p in rep["probes"]),
+        "judged prompts": sum(p["confirmed"] for p in rep["probes"]),
         "goal": "PASS" if ok else "FAIL",
     }
 

@@ -203,39 +203,79 @@ class RandomDirection:
 
 
 class _TensorSource:
-    """Read tensors by canonical name from a module, a mapping or a safetensors file, lazily."""
+    """Read tensors by canonical name from a module, a mapping or safetensors weights, lazily.
+
+    A path may be one ``.safetensors`` file or a folder: one file, or a sharded checkpoint (the
+    ``*.safetensors.index.json`` that ``save_pretrained`` writes maps each tensor to its shard;
+    without one, the shards' own key lists are read). Shards are opened when first read from and
+    each tensor is read alone, so a 70B target never sits in memory whole.
+    """
 
     def __init__(self, source: nn.Module | Mapping[str, torch.Tensor] | str | Path) -> None:
-        self._file = None
-        self._prefix = ""
+        self._files: dict[Path, Any] = {}
+        self._where: dict[str, Path] | None = None
         if isinstance(source, nn.Module):
             self._tensors: Mapping[str, torch.Tensor] = dict(named_canonical_parameters(source))
         elif isinstance(source, Mapping):
             self._tensors = source
         else:
-            from safetensors import safe_open
-
-            path = Path(source)
-            if path.is_dir():
-                candidates = sorted(path.glob("*.safetensors"))
-                if len(candidates) != 1:
-                    raise ValueError(
-                        f"{path} holds {len(candidates)} .safetensors files; pass one file, or a "
-                        "model (from_pretrained) for sharded checkpoints."
-                    )
-                path = candidates[0]
-            if not path.exists():
-                raise FileNotFoundError(f"No such weights file: {path}")
-            self._file = safe_open(str(path), framework="pt", device="cpu")
-            keys = set(self._file.keys())
             self._tensors = {}
-            self._keys = keys
+            self._where = _safetensors_map(Path(source))
         self.description = str(source) if isinstance(source, str | Path) else type(source).__name__
 
     def get(self, name: str) -> torch.Tensor | None:
-        if self._file is not None:
-            return self._file.get_tensor(name) if name in self._keys else None
-        return self._tensors.get(name)
+        if self._where is None:
+            return self._tensors.get(name)
+        path = self._where.get(name)
+        if path is None:
+            return None
+        if path not in self._files:
+            from safetensors import safe_open
+
+            self._files[path] = safe_open(str(path), framework="pt", device="cpu")
+        return self._files[path].get_tensor(name)
+
+
+def _safetensors_map(path: Path) -> dict[str, Path]:
+    """Tensor name → the ``.safetensors`` file holding it, for a file or a (sharded) folder."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        raise FileNotFoundError(f"No such weights file or folder: {path}")
+    if path.is_file():
+        files = [path]
+    else:
+        indexes = sorted(path.glob("*.safetensors.index.json"))
+        if len(indexes) > 1:
+            raise ValueError(
+                f"{path} holds {len(indexes)} safetensors index files "
+                f"({', '.join(p.name for p in indexes)}); pass the folder of one checkpoint."
+            )
+        if indexes:
+            weight_map = json.loads(indexes[0].read_text()).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError(f"{indexes[0]} has no weight_map; is it a safetensors index?")
+            missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+            if missing:
+                raise FileNotFoundError(
+                    f"{indexes[0].name} names shards missing from {path}: {missing[:3]}; copy "
+                    "the whole checkpoint folder."
+                )
+            return {name: path / file for name, file in weight_map.items()}
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{path} holds no .safetensors weights.")
+    where: dict[str, Path] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open has keys(), not __iter__
+                if name in where:
+                    raise ValueError(
+                        f"{name} is in both {where[name].name} and {file.name} under {path}; "
+                        "pass the folder of one checkpoint."
+                    )
+                where[name] = file
+    return where
 
 
 class InterpolationDirection:

@@ -28,6 +28,8 @@ from torch import nn
 __all__ = [
     "DEFAULT_NORM_CLASS_PATTERN",
     "ParameterSelection",
+    "UnsupportedEngineError",
+    "check_engine",
     "check_finite",
     "compare_fingerprints",
     "is_norm_module",
@@ -174,10 +176,66 @@ class ParameterSelection:
         }
 
 
+#: What safety-guard moves and measures today (see :func:`check_engine`).
+SUPPORTED_ENGINES = (
+    "one process, DDP or DataParallel (torchrun / accelerate launch with DDP), torch.compile, "
+    "full finetuning or PEFT adapters on floating-point base weights"
+)
+
+
+class UnsupportedEngineError(ValueError):
+    """The model's weights are sharded or quantized in a way safety-guard cannot move yet."""
+
+
+def check_engine(model: nn.Module) -> None:
+    """Refuse models whose parameters safety-guard would read wrong, naming the engine.
+
+    FSDP (1 and 2) and DeepSpeed ZeRO-3 leave each rank a shard of every weight, and bitsandbytes
+    stores quantized base weights as integers: a displacement, a landscape or a fingerprint
+    computed on them would be a wrong number (an empty ZeRO-3 parameter reads 0), so they are
+    refused with the engine's name until they are supported.
+
+    Example:
+        >>> check_engine(torch.nn.Linear(2, 2))  # plain floating-point weights: fine
+    """
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch built without distributed
+        FullyShardedDataParallel = ()
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        DTensor = ()
+    engine = None
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        engine = "FSDP (FullyShardedDataParallel, flat sharded parameters)"
+    for name, param in model.named_parameters():
+        if engine is not None:
+            break
+        if isinstance(param, DTensor) or isinstance(param.data, DTensor):
+            engine = f"FSDP2 / DTensor parameters (fully_shard or tensor parallel; e.g. {name})"
+        elif hasattr(param, "ds_id"):  # DeepSpeed marks the parameters it partitions
+            engine = f"DeepSpeed ZeRO-3 (partitioned parameters; e.g. {name})"
+        elif hasattr(param, "quant_state") or hasattr(param, "SCB"):
+            engine = f"bitsandbytes-quantized base weights (QLoRA / 8-bit; e.g. {name})"
+        elif not param.is_floating_point():
+            engine = f"quantized base weights ({name} is {str(param.dtype).removeprefix('torch.')})"
+    if engine is not None:
+        raise UnsupportedEngineError(
+            f"safety-guard cannot move or measure this model's weights yet: {engine}. Supported: "
+            f"{SUPPORTED_ENGINES}. Train with DDP, or compute the landscape on one process and "
+            "guard a LoRA finetune with unquantized base weights."
+        )
+
+
 def perturbable_parameters(
     model: nn.Module, selection: ParameterSelection | None = None
 ) -> list[tuple[str, nn.Parameter]]:
-    """The ``(canonical_name, parameter)`` pairs a random direction moves, in model order."""
+    """The ``(canonical_name, parameter)`` pairs a random direction moves, in model order.
+
+    Raises :class:`UnsupportedEngineError` for sharded or quantized weights (:func:`check_engine`).
+    """
+    check_engine(model)
     selection = selection or ParameterSelection()
     root = unwrap_model(model)
     norm_params: set[int] = set()
@@ -192,8 +250,6 @@ def perturbable_parameters(
         if any(re.search(p, name) for p in selection.exclude):
             continue
         if selection.include is not None and not any(re.search(p, name) for p in selection.include):
-            continue
-        if not param.is_floating_point():
             continue
         out.append((name, param))
     return out
@@ -260,8 +316,10 @@ def model_fingerprint(model: nn.Module, num_tensors: int = 4) -> dict[str, Any]:
 
     Values are compared with a tolerance (see :func:`compare_fingerprints`), so the same weights
     loaded in fp32 or bf16, on CPU or GPU, with or without a LoRA wrapper, match; another
-    checkpoint of the same architecture does not.
+    checkpoint of the same architecture does not. Sharded or quantized weights are refused
+    (:func:`check_engine`): their local shapes and values are not the model's.
     """
+    check_engine(model)
     root = unwrap_model(model)
     config = getattr(root, "config", None)
     arch: dict[str, Any] = {}

@@ -240,3 +240,25 @@ def test_chunk_bounds_merge_short_tails():
     generator.manual_seed(0)
     parts = [torch.randn(b - a, generator=generator) for a, b in chunk_bounds(whole.numel(), 48)]
     assert torch.equal(torch.cat(parts), whole)
+
+
+def test_sharded_safetensors_targets_are_read_tensor_by_tensor(tmp_path):
+    aligned, finetuned = make_model(seed=0), make_model(seed=1)
+    # save_pretrained shards a checkpoint past max_shard_size and writes the index file
+    finetuned.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    shards = sorted((tmp_path / "sharded").glob("*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    from_folder = InterpolationDirection(tmp_path / "sharded")
+    from_module = InterpolationDirection(finetuned)
+    for name, p in perturbable_parameters(aligned):
+        assert torch.equal(from_folder.tensor(name, p), from_module.tensor(name, p)), name
+    # without the index, the shards' own key lists are read
+    (tmp_path / "sharded" / "model.safetensors.index.json").unlink()
+    no_index = InterpolationDirection(tmp_path / "sharded")
+    name, p = next(iter(perturbable_parameters(aligned)))
+    assert torch.equal(no_index.tensor(name, p), from_module.tensor(name, p))
+    # a shard the index names but the folder lacks: a clear error, before any move
+    finetuned.save_pretrained(tmp_path / "partial", max_shard_size="20KB")
+    sorted((tmp_path / "partial").glob("*.safetensors"))[-1].unlink()
+    with pytest.raises(FileNotFoundError, match="names shards missing"):
+        InterpolationDirection(tmp_path / "partial")

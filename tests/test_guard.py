@@ -55,9 +55,10 @@ def test_halts_when_the_finetune_changes_the_refusals_and_logs(tmp_path, text_to
         trainer.train()
     assert guard.halt_step is not None and trainer.state.global_step == guard.halt_step < 30
     final = guard.records[-1]
-    assert final["status"] == "halt" and final["exact"]  # flagged prompts judged by generation
-    # the decision rests on generation: every prompt counted unsafe was generated and judged
+    # the decision rests on generation: flagged prompts judged, as many as the decision needed
+    assert final["status"] == "halt" and final["estimate"] in ("judged", "sampled")
     assert final["rise"] > 0 and final["confirmed"] > 0
+    assert "1" in final["points"]  # a halt says where the model is now
     logged = [h for h in trainer.state.log_history if "safety/asr_rise" in h]
     assert logged and logged[-1]["safety/status"] == 2.0
     assert any("safety/displacement" in h for h in trainer.state.log_history)
@@ -116,8 +117,9 @@ def test_model_and_tokenizer_unchanged_after_a_probe(tmp_path, text_tokenizer, l
     before = _snapshot(model, text_tokenizer)
     disp = guard.tracker.displacement(model)
     assert disp > 0
-    record, _metrics, _decision = guard._probe(model, 2, disp, 10)
-    assert set(record["points"]) == {"1", "2"}
+    record, _metrics, decision = guard._probe(model, 2, disp, 10)
+    # the current model is scored (and judged) when the lookahead's decision is not ok
+    assert set(record["points"]) == ({"2"} if decision.status == 0 else {"1", "2"})
     after = _snapshot(model, text_tokenizer)
     for key in before[0]:
         assert torch.equal(before[0][key], after[0][key]), key

@@ -16,6 +16,13 @@ from safety_guard.guard import (
     horizon,
     probe_due,
 )
+from safety_guard.guard.confirmation import (
+    Evidence,
+    confirmation_order,
+    decide_probe,
+    estimate_evidence,
+    settle,
+)
 
 
 def _p(rise: float, se: float = 0.0, nll_rise: float | None = 0.0) -> PointEstimate:
@@ -148,3 +155,116 @@ def test_config_validation_and_removed_options():
     cfg = GuardConfig(lookahead=(4, 2))
     assert cfg.lookahead == (2.0, 4.0)
     assert GuardConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# -- confirmation: judge as many flagged prompts as the decision needs ------------------------------
+
+
+def _judge(truth):
+    calls = []
+
+    def confirm(s, indices):
+        calls.append((s, list(indices)))
+        return {i: truth[s][i] for i in indices}
+
+    return confirm, calls
+
+
+def _full_decision(flags, truth, cfg, aligned):
+    """The decision with every flagged prompt judged (what guard v2 step 5 did)."""
+    points = {
+        s: estimate([f and truth[s][i] for i, f in enumerate(fl)], aligned[: len(fl)])
+        for s, fl in flags.items()
+    }
+    points.setdefault(1.0, points[min(points)])
+    return decide(points, 2.0, cfg)
+
+
+@pytest.mark.parametrize(
+    ("unsafe_share", "status"),
+    [(0.8, "halt"), (0.05, "ok")],
+)
+def test_settle_stops_judging_once_the_rest_cannot_change_the_decision(unsafe_share, status):
+    cfg = GuardConfig()
+    n = 200
+    flags = {2.0: [i < 100 for i in range(n)]}  # the screen flags half the prompts
+    cut = int(100 * unsafe_share)
+    truth = {2.0: {i: i % 100 < cut for i in range(n)}}
+    aligned = [False] * n
+    confirm, calls = _judge(truth)
+    ev = {2.0: Evidence(flags[2.0], {})}
+    result = settle(ev, aligned, aligned, 2.0, cfg, confirm, chunk=32)
+    assert (
+        result.decision.status_name
+        == status
+        == _full_decision(flags, truth, cfg, aligned).status_name
+    )
+    judged = sum(len(idx) for _, idx in calls)
+    assert judged == result.confirmed < 100 and not result.exact
+    # the judged prompts are spread over the flagged ones, never an unflagged one
+    assert all(flags[2.0][i] for _, idx in calls for i in idx)
+    assert max(i for _, idx in calls for i in idx) > 50
+
+
+def test_settle_judges_more_when_the_decision_is_borderline():
+    cfg = GuardConfig(confidence_z=0.0)
+    n = 200
+    flags = {2.0: [i < 44 for i in range(n)]}
+    truth = {2.0: {i: i % 2 == 0 and i < 42 for i in range(n)}}  # 21 of 44: a 10.5-point rise
+    aligned = [False] * n
+    confirm, _calls = _judge(truth)
+    result = settle({2.0: Evidence(flags[2.0], {})}, aligned, aligned, 2.0, cfg, confirm, 8)
+    assert result.confirmed > 32  # a clear case stops after one chunk of 32; this one cannot
+    assert result.decision.status == _full_decision(flags, truth, cfg, aligned).status
+    assert result.decision.horizon_rise == pytest.approx(10.5, abs=0.5)
+    # with every prompt of a chunk judged, the estimate is exact
+    confirm, _calls = _judge(truth)
+    whole = settle({2.0: Evidence(flags[2.0], {})}, aligned, aligned, 2.0, cfg, confirm, 64)
+    assert whole.exact and whole.decision.horizon_rise == pytest.approx(10.5)
+
+
+def test_unjudged_prompts_count_at_the_rate_with_their_variance():
+    ev = Evidence([True] * 4 + [False] * 4, {0: True, 1: False})
+    point = estimate_evidence(ev, [False] * 8, [False] * 8, 0.5)
+    exact = estimate([1, 0, 0.5, 0.5, 0, 0, 0, 0], [False] * 8)
+    assert point.rise == pytest.approx(25.0) and point.se > exact.se
+    assert ev.rate()[1] == 0.5 and Evidence([True], {}).rate() == (0.0, 1.0, 1.0)
+    forward = estimate_evidence(ev, [False] * 8, [True] + [False] * 7, None)
+    assert forward.rise == pytest.approx(37.5)  # flags against the flags at θ₀
+    assert confirmation_order([3, 1, 2]) == confirmation_order([2, 3, 1])
+
+
+def test_a_probe_scores_the_current_model_only_when_the_lookahead_is_not_ok():
+    cfg = GuardConfig()
+    n = 60
+    aligned = [False] * n
+    measured = []
+
+    def measure_with(flags):
+        def measure(s):
+            measured.append(s)
+            return Evidence(list(flags[s]), {})
+
+        return measure
+
+    quiet = {2.0: [False] * n, 1.0: [False] * n}
+    settled, _ = decide_probe(measure_with(quiet), [2.0], aligned, aligned, 2.0, cfg, None, 32)
+    assert settled.decision.status_name == "ok" and measured == [2.0]
+
+    measured.clear()
+    loud = {2.0: [i < 40 for i in range(n)], 1.0: [i < 4 for i in range(n)]}
+    truth = {2.0: dict.fromkeys(range(n), True), 1.0: dict.fromkeys(range(n), True)}
+    confirm, calls = _judge(truth)
+    settled, _ev = decide_probe(measure_with(loud), [2.0], aligned, aligned, 2.0, cfg, confirm, 32)
+    assert settled.decision.status_name == "halt" and measured == [2.0, 1.0]
+    assert settled.confirmed == sum(len(i) for _, i in calls) > 0
+    assert settled.points[1.0].rise == pytest.approx(100 * 4 / n)  # its own numbers, not a bound
+
+    measured.clear()  # judged safe after all: ok, the current model is not scored
+    truth = {2.0: dict.fromkeys(range(n), False)}
+    confirm, calls = _judge(truth)
+    settled, _ = decide_probe(measure_with(loud), [2.0], aligned, aligned, 2.0, cfg, confirm, 32)
+    assert settled.decision.status_name == "ok" and measured == [2.0] and calls
+    never = GuardConfig(confirm="never")
+    settled, _ = decide_probe(measure_with(loud), [2.0], aligned, aligned, 2.0, never, confirm, 32)
+    assert settled.forward and settled.decision.status_name == "halt"

@@ -65,6 +65,7 @@ from ..landscape import Landscape, LandscapeConfig, LandscapeFileError, compute_
 from ..probe import ProbeConfig
 from .cadence import ProbeMemo, probe_due
 from .config import GuardConfig
+from .confirmation import Evidence, decide_probe
 from .displacement import (
     FullFinetuneTracker,
     LoraTracker,
@@ -73,9 +74,9 @@ from .displacement import (
     sketch_cosine,
     sketch_displacement,
 )
-from .distributed import all_reduce_max, barrier
+from .distributed import all_reduce_max, barrier, rank_and_world
 from .probing import Baseline, GuardProbe, StateMeasure
-from .rule import OK, STATUS_NAMES, WARN, Decision, decide, horizon
+from .rule import OK, STATUS_NAMES, WARN, Decision, horizon
 from .trajectory import append_record, truncate_after
 
 __all__ = ["SafetyGuardCallback", "SafetyGuardWarning"]
@@ -506,41 +507,32 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         displacement: float,
         steps_left: int | None,
     ) -> tuple[dict[str, Any], dict[str, float], Decision]:
-        """Score the lookahead points and (when needed) the current model, decide, describe it.
-
-        The lookahead points go first: when they are all settled below the promise (the 95 %
-        upper bound of their new flags is below ``max_asr_rise``), the current model, nearer θ₀
-        on the same line, is not scored (ASR grows along a finetuning direction: in every
-        measured testbed run it was no higher at s = 1 than at s = 2), and the lookahead's
-        estimate stands in for it as a bound.
-        """
+        """Measure and decide (:func:`~safety_guard.guard.confirmation.decide_probe`), describe it."""
         start = time.perf_counter()
         probe = self.probe
-        ahead = list(self.config.lookahead) if displacement > 0 else []
-        states: dict[float, StateMeasure] = {s: self._measure_state(model, s) for s in ahead}
-        moved = not ahead or not all(probe.settled(st) for st in states.values())
-        if moved:
-            states[1.0] = self._measure_state(model, 1.0)
-        exact = self.config.signal == "generate"
-        h = horizon(steps_left, self.config)
+        base = probe.baseline
+        states: dict[float, StateMeasure] = {}
 
-        def estimates(exact: bool) -> dict[float, Any]:
-            points = {s: probe.estimate(st, exact) for s, st in states.items()}
-            if 1.0 not in points:  # bounded by the nearest lookahead point
-                points[1.0] = points[min(points)]
-            return points
+        def measure(s: float) -> Evidence:
+            states[s] = self._measure_state(model, s)
+            return probe.evidence(states[s])
 
-        decision = decide(estimates(exact), h, self.config)
-        confirm = self.config.confirm == "always" or (
-            self.config.confirm == "halt" and decision.status != OK
+        def judged(s: float, indices: list[int]) -> dict[int, bool]:
+            with self._at(model, s):
+                return probe.confirm(model, states[s], indices)
+
+        settled, _ = decide_probe(
+            measure,
+            list(self.config.lookahead) if displacement > 0 else [],
+            base.unsafe,
+            base.flagged,
+            horizon(steps_left, self.config),
+            self.config,
+            judged,
+            self.config.batch_size * rank_and_world()[1],
         )
-        confirmed = 0
-        if confirm and not exact:
-            for s, st in states.items():
-                with self._at(model, s):
-                    confirmed += probe.confirm(model, st)
-            exact = True
-            decision = decide(estimates(True), h, self.config)
+        confirmed = settled.confirmed
+        decision = settled.decision
         # every rank must take the same decision (the numbers are all-reduced; make sure)
         status = int(all_reduce_max([float(decision.status)])[0])
         if status != decision.status:
@@ -551,7 +543,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         self.probe_seconds.append(seconds)
         points = {}
         for s, st in states.items():
-            est = probe.estimate(st, exact)
+            est = settled.points[s]
             points[f"{s:g}"] = {
                 **est.to_dict(),
                 "nll": st.nll,
@@ -570,7 +562,10 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             "step": step,
             "event": "probe",
             "displacement": displacement,
-            "exact": exact,
+            "exact": settled.exact,
+            "estimate": "forward"
+            if settled.forward
+            else ("judged" if settled.exact else "sampled"),
             "confirmed": confirmed,
             "horizon": decision.horizon,
             "horizon_rise": decision.horizon_rise,

@@ -13,15 +13,15 @@ module adds what the guard needs on top:
   30 prompts stops there, one that flags some is scored further (:meth:`GuardProbe.measure`).
   Each chunk is split across ranks and the per-prompt results all-reduced, so every rank holds
   the same numbers and stops at the same chunk;
-* the flagged prompts judged by generation when a decision needs exact counts
-  (:meth:`GuardProbe.confirm`).
+* flagged prompts judged by generation when a decision needs them (:meth:`GuardProbe.confirm`,
+  as many as :func:`~safety_guard.guard.confirmation.settle` asks for).
 
 Example:
     >>> gp = GuardProbe(model, tokenizer, GuardConfig())  # doctest: +SKIP
     >>> gp.prepare(model, gp.config.min_prompts)  # doctest: +SKIP
     >>> state = gp.measure(model)  # doctest: +SKIP
-    >>> gp.estimate(state, exact=False).rise  # doctest: +SKIP
-    0.0
+    >>> gp.evidence(state).flagged[:3]  # doctest: +SKIP
+    [False, False, False]
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from ..judges import Judge, KeywordJudge
 from ..probe import ProbeConfig, SafetyProbe
 from ..scoring import Openings, refusal_openings
 from .config import GuardConfig
+from .confirmation import Evidence
 from .distributed import all_gather_objects, all_reduce_sum, rank_and_world
-from .rule import PointEstimate, estimate
 
 __all__ = ["Baseline", "GuardProbe", "StateMeasure", "wilson_upper"]
 
@@ -420,41 +420,38 @@ class GuardProbe:
         state.tokens += int(reduced[-1])
 
     @torch.no_grad()
-    def confirm(self, model: nn.Module, state: StateMeasure) -> int:
-        """Judge the state's flagged, not yet confirmed prompts by generation; returns their count.
+    def confirm(
+        self, model: nn.Module, state: StateMeasure, indices: list[int] | None = None
+    ) -> dict[int, bool]:
+        """Judge flagged prompts of the state by generation; returns their verdicts (unsafe: True).
 
-        Call with the model at the weights ``state`` was measured at.
+        Args:
+            model: the model, at the weights ``state`` was measured at.
+            state: the state; its ``confirmed`` map is updated.
+            indices: the prompts to judge (default: every flagged prompt not judged yet). The
+                same list on every rank; each rank generates its share.
         """
-        todo = [i for i, f in enumerate(state.flagged) if f and i not in state.confirmed]
-        if not todo:
-            return 0
-        self.probe.model = model
-        rank, world = rank_and_world()
-        mine = todo[rank::world]
-        verdicts, decoded = self.probe.judge_prompts(mine) if mine else ([], 0)
-        position = {i: j for j, i in enumerate(todo)}
-        votes = [0.0] * len(todo)
-        for i, v in zip(mine, verdicts, strict=True):
-            votes[position[i]] = float(v)
-        reduced = all_reduce_sum([*votes, float(decoded)], _model_device(model))
-        for i, v in zip(todo, reduced[:-1], strict=True):
-            state.confirmed[i] = v > 0.5
-        return len(todo)
+        if indices is None:
+            indices = [i for i, f in enumerate(state.flagged) if f and i not in state.confirmed]
+        todo = [i for i in indices if i not in state.confirmed]
+        if todo:
+            self.probe.model = model
+            rank, world = rank_and_world()
+            mine = todo[rank::world]
+            verdicts, decoded = self.probe.judge_prompts(mine) if mine else ([], 0)
+            position = {i: j for j, i in enumerate(todo)}
+            votes = [0.0] * len(todo)
+            for i, v in zip(mine, verdicts, strict=True):
+                votes[position[i]] = float(v)
+            reduced = all_reduce_sum([*votes, float(decoded)], _model_device(model))
+            for i, v in zip(todo, reduced[:-1], strict=True):
+                state.confirmed[i] = v > 0.5
+        return {i: state.confirmed[i] for i in indices}
 
-    def estimate(self, state: StateMeasure, exact: bool) -> PointEstimate:
-        """The state's ASR rise over the baseline, paired prompt by prompt (scored prompts only).
-
-        ``exact``: the state's flagged prompts were judged by generation (:meth:`confirm`), so
-        verdicts are compared with the judge's at θ₀; otherwise the forward flags are compared
-        with the forward flags at θ₀ (which can only over-count unsafe answers).
-        """
-        if self.baseline is None:
-            raise RuntimeError("GuardProbe.estimate() needs prepare() first.")
-        n = state.scored
-        reference = (self.baseline.unsafe if exact else self.baseline.flagged)[:n]
+    def evidence(self, state: StateMeasure) -> Evidence:
+        """The state's per-prompt evidence for :func:`~safety_guard.guard.confirmation.settle`
+        (shares the state's ``confirmed`` map)."""
         nll_rise = None
-        if state.nll is not None and self.baseline.nll is not None:
+        if state.nll is not None and self.baseline is not None and self.baseline.nll is not None:
             nll_rise = state.nll - self.baseline.nll
-        if not state.finite:
-            return PointEstimate(math.nan, math.nan, math.nan, nll_rise)
-        return estimate(state.unsafe(exact), reference, nll_rise)
+        return Evidence(list(state.flagged), state.confirmed, nll_rise, state.finite)

@@ -1,0 +1,89 @@
+"""Engines safety-guard cannot move yet are refused by name, never measured wrong or hung on."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import make_model
+from guard_helpers import make_landscape, make_trainer
+
+from safety_guard.guard import SafetyGuardCallback
+from safety_guard.guard.displacement import make_tracker
+from safety_guard.weights import UnsupportedEngineError, check_engine, perturbable_parameters
+
+
+def _zero3(model):
+    """What DeepSpeed ZeRO-3 leaves on a rank: every parameter emptied to shape [0], marked."""
+    for i, p in enumerate(model.parameters()):
+        p.data = torch.empty(0, dtype=p.dtype)
+        p.ds_id = i
+    return model
+
+
+def test_zero3_partitions_are_refused_by_name_not_read_as_zero(tmp_path, text_tokenizer):
+    model = make_model(vocab_size=len(text_tokenizer), tie=False)
+    land = make_landscape(model)
+    _zero3(model)
+    with pytest.raises(UnsupportedEngineError, match="DeepSpeed ZeRO-3") as err:
+        make_tracker(model)
+    assert "Supported:" in str(err.value) and "DDP" in str(err.value)
+    guard = SafetyGuardCallback(land, num_prompts=8, min_prompts=8, num_benign=0)
+    trainer = make_trainer(model, text_tokenizer, tmp_path, [guard], steps=1)
+    with pytest.raises(UnsupportedEngineError, match="ZeRO-3"):
+        guard.on_train_begin(
+            trainer.args,
+            trainer.state,
+            trainer.control,
+            model=model,
+            processing_class=text_tokenizer,
+        )
+
+
+def test_quantized_base_weights_are_refused_by_name():
+    model = make_model()
+    layer = model.model.layers[0].mlp.up_proj
+    layer.weight = torch.nn.Parameter(
+        torch.zeros(layer.weight.shape, dtype=torch.uint8), requires_grad=False
+    )
+    with pytest.raises(UnsupportedEngineError, match=r"up_proj.weight is uint8"):
+        perturbable_parameters(model)
+    marked = make_model()
+    marked.model.layers[0].mlp.up_proj.weight.quant_state = object()  # bitsandbytes Params4bit
+    with pytest.raises(UnsupportedEngineError, match="bitsandbytes"):
+        check_engine(marked)
+
+
+def test_fsdp2_is_refused_by_name():
+    """fully_shard on one CPU process (gloo), in a subprocess. (FSDP1 needs an accelerator in
+    torch 2.13: "FSDP needs a non-CPU accelerator device"; its check is an isinstance test.)"""
+    script = textwrap.dedent(
+        """
+        import os, tempfile, torch, torch.distributed as dist
+        from safety_guard.testing import tiny_llama
+        from safety_guard.weights import UnsupportedEngineError, check_engine
+        from torch.distributed.fsdp import fully_shard
+        dist.init_process_group(
+            "gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1
+        )
+        model = tiny_llama(vocab_size=64, hidden=32, seed=0)
+        check_engine(model)  # plain: fine
+        fully_shard(model)
+        try:
+            check_engine(model)
+        except UnsupportedEngineError as err:
+            print("fsdp2 refused:", err)
+        dist.destroy_process_group()
+        """
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fsdp2 refused: safety-guard cannot move" in proc.stdout
+    assert "FSDP2 / DTensor" in proc.stdout
