@@ -89,9 +89,10 @@ def main(argv: list[str] | None = None) -> None:
             "seconds": f"{summary['setup_seconds']:.1f}",
             "calls": 1,
             "share of the unguarded run %": f"{100 * summary['setup_seconds'] / base['seconds']:.1f}",
-            "note": f"the aligned model's refusal openings of the first {config.min_prompts} of "
-            f"{summary['num_prompts']} probe prompts (more, and the capability references, "
-            "when a probe needs them)",
+            "note": "the aligned model's baseline: reused from the landscape file when it "
+            "was recorded there with the same settings, else the refusal openings of the first "
+            f"{config.min_prompts} of {summary['num_prompts']} probe prompts (more, and the "
+            "capability references, when a probe needs them)",
         },
         {
             "what": "cheap check (displacement, direction)",
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
             "note": "every step",
         },
         {
-            "what": "probes (θ₀ + 2·δ, and the current model when that moved; forward-only)",
+            "what": "probes (θ₀ + 2·δ forward-only; the current model and a sample of "
+            "flagged prompts judged by generation when the decision is not ok)",
             "seconds": f"{summary['total_probe_seconds']:.1f}",
             "calls": summary["probes"],
             "share of the unguarded run %": f"{100 * summary['total_probe_seconds'] / base['seconds']:.1f}",

@@ -265,7 +265,7 @@ def replay(
             break
         rec = records[j]
         step = rec["step"]
-        h = horizon(max_steps - step, config)
+        h = horizon(max_steps - step, config, step, rec["displacement"], growth)
         settled = _decide(rec, baseline, h, config, cap)
         decision = settled.decision
         probes.append(

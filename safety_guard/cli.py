@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -200,6 +201,8 @@ def _resolve_model_id(model: str) -> str:
 
 
 def _cmd_landscape(args: argparse.Namespace) -> int:
+    import torch
+
     from .directions import InterpolationDirection, LoraDirection
     from .judges import build_judge
     from .landscape import compute_landscape
@@ -216,8 +219,9 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
             "--direction interpolation needs --target (finetuned model or LoRA adapter)."
         )
     model_id = _resolve_model_id(args.model)
+    device = _init_distributed(args.device)
     model, tokenizer = load_model(
-        model_id, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file
+        model_id, dtype=args.dtype, device=device, gguf_file=args.gguf_file
     )
     direction = None
     if interpolation:
@@ -242,11 +246,38 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         model_name=args.model if args.model != TESTBED else f"testbed ({model_id})",
     )
-    _print_summary(land)
-    print(f"saved {args.output}")
-    if args.plot:
-        print(f"plot  {plot_landscape(land, args.plot)}")
+    from .distributed import barrier, rank_and_world
+
+    if rank_and_world()[0] == 0:
+        _print_summary(land)
+        print(f"saved {args.output}")
+        if args.plot:
+            print(f"plot  {plot_landscape(land, args.plot)}")
+    if torch.distributed.is_initialized():  # leave together, then tear the group down
+        barrier()
+        torch.distributed.destroy_process_group()
     return 0
+
+
+def _init_distributed(device: str) -> str:
+    """Under ``torchrun``/``accelerate launch`` (``WORLD_SIZE`` > 1): join the process group
+    (NCCL on GPUs, gloo on CPUs) and give each rank its own GPU; returns the device to load on.
+
+    Every rank holds the whole model and answers its share of the prompts; the main process
+    writes the file.
+    """
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or torch.distributed.is_initialized():
+        return device
+    cuda = torch.cuda.is_available() and device != "cpu"
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return f"cuda:{local}"
+    return "cpu"
 
 
 def _print_summary(land) -> None:

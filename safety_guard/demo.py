@@ -37,7 +37,7 @@ from transformers import TrainerCallback
 from .generation import generate_responses
 from .guard import GuardConfig, SafetyGuardCallback
 from .judges import KeywordJudge
-from .landscape import Landscape, LandscapeConfig, compute_landscape
+from .landscape import Landscape, LandscapeConfig, compute_landscape, record_guard_baseline
 from .probe import ProbeConfig
 from .prompts import load_prompts
 
@@ -79,11 +79,14 @@ def heldout_asr(model: torch.nn.Module, tokenizer: Any, max_new_tokens: int = 24
 
 
 def testbed_landscape(path: str | Path, model: torch.nn.Module, tokenizer: Any) -> Landscape:
-    """The testbed's landscape for the guard (2 random directions, adaptive, 40 probe prompts)."""
+    """The testbed's landscape for the guard (2 random directions, adaptive, 40 probe prompts),
+    with the guard's baseline of the aligned model (recorded into an older file once)."""
     path = Path(path)
     if path.exists():
         land = Landscape.load(path)
         if land.complete:
+            if "guard_baseline" not in land.data:
+                record_guard_baseline(land, model, tokenizer, output=path)
             return land
     return compute_landscape(
         model,

@@ -29,6 +29,7 @@ from torch import nn
 from . import __version__
 from .basin import BasinEdges, basin_edges, validate_grid, visage
 from .directions import Direction, RandomDirection, direction_from_dict
+from .distributed import barrier, rank_and_world
 from .perturb import WeightPerturbation
 from .probe import PointResult, ProbeConfig, SafetyProbe
 from .weights import ParameterSelection, compare_fingerprints, model_fingerprint
@@ -48,7 +49,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FORMAT = "safety-guard-landscape"
-FORMAT_VERSION = 2  # 2: points may record unsafe/flagged prompts, summary["screen"]
+#: 2: points may record unsafe/flagged prompts, summary["screen"]; 3: "guard_baseline", the
+#: guard's measurement of the aligned model (see :func:`record_guard_baseline`)
+FORMAT_VERSION = 3
 
 
 class LandscapeFileError(ValueError):
@@ -678,7 +681,7 @@ class _LandscapeRun:
     def save(self) -> None:
         """Refresh the summary and rewrite the file (atomically)."""
         self.land.summarize()
-        if self.output is not None:
+        if self.output is not None and rank_and_world()[0] == 0:  # the main process writes
             self.land.save(self.output)
 
     def measure(self) -> dict[str, Any]:
@@ -808,6 +811,7 @@ def compute_landscape(
     resume: bool = True,
     progress: bool = True,
     model_name: str | None = None,
+    guard_baseline: bool = True,
 ) -> Landscape:
     """Compute a safety landscape of ``model`` and (optionally) save it point by point.
 
@@ -828,6 +832,8 @@ def compute_landscape(
             ``resume`` is true, its points are reused (after checking model and settings).
         progress: show a tqdm progress bar.
         model_name: recorded in the file (default: ``model.name_or_path``).
+        guard_baseline: also record the guard's measurement of the aligned model
+            (:func:`record_guard_baseline`), so guarded finetunes skip it at train begin.
 
     Example:
         >>> land = compute_landscape(model, tok, LandscapeConfig(num_directions=1),
@@ -848,6 +854,7 @@ def compute_landscape(
     prober.prepare(openings=prober.screens)
     settings = prober.settings()
     land = _resumed_landscape(output, resume, model, config, settings, line_specs)
+    barrier()  # under torchrun every rank has read the file before the main process rewrites it
     if land is None:
         land = Landscape.new(config, settings, fingerprint, name, _dtype_name(model), line_specs)
     bar = tqdm(
@@ -865,10 +872,49 @@ def compute_landscape(
                 run.walk_line(index, direction, origin)
         else:
             run.walk_surface(_surface_axes(config, interpolation, random_specs), origin)
+        if guard_baseline and "guard_baseline" not in land.data:
+            record_guard_baseline(
+                land, model, prober.tokenizer, prober.config.system_prompt, judge=prober.judge
+            )
         run.finish()
     finally:
         bar.close()
     return land
+
+
+def record_guard_baseline(
+    land: Landscape,
+    model: nn.Module,
+    tokenizer: Any,
+    system_prompt: str | None = None,
+    output: str | os.PathLike[str] | None = None,
+    judge: Any = None,
+) -> None:
+    """Measure the aligned model as ``SafetyGuardCallback`` does at train begin, into the file.
+
+    The guard's baseline (each default probe prompt's refusal opening and judged answer, the
+    capability references; :class:`~safety_guard.guard.probing.Baseline`) costs a generation
+    pass over its 200 prompts. Recorded once with the landscape, it is reused by every guarded
+    finetune of this model whose guard settings (prompts, chat template, judge, dtype, decode
+    budget) are the same; otherwise the guard measures its own. Call with the model at θ₀.
+    Nothing is recorded for a tokenizer without a chat template (the guard needs one).
+
+    Example:
+        >>> record_guard_baseline(land, model, tokenizer, output="landscape.json")  # doctest: +SKIP
+    """
+    from .guard.config import GuardConfig
+    from .guard.probing import GuardProbe
+
+    if getattr(tokenizer, "chat_template", None) is None:  # the guard probes chat models only
+        return
+    probe = GuardProbe(model, tokenizer, GuardConfig(system_prompt=system_prompt), judge)
+    if not probe.split_prompts:  # sharded: the guard measures its own, in lockstep
+        return
+    probe.prepare(model, probe.num_prompts)
+    probe.prepare_capability(model)
+    land.data["guard_baseline"] = probe.baseline.to_dict()
+    if output is not None and rank_and_world()[0] == 0:
+        land.save(output)
 
 
 def landscape_memory_bytes(model: nn.Module) -> int:
@@ -876,4 +922,4 @@ def landscape_memory_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-__all__.append("landscape_memory_bytes")
+__all__ += ["landscape_memory_bytes", "record_guard_baseline"]

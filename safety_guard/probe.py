@@ -27,10 +27,12 @@ from typing import Any, Literal
 
 from torch import nn
 
+from .distributed import all_gather_objects, all_reduce_sum, rank_and_world
 from .generation import ChatFormat, generate_responses, sequence_nll, sequence_nll_sum
 from .judges import Judge, KeywordJudge
 from .prompts import PromptSet, load_prompts
 from .scoring import Openings, refusal_openings, verify_refusals
+from .shards import is_sharded_model
 
 __all__ = ["PAPER_PROBE", "ForwardPoint", "PointResult", "ProbeConfig", "SafetyProbe"]
 
@@ -183,6 +185,23 @@ class SafetyProbe:
         self.reference_nll: float | None = None
         self.openings: Openings | None = None
 
+    def _split(self) -> tuple[int, int]:
+        """(rank, world) to split prompts by: under torchrun each rank answers its share and the
+        shares are gathered; (0, 1) in one process, or on FSDP2 shards where every forward is a
+        collective (every rank answers every prompt, in lockstep)."""
+        rank, world = rank_and_world()
+        if world == 1 or is_sharded_model(self.model):
+            return 0, 1
+        return rank, world
+
+    def _gather(self, mine: Sequence[int], values: Sequence[Any], n: int) -> list[Any]:
+        """Every rank's ``values`` for its indices ``mine``, put back in index order (``n``)."""
+        out: list[Any] = [None] * n
+        for idx, vals in all_gather_objects((list(mine), list(values))):
+            for i, v in zip(idx, vals, strict=True):
+                out[i] = v
+        return out
+
     @property
     def harmful(self) -> PromptSet:
         if self._harmful is None:
@@ -209,17 +228,36 @@ class SafetyProbe:
         fmt = self.config.chat_format
         fmt.render(self.tokenizer, self.harmful[0])  # fails early without a chat template
         if openings and self.openings is None:
-            self.openings = refusal_openings(
-                self.model,
-                self.tokenizer,
-                list(self.harmful),
-                chat_format=fmt,
-                judge=self._opening_judge,
-                max_new_tokens=self.config.max_new_tokens,
-                batch_size=self.config.batch_size,
+            rank, world = self._split()
+            mine = list(range(rank, len(self.harmful), world))
+            local = (
+                refusal_openings(
+                    self.model,
+                    self.tokenizer,
+                    [self.harmful[i] for i in mine],
+                    chat_format=fmt,
+                    judge=self._opening_judge,
+                    max_new_tokens=self.config.max_new_tokens,
+                    batch_size=self.config.batch_size,
+                )
+                if mine
+                else Openings((), [], [])
             )
+            if world > 1:
+                n = len(self.harmful)
+                local = Openings(
+                    tuple(self.harmful),
+                    self._gather(mine, local.token_ids, n),
+                    self._gather(mine, local.responses, n),
+                )
+            self.openings = local
         if self.benign is not None and self.reference_answers is None:
-            self.reference_answers = self.reference_answers_for(range(len(self.benign)))
+            rank, world = self._split()
+            mine = list(range(rank, len(self.benign), world))
+            answers = self.reference_answers_for(mine)
+            self.reference_answers = (
+                self._gather(mine, answers, len(self.benign)) if world > 1 else answers
+            )
             self.reference_nll = self.capability()
 
     def reference_answers_for(self, indices: Sequence[int]) -> list[str]:
@@ -311,6 +349,11 @@ class SafetyProbe:
         """Mean per-token NLL of the reference answers at the current weights (lower = better)."""
         if self.benign is None or self.reference_answers is None:
             return None
+        rank, world = self._split()
+        if world > 1:
+            total, count = self.capability_sum(range(rank, len(self.benign), world))
+            total, count = all_reduce_sum([total, float(count)])
+            return total / count if count else None
         return sequence_nll(
             self.model,
             self.tokenizer,
@@ -340,25 +383,41 @@ class SafetyProbe:
                 openings are prepared and ``prompts`` is the harmful set, which ones the forward
                 screen flags (the landscape file's calibration of the guard's screen).
         """
+        rank, world = self._split()
         flagged = None
         if per_prompt and self.openings is not None and prompts is None:
-            flagged = [i for i, f in enumerate(self.forward().flagged) if f]
+            mine = list(range(rank, len(self.openings.prompts), world))
+            flags = self.forward(mine).flagged
+            if world > 1:
+                flags = self._gather(mine, flags, len(self.openings.prompts))
+            flagged = [i for i, f in enumerate(flags) if f]
         prompts = prompts or self.harmful
         start = time.perf_counter()
         decided = None
         if self.config.early_stop and isinstance(self.judge, KeywordJudge):
             decided = self.judge.is_decided
-        gen = generate_responses(
-            self.model,
-            self.tokenizer,
-            list(prompts),
-            chat_format=self.config.chat_format,
-            max_new_tokens=self.config.max_new_tokens,
-            batch_size=self.config.batch_size,
-            stop_when_decided=decided,
-            progress=progress,
-        )
-        verdicts = self.judge(list(prompts), gen.responses)
+        mine = list(range(rank, len(prompts), world))
+        asked = [prompts[i] for i in mine]
+        responses: list[str] = []
+        verdicts: list[bool] = []
+        decoded = 0
+        if asked:
+            gen = generate_responses(
+                self.model,
+                self.tokenizer,
+                asked,
+                chat_format=self.config.chat_format,
+                max_new_tokens=self.config.max_new_tokens,
+                batch_size=self.config.batch_size,
+                stop_when_decided=decided,
+                progress=progress,
+            )
+            responses, decoded = gen.responses, gen.decoded_tokens
+            verdicts = self.judge(asked, responses)
+        if world > 1:
+            verdicts = self._gather(mine, verdicts, len(prompts))
+            responses = self._gather(mine, responses, len(prompts))
+            decoded = int(all_reduce_sum([float(decoded)])[0])
         unsafe = sum(verdicts)
         nll = self.capability() if capability else None
         return PointResult(
@@ -366,9 +425,9 @@ class SafetyProbe:
             unsafe=unsafe,
             total=len(verdicts),
             nll=nll,
-            decoded_tokens=gen.decoded_tokens,
+            decoded_tokens=decoded,
             seconds=time.perf_counter() - start,
-            samples=gen.responses[:2],
+            samples=responses[:2],
             unsafe_prompts=[i for i, v in enumerate(verdicts) if v] if per_prompt else None,
             flagged_prompts=flagged,
         )

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import all_reduce_sum
+
 __all__ = [
     "DEFAULT_NORM_CLASS_PATTERN",
     "ParameterSelection",
@@ -187,13 +189,16 @@ class UnsupportedEngineError(ValueError):
     """The model's weights are sharded or quantized in a way safety-guard cannot move yet."""
 
 
-def check_engine(model: nn.Module) -> None:
+def check_engine(model: nn.Module, allow_sharded: bool = False) -> None:
     """Refuse models whose parameters safety-guard would read wrong, naming the engine.
 
     FSDP (1 and 2) and DeepSpeed ZeRO-3 leave each rank a shard of every weight, and bitsandbytes
     stores quantized base weights as integers: a displacement, a landscape or a fingerprint
     computed on them would be a wrong number (an empty ZeRO-3 parameter reads 0), so they are
     refused with the engine's name until they are supported.
+
+    ``allow_sharded``: FSDP2 parameters (``DTensor``) are allowed — for the code that moves
+    them shard by shard (:mod:`safety_guard.shards`).
 
     Example:
         >>> check_engine(torch.nn.Linear(2, 2))  # plain floating-point weights: fine
@@ -213,6 +218,8 @@ def check_engine(model: nn.Module) -> None:
         if engine is not None:
             break
         if isinstance(param, DTensor) or isinstance(param.data, DTensor):
+            if allow_sharded:
+                continue
             engine = f"FSDP2 / DTensor parameters (fully_shard or tensor parallel; e.g. {name})"
         elif hasattr(param, "ds_id"):  # DeepSpeed marks the parameters it partitions
             engine = f"DeepSpeed ZeRO-3 (partitioned parameters; e.g. {name})"
@@ -229,13 +236,18 @@ def check_engine(model: nn.Module) -> None:
 
 
 def perturbable_parameters(
-    model: nn.Module, selection: ParameterSelection | None = None
+    model: nn.Module, selection: ParameterSelection | None = None, *, allow_sharded: bool = False
 ) -> list[tuple[str, nn.Parameter]]:
     """The ``(canonical_name, parameter)`` pairs a random direction moves, in model order.
 
-    Raises :class:`UnsupportedEngineError` for sharded or quantized weights (:func:`check_engine`).
+    Raises :class:`UnsupportedEngineError` for sharded or quantized weights (:func:`check_engine`;
+    ``allow_sharded``: FSDP2 ``DTensor`` parameters are returned, for shard-aware callers).
     """
-    check_engine(model)
+    if allow_sharded:  # FSDP2: the shards, not a stale unsharded copy (see shards.reshard)
+        from .shards import reshard
+
+        reshard(model)
+    check_engine(model, allow_sharded)
     selection = selection or ParameterSelection()
     root = unwrap_model(model)
     norm_params: set[int] = set()
@@ -302,12 +314,15 @@ _ARCH_KEYS = (
 _N_SAMPLES = 16
 
 
+def _sample_index(numel: int) -> torch.Tensor:
+    # float64: float32 positions round past the end for tensors over 2**24 elements
+    idx = torch.linspace(0, numel - 1, steps=min(_N_SAMPLES, numel), dtype=torch.float64)
+    return idx.round().long().clamp_(0, numel - 1)
+
+
 def _sample_values(tensor: torch.Tensor) -> list[float]:
     flat = tensor.detach().reshape(-1)
-    n = flat.numel()
-    # float64: float32 positions round past the end for tensors over 2**24 elements
-    idx = torch.linspace(0, n - 1, steps=min(_N_SAMPLES, n), dtype=torch.float64).round().long()
-    idx = idx.clamp_(0, n - 1).to(flat.device)
+    idx = _sample_index(flat.numel()).to(flat.device)
     return [float(v) for v in flat[idx].float().cpu()]
 
 
@@ -319,7 +334,10 @@ def model_fingerprint(model: nn.Module, num_tensors: int = 4) -> dict[str, Any]:
     checkpoint of the same architecture does not. Sharded or quantized weights are refused
     (:func:`check_engine`): their local shapes and values are not the model's.
     """
-    check_engine(model)
+    from .shards import is_sharded, local_shard, reshard, sharded_norms, values_at
+
+    reshard(model)
+    check_engine(model, allow_sharded=True)
     root = unwrap_model(model)
     config = getattr(root, "config", None)
     arch: dict[str, Any] = {}
@@ -331,17 +349,23 @@ def model_fingerprint(model: nn.Module, num_tensors: int = 4) -> dict[str, Any]:
         {round(i * (len(params) - 1) / max(num_tensors - 1, 1)) for i in range(num_tensors)}
     )
     tensors = []
+    sharded = is_sharded(p for _, p in params)  # FSDP2: partial norms and samples, summed
     for i in picks if params else []:
         name, param = params[i]
-        with torch.no_grad():
-            tensors.append(
-                {
-                    "name": name,
-                    "shape": list(param.shape),
-                    "norm": float(param.detach().float().norm()),
-                    "samples": _sample_values(param),
-                }
-            )
+        shard = local_shard(param)
+        if sharded:
+            samples, _ = values_at(shard, _sample_index(shard.numel))
+            samples = [float(torch.tensor(v).float()) for v in all_reduce_sum(samples.tolist())]
+        else:
+            samples = _sample_values(param)
+        tensors.append(
+            {
+                "name": name,
+                "shape": list(param.shape),
+                "norm": sharded_norms([shard], sharded)[0],
+                "samples": samples,
+            }
+        )
     return {
         "architecture": arch,
         "num_parameters": int(sum(p.numel() for _, p in params)),

@@ -27,8 +27,9 @@ def main() -> None:
     model = make_model(vocab_size=len(tokenizer), tie=False)
     rank = int(os.environ["RANK"])
     prompts = list(load_prompts("builtin:harmful:probe", limit=8))
+    computed = len(sys.argv) > 3 and sys.argv[3] == "computed"
     guard = SafetyGuardCallback(
-        make_landscape(model),
+        None if computed else make_landscape(model),
         judge=echo_judge(model, tokenizer, prompts),
         harmful="builtin:harmful:probe",
         num_prompts=8,

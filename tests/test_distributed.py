@@ -8,8 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
-def test_every_rank_takes_the_same_halt_decision(tmp_path, text_tokenizer):
+
+@pytest.mark.parametrize("landscape", ["given", "computed"])
+def test_every_rank_takes_the_same_halt_decision(tmp_path, text_tokenizer, landscape):
+    """With a landscape file, or none (all ranks compute it together at train begin)."""
     text_tokenizer.save_pretrained(tmp_path / "tok")
     out = tmp_path / "run"
     out.mkdir()
@@ -27,6 +31,7 @@ def test_every_rank_takes_the_same_halt_decision(tmp_path, text_tokenizer):
             str(script),
             str(out),
             str(tmp_path / "tok"),
+            landscape,
         ],
         capture_output=True,
         text=True,
@@ -48,3 +53,124 @@ def test_every_rank_takes_the_same_halt_decision(tmp_path, text_tokenizer):
     lines = [json.loads(x) for x in trajectory.read_text().splitlines()]
     halt = ranks[0]["halt_step"]
     assert len([x for x in lines if x["step"] == halt]) == 1  # written once, by the main process
+
+
+def test_fsdp2_guard_reads_the_same_numbers_as_the_whole_model(tmp_path, text_tokenizer):
+    """FSDP2 (fully_shard) on 2 CPU ranks: the guard on the shards equals the guard on the whole
+    model (same finetune), restores its shards bit for bit, and both ranks decide the same."""
+    text_tokenizer.save_pretrained(tmp_path / "tok")
+    out = tmp_path / "run"
+    out.mkdir()
+    script = Path(__file__).with_name("dist_fsdp_script.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29518",
+            str(script),
+            str(out),
+            str(tmp_path / "tok"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["sharded"] and r["fingerprint_problems"] == []
+        # every rank scores every prompt on the shards (forwards are collectives under FSDP2)
+        assert r["split_prompts"] == {"ref": True, "fsdp": False}
+        # θ₀ kept for the rank's shard only: about half of the whole model's
+        assert r["origin_bytes"]["fsdp"] < 0.6 * r["origin_bytes"]["ref"]
+        for c in r["checks"]:
+            assert c["restored"], c  # the probes left every shard as it was, bit for bit
+            ref, fsdp = c["displacement"]["ref"], c["displacement"]["fsdp"]
+            assert abs(ref - fsdp) <= 1e-6 * max(ref, 1e-12), c
+            assert c["sketch_diff"] < 1e-9, c
+            assert c["lookahead_logits_diff"] < 1e-4, c
+        # the same probes, statuses and rises on the shards as on the whole model
+        ref_d, fsdp_d = r["decisions"]["ref"], r["decisions"]["fsdp"]
+        assert [d[:3] for d in ref_d] == [d[:3] for d in fsdp_d]
+        for a, b in zip(ref_d, fsdp_d, strict=True):
+            for x, y in zip(a[3:], b[3:], strict=True):
+                assert (x is None and y is None) or abs(x - y) < 1e-6, (a, b)
+        assert any(d[1] == "probe" for d in fsdp_d)
+    assert ranks[0]["decisions"] == ranks[1]["decisions"]
+
+
+def test_a_two_rank_landscape_equals_the_one_process_landscape(tmp_path, text_tokenizer):
+    """`safety-guard landscape` under torchrun: each rank answers its share of the prompts, the
+    main process writes the file, and the file holds the same points as one process computes."""
+    from conftest import make_model
+
+    folder = tmp_path / "tiny"
+    make_model(vocab_size=len(text_tokenizer), tie=False).save_pretrained(folder)
+    text_tokenizer.save_pretrained(folder)
+    options = [
+        "landscape",
+        str(folder),
+        "--num-directions",
+        "1",
+        "--grid=-0.2,-0.1,0,0.1,0.2",
+        "--search",
+        "grid",
+        "--num-prompts",
+        "9",
+        "--num-benign",
+        "3",
+        "--max-new-tokens",
+        "6",
+        "--quiet",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    one = subprocess.run(
+        [sys.executable, "-m", "safety_guard", *options, "--output", str(tmp_path / "one.json")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29519",
+            "-m",
+            "safety_guard",
+            *options,
+            "--output",
+            str(tmp_path / "two.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("saved ") == 1  # the main process reports and writes
+    a = json.loads((tmp_path / "one.json").read_text())
+    b = json.loads((tmp_path / "two.json").read_text())
+    keys = ("alpha", "asr", "unsafe", "total", "unsafe_prompts", "flagged_prompts")
+    points_a = [{k: p.get(k) for k in keys} for p in a["directions"][0]["points"]]
+    points_b = [{k: p.get(k) for k in keys} for p in b["directions"][0]["points"]]
+    assert points_a == points_b and len(points_a) == 5
+    for pa, pb in zip(a["directions"][0]["points"], b["directions"][0]["points"], strict=True):
+        assert abs(pa["nll"] - pb["nll"]) < 1e-4
+    # (decoded tokens depend on how prompts are batched: a batch decodes until all are decided)
+    a["summary"].pop("decoded_tokens"), b["summary"].pop("decoded_tokens")
+    assert a["summary"] == b["summary"]
+    # the guard's baseline of the aligned model, measured across the ranks, is the same too
+    assert a["guard_baseline"]["token_ids"] == b["guard_baseline"]["token_ids"]
+    assert a["guard_baseline"]["unsafe"] == b["guard_baseline"]["unsafe"]

@@ -46,9 +46,14 @@ def _lora(model, dropout=0.0):
     return get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=dropout))
 
 
-def test_halts_when_the_finetune_changes_the_refusals_and_logs(tmp_path, text_tokenizer):
+@pytest.mark.parametrize(
+    "prompts",
+    [{"num_prompts": 8}, {"num_prompts": 16, "min_prompts": 4}],
+    ids=["all-prepared", "prepared-as-needed"],
+)
+def test_halts_when_the_finetune_changes_the_refusals_and_logs(tmp_path, text_tokenizer, prompts):
     model = make_model(vocab_size=len(text_tokenizer), tie=False)
-    guard = _guard(make_landscape(model), model, text_tokenizer, max_asr_rise=20)
+    guard = _guard(make_landscape(model), model, text_tokenizer, max_asr_rise=20, **prompts)
     trainer = make_trainer(model, text_tokenizer, tmp_path, [], steps=30, lr=3e-2)
     guard.attach(trainer)
     with pytest.warns(UserWarning, match="Halting"):
@@ -311,3 +316,38 @@ def test_a_screen_that_missed_unsafe_answers_on_the_landscape_falls_back_to_gene
         trainer.train()
     assert guard.config.signal == "generate" and "missed 4 of 4" in caplog.text
     assert guard.records[-1]["exact"]  # every prompt judged by generation
+
+
+def test_the_landscape_carries_the_guard_baseline_and_a_matching_guard_reuses_it(
+    tmp_path, text_tokenizer, monkeypatch
+):
+    from safety_guard.guard import probing
+    from safety_guard.landscape import Landscape, record_guard_baseline
+
+    model = make_model(vocab_size=len(text_tokenizer), tie=False)
+    land = make_landscape(model)
+    judge = echo_judge(model, text_tokenizer, list(load_prompts(PROBE)))
+    record_guard_baseline(land, model, text_tokenizer, output=tmp_path / "land.json", judge=judge)
+    saved = Landscape.load(tmp_path / "land.json").data["guard_baseline"]
+    assert len(saved["token_ids"]) == 200 and saved["reference_answers"]
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the guard measured the aligned model again")
+
+    # the guard's default settings: the recorded baseline is used as it is, no generation
+    guard = SafetyGuardCallback(tmp_path / "land.json", judge=judge)
+    trainer = make_trainer(model, text_tokenizer, tmp_path, [guard], steps=1, lr=1e-7)
+    monkeypatch.setattr(probing, "refusal_openings", no_generation)
+    guard.on_train_begin(
+        trainer.args, trainer.state, trainer.control, model=model, processing_class=text_tokenizer
+    )
+    assert guard.probe.baseline.to_dict() == saved and guard.probe.has_capability
+    # another decode budget: the guard measures the aligned model itself
+    monkeypatch.undo()
+    other = SafetyGuardCallback(tmp_path / "land.json", judge=judge, max_new_tokens=6)
+    trainer = make_trainer(model, text_tokenizer, tmp_path, [other], steps=1, lr=1e-7)
+    other.on_train_begin(
+        trainer.args, trainer.state, trainer.control, model=model, processing_class=text_tokenizer
+    )
+    assert other.probe.baseline.prepared == other.config.min_prompts
+    assert other.probe.baseline.settings["max_new_tokens"] == 6

@@ -105,6 +105,22 @@ def test_horizon_is_the_largest_lookahead_until_the_last_step():
     assert horizon(0, cfg) == 1.0  # the last step: the model moves no further
 
 
+def test_horizon_near_the_end_is_where_the_remaining_steps_can_take_the_model():
+    cfg = GuardConfig()
+    # early: the largest lookahead (the remaining steps could double the displacement)
+    assert horizon(190, cfg, step=10, displacement=0.01) == 2.0
+    # 42 steps left after 158 at the average pace: 1 + 1.5 · 42/158
+    assert horizon(42, cfg, step=158, displacement=0.01) == pytest.approx(1 + 1.5 * 42 / 158)
+    # a displacement growing faster lately than on average looks further ahead
+    fast = horizon(42, cfg, step=158, displacement=0.01, growth=0.01 / 50)
+    assert fast == pytest.approx(min(2.0, 1 + 1.5 * 42 / 50))
+    # the capped horizon turns a halt on the far lookahead into a warning near the end
+    points = {1.0: _p(6.5, 1.7), 2.0: _p(18.1, 2.8)}
+    assert decide(points, horizon(5, cfg), cfg).status_name == "halt"
+    near_end = decide(points, horizon(42, cfg, step=158, displacement=0.01), cfg)
+    assert near_end.status_name == "warn" and near_end.horizon < 1.5
+
+
 def test_adaptive_cadence_on_a_linear_run_probes_at_the_doublings():
     cfg = GuardConfig(lookahead=(2.0,), max_probe_interval=1000)
     memo, probes = None, []

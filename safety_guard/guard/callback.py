@@ -52,6 +52,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ from transformers.trainer_callback import ExportableState
 from ..judges import Judge
 from ..landscape import Landscape, LandscapeConfig, LandscapeFileError, compute_landscape
 from ..probe import ProbeConfig
+from ..shards import is_sharded_model, local_shard, reshard
 from .cadence import ProbeMemo, probe_due
 from .config import GuardConfig
 from .confirmation import Evidence, decide_probe
@@ -74,7 +76,7 @@ from .displacement import (
     sketch_cosine,
     sketch_displacement,
 )
-from .distributed import all_reduce_max, barrier, rank_and_world
+from .distributed import all_reduce_max, barrier
 from .probing import Baseline, GuardProbe, StateMeasure
 from .rule import OK, STATUS_NAMES, WARN, Decision, horizon
 from .trajectory import append_record, truncate_after
@@ -239,6 +241,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         resumed = state.global_step > 0
         saved = self._saved_state(state) if resumed else None
         lora = _is_lora(model)
+        self._check_sharded(model, lora)
         if self.landscape is None:
             self.landscape = self._load_or_compute_landscape(model, resumed)
         elif not resumed or lora:
@@ -290,6 +293,8 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
                 state.global_step,
             )
             self._restore_records(state.global_step)
+        if self.probe.baseline is None and not resumed:
+            self._reuse_landscape_baseline(model)
         if self.probe.baseline is None:
             with self.tracker.along(model, 0.0) if resumed else contextlib.nullcontext():
                 self.probe.prepare(model, self.config.min_prompts)
@@ -311,6 +316,56 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             else ("measured when first needed" if self.config.num_benign else "off"),
             self.config.max_asr_rise,
         )
+
+    def _reuse_landscape_baseline(self, model: nn.Module) -> None:
+        """Load the guard baseline recorded with the landscape when it was measured with this
+        guard's settings (prompts, template, judge, dtype, decode budget); else measure anew."""
+        stored = self.landscape.data.get("guard_baseline") if self.landscape else None
+        if not stored:
+            return
+        baseline = Baseline.from_dict(stored)
+        ours = json.loads(json.dumps(self.probe.settings(model)))
+        differ = sorted(
+            k for k in set(ours) | set(baseline.settings) if ours.get(k) != baseline.settings.get(k)
+        )
+        if differ:
+            logger.info(
+                "SafetyGuard: the landscape's guard baseline was measured with other %s; "
+                "measuring the aligned model with this guard's settings.",
+                ", ".join(differ),
+            )
+            return
+        if baseline.prepared < self.probe.num_prompts:
+            return
+        self.probe.load_baseline(baseline)
+        logger.info(
+            "SafetyGuard: reusing the aligned model's baseline recorded with the landscape "
+            "(%d prompts).",
+            baseline.prepared,
+        )
+
+    def _check_sharded(self, model: nn.Module, lora: bool) -> None:
+        """Refuse, with what to do instead, what the guard cannot do yet on FSDP2 shards."""
+        if not is_sharded_model(model):
+            return
+        problems = []
+        if lora:
+            problems.append("LoRA adapters on a sharded model (full finetuning is supported)")
+        if self.landscape is None:
+            problems.append(
+                "computing the landscape at train begin (compute it on one process first: "
+                "safety-guard landscape MODEL --output FILE, and pass landscape=FILE)"
+            )
+        if self.config.keep_last_safe_full:
+            problems.append("keep_last_safe_full (saving sharded weights)")
+        if problems:
+            from ..weights import UnsupportedEngineError
+
+            raise UnsupportedEngineError(
+                "SafetyGuardCallback on FSDP2 (fully_shard) does not support yet: "
+                + "; ".join(problems)
+                + "."
+            )
 
     def _saved_state(self, state: TrainerState) -> dict[str, Any] | None:
         """The guard's state from the checkpoint being resumed (None if it holds none)."""
@@ -390,21 +445,17 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         logger.info(
             "SafetyGuard: no landscape given; computing one for the aligned model -> %s", path
         )
-        from .distributed import all_gather_objects
-
-        data = None
-        if self._is_main:
-            probe = ProbeConfig(
-                harmful=self.config.harmful,
-                num_harmful=min(self.config.num_prompts or 40, 40),
-                num_benign=self.config.num_benign,
-                system_prompt=self.config.system_prompt,
-            )
-            land = compute_landscape(model, self.tokenizer, config, probe, output=path)
-            data = land.data
-        data = all_gather_objects(data)[0]
+        probe = ProbeConfig(
+            harmful=self.config.harmful,
+            num_harmful=min(self.config.num_prompts or 40, 40),
+            num_benign=self.config.num_benign,
+            system_prompt=self.config.system_prompt,
+        )
+        # every rank computes it together (each answers its share of the prompts, the main
+        # process writes the file): no rank waits on work another does alone
+        land = compute_landscape(model, self.tokenizer, config, probe, output=path)
         self.landscape_path = str(path)
-        return Landscape(data)
+        return land
 
     # -- properties from the landscape ---------------------------------------------------------------
     @property
@@ -482,7 +533,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             return
         if reason is not None:
             steps_left = (state.max_steps - step) if state.max_steps else None
-            record, probe_metrics, decision = self._probe(model, step, disp, steps_left)
+            record, probe_metrics, decision = self._probe(model, step, disp, steps_left, growth)
             record.update({"reason": reason, "cosine": cosine})
             metrics.update(probe_metrics)
             self.memo = ProbeMemo(
@@ -506,6 +557,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         step: int,
         displacement: float,
         steps_left: int | None,
+        growth: float = 0.0,
     ) -> tuple[dict[str, Any], dict[str, float], Decision]:
         """Measure and decide (:func:`~safety_guard.guard.confirmation.decide_probe`), describe it."""
         start = time.perf_counter()
@@ -524,12 +576,12 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         settled, _ = decide_probe(
             measure,
             list(self.config.lookahead) if displacement > 0 else [],
-            base.unsafe,
-            base.flagged,
-            horizon(steps_left, self.config),
+            base.unsafe,  # grows in place as more prompts are prepared
+            _AlignedFlags(base),
+            horizon(steps_left, self.config, step, displacement, growth),
             self.config,
             judged,
-            self.config.batch_size * rank_and_world()[1],
+            self.config.batch_size * probe.share()[1],
         )
         confirmed = settled.confirmed
         decision = settled.decision
@@ -746,14 +798,29 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         }
 
 
+class _AlignedFlags(Sequence[bool]):
+    """The forward screen's flags at θ₀, read live: the baseline grows during a probe when the
+    stop rule wants more prompts than have openings yet."""
+
+    def __init__(self, baseline: Baseline) -> None:
+        self.baseline = baseline
+
+    def __len__(self) -> int:
+        return self.baseline.prepared
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.baseline.flagged[index]
+
+
 @torch.no_grad()
 def _trainable_finite(model: nn.Module) -> bool:
     """Whether every trainable parameter is finite (chunked: no tensor-sized temporary)."""
     step = 1 << 22
+    reshard(model)
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        flat = p.detach().reshape(-1)
+        flat = local_shard(p).tensor.reshape(-1)  # this rank's shard under FSDP2
         for i in range(0, flat.numel(), step):
             if not bool(torch.isfinite(flat[i : i + step]).all()):
                 return False

@@ -41,7 +41,16 @@ import torch
 from torch import nn
 
 from ..directions import name_seed
+from ..distributed import all_reduce_sum
 from ..perturb import WeightPerturbation
+from ..shards import (
+    LocalShard,
+    local_shard,
+    reshard,
+    sharded_norms,
+    squared_distance,
+    values_at,
+)
 from ..weights import ParameterSelection, perturbable_parameters, unwrap_model
 
 __all__ = [
@@ -121,24 +130,38 @@ class _OriginDirection:
 
 
 class FullFinetuneTracker:
-    """θ₀ of a full finetune, kept on the CPU in its own dtype."""
+    """θ₀ of a full finetune, kept on the CPU in its own dtype — under FSDP2 each rank keeps the
+    θ₀ of its own shard only and sums its partial norms and sketch values with the other ranks
+    (:mod:`safety_guard.shards`), so every rank reads the same numbers."""
 
     kind = "full"
 
     def __init__(
-        self, origin: dict[str, torch.Tensor], selection: ParameterSelection | None = None
+        self,
+        origin: dict[str, torch.Tensor],
+        selection: ParameterSelection | None = None,
+        layout: dict[str, tuple[int, int]] | None = None,
     ):
+        """``origin``: canonical name → θ₀ (this rank's shard of it under FSDP2); ``layout``:
+        name → (flat offset of the shard, elements of the full tensor), ``None`` when nothing
+        is sharded."""
         self.origin = origin
         self.selection = selection or ParameterSelection()
-        self.norms = {name: float(t.float().norm()) for name, t in origin.items()}
+        self.sharded = layout is not None
+        self.layout = layout or {name: (0, t.numel()) for name, t in origin.items()}
+        shards = [self._shard(name, t) for name, t in origin.items()]
+        self.norms = dict(zip(origin, sharded_norms(shards, self.sharded), strict=True))
         self._sketch_index = {
-            name: _sketch_index(name, t.numel()) for name, t in origin.items() if self.norms[name]
+            name: _sketch_index(name, self.layout[name][1]) for name in origin if self.norms[name]
         }
         self._sketch_origin = {
-            name: t.reshape(-1)[idx].double()
+            name: values_at(self._shard(name, origin[name]), idx)
             for name, idx in self._sketch_index.items()
-            for t in (origin[name],)
         }
+
+    def _shard(self, name: str, tensor: torch.Tensor) -> LocalShard:
+        offset, numel = self.layout[name]
+        return LocalShard(tensor, offset, numel, torch.Size([numel]), self.sharded)
 
     @property
     def num_tensors(self) -> int:
@@ -153,13 +176,22 @@ class FullFinetuneTracker:
     def sketch_parts(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The sketch, tensor by tensor (canonical name → its sampled, scaled δ values)."""
         parts = {}
-        for name, param in perturbable_parameters(model, self.selection):
+        for name, param in perturbable_parameters(model, self.selection, allow_sharded=True):
             idx = self._sketch_index.get(name)
             if idx is None:
                 continue
-            values = param.detach().reshape(-1)[idx.to(param.device)].double().cpu()
-            scale = math.sqrt(param.numel() / len(idx)) / self.norms[name]
-            parts[name] = (values - self._sketch_origin[name]) * scale
+            values, held = values_at(self._shard(name, local_shard(param).tensor), idx)
+            origin, _ = self._sketch_origin[name]
+            numel = self.layout[name][1]
+            scale = math.sqrt(numel / len(idx)) / self.norms[name]
+            parts[name] = torch.where(held, values - origin, 0.0) * scale
+        if self.sharded and parts:  # each rank holds its coordinates: sum the partial sketches
+            flat = all_reduce_sum(_concat(parts).tolist())
+            out, at = {}, 0
+            for name, part in parts.items():
+                out[name] = torch.tensor(flat[at : at + len(part)], dtype=torch.float64)
+                at += len(part)
+            parts = out
         return parts
 
     @classmethod
@@ -167,18 +199,20 @@ class FullFinetuneTracker:
     def from_model(
         cls, model: nn.Module, selection: ParameterSelection | None = None
     ) -> FullFinetuneTracker:
-        """Snapshot the model's current weights as θ₀."""
-        origin = {
-            name: p.detach().to("cpu", copy=True)
-            for name, p in perturbable_parameters(model, selection)
-        }
-        return cls(origin, selection)
+        """Snapshot the model's current weights as θ₀ (this rank's shards under FSDP2)."""
+        params = perturbable_parameters(model, selection, allow_sharded=True)
+        shards = {name: local_shard(p) for name, p in params}
+        origin = {name: sh.tensor.to("cpu", copy=True) for name, sh in shards.items()}
+        sharded = any(sh.sharded for sh in shards.values())
+        layout = {name: (sh.offset, sh.numel) for name, sh in shards.items()} if sharded else None
+        return cls(origin, selection, layout)
 
     @classmethod
     def from_checkpoint(
         cls, path: str | Path, model: nn.Module, selection: ParameterSelection | None = None
     ) -> FullFinetuneTracker:
-        """Read θ₀ from the pre-finetune checkpoint folder (safetensors, sharded or not)."""
+        """Read θ₀ from the pre-finetune checkpoint folder (safetensors, sharded or not), tensor
+        by tensor; under FSDP2 each rank keeps the slice of its own shard."""
         from safetensors import safe_open
 
         folder = Path(path)
@@ -193,40 +227,77 @@ class FullFinetuneTracker:
                 "Pass GuardConfig(origin=FOLDER) pointing at the model the finetune started from."
             )
         origin: dict[str, torch.Tensor] = {}
+        layout: dict[str, tuple[int, int]] = {}
         handles: dict[str, Any] = {}
-        for name, param in perturbable_parameters(model, selection):
+        for name, param in perturbable_parameters(model, selection, allow_sharded=True):
             file = weight_map.get(name) if weight_map is not None else "model.safetensors"
             if file is None:
                 continue
             if file not in handles:
                 handles[file] = safe_open(str(folder / file), framework="pt", device="cpu")
             if name in handles[file].keys():  # noqa: SIM118 (safe_open has no __contains__)
-                origin[name] = handles[file].get_tensor(name).to(param.dtype)
+                shard = local_shard(param)
+                full = handles[file].get_tensor(name).to(shard.tensor.dtype).reshape(-1)
+                origin[name] = full[shard.offset : shard.stop].clone().view(shard.tensor.shape)
+                layout[name] = (shard.offset, shard.numel)
         if not origin:
             raise ValueError(f"{folder} holds none of the model's weights; is it the right model?")
-        return cls(origin, selection)
+        sharded = any(numel != origin[n].numel() for n, (_, numel) in layout.items())
+        return cls(origin, selection, layout if sharded else None)
 
     @torch.no_grad()
     def displacement(self, model: nn.Module) -> float:
-        total, count = 0.0, 0
-        for name, param in perturbable_parameters(model, self.selection):
+        names, squares = [], []
+        count = 0
+        for name, param in perturbable_parameters(model, self.selection, allow_sharded=True):
             ref = self.origin.get(name)
-            norm0 = self.norms.get(name, 0.0)
             count += 1
-            if ref is None or norm0 == 0:
+            if ref is None or self.norms.get(name, 0.0) == 0:
                 continue
-            diff = (param.detach().float() - ref.to(param.device, torch.float32)).norm()
-            total += (float(diff) / norm0) ** 2
+            names.append(name)
+            squares.append(squared_distance(local_shard(param).tensor, ref))
+        if self.sharded:
+            squares = all_reduce_sum(squares)
+        total = sum(sq / self.norms[n] ** 2 for n, sq in zip(names, squares, strict=True))
         return math.sqrt(total / max(count, 1))
 
     @contextlib.contextmanager
     def along(self, model: nn.Module, multiple: float) -> Iterator[None]:
-        """Model at θ₀ + s·δ = θₜ + (s − 1)·δ inside the block; θₜ restored bit-exactly after."""
-        with WeightPerturbation(
-            model, [_OriginDirection(self.origin)], selection=self.selection, orthogonalize=False
-        ) as move:
-            move.apply(multiple - 1.0)
+        """Model at θ₀ + s·δ = θₜ + (s − 1)·δ inside the block; θₜ restored bit-exactly after.
+
+        Under FSDP2 every rank moves its own shards (keeping a copy of them to restore from).
+        """
+        if not self.sharded:
+            with WeightPerturbation(
+                model,
+                [_OriginDirection(self.origin)],
+                selection=self.selection,
+                orthogonalize=False,
+            ) as move:
+                move.apply(multiple - 1.0)
+                yield
+            return
+        params = perturbable_parameters(model, self.selection, allow_sharded=True)
+        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        try:
+            with torch.no_grad():
+                for name, param in params:
+                    ref = self.origin.get(name)
+                    if ref is None:
+                        continue
+                    local = local_shard(param).tensor
+                    saved.append((local, local.to("cpu", copy=True)))
+                    origin = ref.to(local.device, torch.float32)
+                    moved = origin + (local.float() - origin) * multiple
+                    if not bool(torch.isfinite(moved).all()):
+                        raise FloatingPointError(f"θ₀ + {multiple:g}·δ is not finite at {name}.")
+                    local.copy_(moved)
             yield
+        finally:
+            reshard(model)  # the next forward must all-gather the restored shards
+            with torch.no_grad():
+                for local, copy in saved:
+                    local.copy_(copy)
 
 
 class LoraTracker:

@@ -1,66 +1,11 @@
-"""The few collective operations the guard needs, no-ops in a single process.
+"""The guard's collectives: see :mod:`safety_guard.distributed`."""
 
-Every rank calls the same operations in the same order (the guard's decisions depend only on
-all-reduced numbers), so no rank waits on work another does alone.
-
-Example:
-    >>> rank_and_world()
-    (0, 1)
-    >>> all_reduce_sum([1.0, 2.0])
-    [1.0, 2.0]
-"""
-
-from __future__ import annotations
-
-from typing import Any
-
-import torch
+from ..distributed import (
+    all_gather_objects,
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    rank_and_world,
+)
 
 __all__ = ["all_gather_objects", "all_reduce_max", "all_reduce_sum", "barrier", "rank_and_world"]
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of the default process group, (0, 1) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _reduce(values: list[float], op: Any, device: torch.device | None) -> list[float]:
-    if rank_and_world()[1] == 1:
-        return values
-    dev = torch.device("cpu")
-    if torch.distributed.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
-        cuda = device is not None and device.type == "cuda"
-        dev = device if cuda else torch.device("cuda", torch.cuda.current_device())
-    tensor = torch.tensor(values, dtype=torch.float64, device=dev)
-    torch.distributed.all_reduce(tensor, op=op)
-    return tensor.tolist()
-
-
-def all_reduce_sum(values: list[float], device: torch.device | None = None) -> list[float]:
-    """Element-wise sum over ranks (float64)."""
-    op = torch.distributed.ReduceOp.SUM if torch.distributed.is_available() else None
-    return _reduce(values, op, device)
-
-
-def all_reduce_max(values: list[float], device: torch.device | None = None) -> list[float]:
-    """Element-wise maximum over ranks (float64)."""
-    op = torch.distributed.ReduceOp.MAX if torch.distributed.is_available() else None
-    return _reduce(values, op, device)
-
-
-def all_gather_objects(obj: Any) -> list[Any]:
-    """Every rank's ``obj``, in rank order (``[obj]`` in a single process)."""
-    _, world = rank_and_world()
-    if world == 1:
-        return [obj]
-    out: list[Any] = [None] * world
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def barrier() -> None:
-    """Wait for every rank (no-op in a single process)."""
-    if rank_and_world()[1] > 1:
-        torch.distributed.barrier()

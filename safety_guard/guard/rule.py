@@ -114,24 +114,48 @@ def estimate(
     )
 
 
-def horizon(steps_left: int | None, config: GuardConfig) -> float:
-    """The multiple of δ the guard answers for: the largest lookahead, 1 on the last step.
+#: How much faster than it did so far (its average and its recent growth per step) the
+#: displacement is allowed to grow until the end of training, for the end-of-training horizon.
+END_GROWTH_MARGIN = 1.5
+
+
+def horizon(
+    steps_left: int | None,
+    config: GuardConfig,
+    step: int | None = None,
+    displacement: float | None = None,
+    growth: float = 0.0,
+) -> float:
+    """The multiple of δ the guard answers for: the largest lookahead, or less near the end.
 
     The guard vouches for the line θ₀ + s·δ up to the largest lookahead multiple, not only up
     to where the displacement's recent growth says the model will be at the next probe: on the
     damage suite (``benchmarks/guard_runs.py``) the growth under-predicted where the harm went
     (a poisoned LoRA finetune moved 23 % further between steps 12 and 18 while the rise at
     θ₀ + 2·δ went from 5.5 to 21.5 points), and that projection let it pass the promise.
-    On the last step (``steps_left == 0``) the model moves no further: 1.
+
+    But the training ends: a model the remaining steps cannot reach is not one the promise is
+    about. With ``steps_left``, ``step`` and ``displacement`` known, the horizon is capped at
+    1 + 1.5 · steps_left · r, r the larger of the displacement's average growth per step so far
+    (d / step) and its recent ``growth``, relative to d — where the model would be if it grew
+    half as fast again as it has until the end. (A 200-step benign LoRA run of the testbed
+    halted at step 158 on +18 points at θ₀ + 2·δ although its held-out damage at step 200 was
+    5 points; the cap there is 1.4.) On the last step (``steps_left == 0``): 1.
 
     Example:
         >>> from safety_guard.guard import GuardConfig
         >>> horizon(5, GuardConfig()), horizon(0, GuardConfig())
         (2.0, 1.0)
+        >>> round(horizon(42, GuardConfig(), step=158, displacement=0.01), 2)  # near the end
+        1.4
     """
     if steps_left is not None and steps_left <= 0:
         return 1.0
-    return max(config.lookahead)
+    h = max(config.lookahead)
+    if steps_left is None or not step or not displacement or not math.isfinite(displacement):
+        return h
+    rate = max(displacement / step, growth) / displacement
+    return min(h, 1.0 + END_GROWTH_MARGIN * steps_left * rate)
 
 
 def _interpolate(points: Mapping[float, PointEstimate], at: float) -> tuple[float, float]:

@@ -1,0 +1,177 @@
+"""Shard-local views of parameters sharded by FSDP2 (``fully_shard``: ``DTensor`` on dim 0).
+
+The guard's moves are elementwise in parameter space (θ₀ + s·δ), so a rank can keep θ₀ for its
+own shard only and move its shard in place; norms and sampled values are per-shard partial
+results summed over ranks. :func:`local_shard` says which slice of the full (flattened) tensor a
+rank holds: FSDP2 splits dim 0 in ``ceil(rows / world)``-row chunks, so the shard is one
+contiguous range of the row-major flattening.
+
+Example:
+    >>> import torch
+    >>> shard = local_shard(torch.nn.Parameter(torch.ones(4, 2)))  # not sharded: all of it
+    >>> shard.offset, shard.numel, shard.sharded
+    (0, 8, False)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from .distributed import all_reduce_sum
+
+__all__ = [
+    "LocalShard",
+    "is_sharded",
+    "is_sharded_model",
+    "local_shard",
+    "reshard",
+    "sharded_norms",
+    "squared_distance",
+    "values_at",
+]
+
+#: Elements per chunk of the float64 sums (a few MiB of temporaries, not a tensor's worth).
+_CHUNK = 1 << 20
+
+
+def _dtensor_type() -> type | tuple[()]:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return ()
+    return DTensor
+
+
+@dataclass
+class LocalShard:
+    """The part of one parameter this rank holds.
+
+    Attributes:
+        tensor: the local data (a view: in-place changes change the parameter).
+        offset: flat index of its first element in the full tensor.
+        numel: elements of the full tensor.
+        shape: shape of the full tensor.
+        sharded: whether other ranks hold the rest (False: this is the whole tensor).
+    """
+
+    tensor: torch.Tensor
+    offset: int
+    numel: int
+    shape: torch.Size
+    sharded: bool
+
+    @property
+    def stop(self) -> int:
+        return self.offset + self.tensor.numel()
+
+
+def local_shard(param: torch.Tensor) -> LocalShard:
+    """This rank's shard of ``param`` (the whole tensor when it is not a sharded ``DTensor``).
+
+    Raises ``ValueError`` for layouts other than FSDP2's (one mesh dimension, ``Shard(0)`` or
+    ``Replicate()``), e.g. tensor parallelism or HSDP, naming the placement.
+    """
+    dtensor = _dtensor_type()
+    data = param.data if isinstance(param, torch.nn.Parameter) else param
+    if not isinstance(param, dtensor) and not isinstance(data, dtensor):
+        return LocalShard(param.detach(), 0, param.numel(), param.shape, False)
+    dt = param if isinstance(param, dtensor) else data
+    placements = tuple(dt.placements)
+    mesh = dt.device_mesh
+    local = dt.to_local().detach()
+    if len(placements) == 1 and placements[0].is_replicate():
+        return LocalShard(local, 0, dt.numel(), dt.shape, False)
+    if mesh.ndim != 1 or len(placements) != 1 or not placements[0].is_shard(0):
+        raise ValueError(
+            f"a parameter is laid out as {placements} on a {mesh.ndim}-D mesh; safety-guard "
+            "moves FSDP2 shards (Shard(0) on a 1-D mesh) and replicated parameters only."
+        )
+    rows = dt.shape[0] if dt.dim() else 1
+    world, rank = mesh.size(), mesh.get_local_rank()
+    chunk = math.ceil(rows / world) if rows else 0
+    start = min(rank * chunk, rows)
+    row_numel = dt.numel() // rows if rows else 0
+    expected = max(min(chunk, rows - start), 0) * row_numel
+    if local.numel() != expected:
+        raise ValueError(
+            f"unexpected FSDP2 shard: rank {rank} holds {local.numel()} elements of a "
+            f"{tuple(dt.shape)} tensor, expected {expected} (rows {start}…{start + chunk})."
+        )
+    return LocalShard(local, start * row_numel, dt.numel(), dt.shape, True)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Put every FSDP2 module of ``model`` in its sharded state (no collective).
+
+    FSDP2 registers the *unsharded* parameters on a module after its forward when it does not
+    reshard after forward (the root module, by default), and the sharded ``DTensor`` ones
+    otherwise. Code that reads or moves shards calls this first, so that it sees the shards and
+    the next forward all-gathers what it wrote, never a stale unsharded copy.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def is_sharded_model(model: torch.nn.Module) -> bool:
+    """Whether ``model`` has parameters sharded by FSDP2 (after :func:`reshard`)."""
+    reshard(model)
+    return is_sharded(model.parameters())
+
+
+def is_sharded(params: Iterable[torch.Tensor]) -> bool:
+    """Whether any of ``params`` is sharded across ranks (every rank gives the same answer)."""
+    return any(local_shard(p).sharded for p in params)
+
+
+@torch.no_grad()
+def sharded_norms(shards: Iterable[LocalShard], reduce: bool) -> list[float]:
+    """Frobenius norms of the full tensors: local sums of squares, summed over ranks (float64).
+
+    ``reduce``: whether to sum over ranks (pass :func:`is_sharded`; every rank must call).
+    """
+    local = [squared_distance(s.tensor, None) for s in shards]
+    total = all_reduce_sum(local) if reduce else local
+    return [math.sqrt(max(v, 0.0)) for v in total]
+
+
+@torch.no_grad()
+def values_at(shard: LocalShard, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, held): the full tensor's values at flat ``index`` where this rank holds them
+    (float64, zero elsewhere), and the mask of those positions. Sum ``values`` over ranks to
+    read every position."""
+    held = (index >= shard.offset) & (index < shard.stop)
+    values = torch.zeros(len(index), dtype=torch.float64)
+    local = (index[held] - shard.offset).to(shard.tensor.device)
+    if len(local):
+        values[held] = shard.tensor.reshape(-1)[local].double().cpu()
+    return values, held
+
+
+@torch.no_grad()
+def squared_distance(a: torch.Tensor, b: torch.Tensor | None) -> float:
+    """Σ (a − b)² (Σ a² when ``b`` is None) in float64, chunk by chunk: no tensor-sized temporary.
+
+    ``b`` may live on another device (e.g. θ₀ on the CPU); each chunk is moved to ``a``'s device.
+
+    Example:
+        >>> squared_distance(torch.tensor([3.0, 4.0]), torch.tensor([0.0, 0.0]))
+        25.0
+    """
+    flat_a = a.detach().reshape(-1)
+    flat_b = b.detach().reshape(-1) if b is not None else None
+    total = 0.0
+    for start in range(0, flat_a.numel(), _CHUNK):
+        chunk = flat_a[start : start + _CHUNK].double()
+        if flat_b is not None:
+            chunk = chunk - flat_b[start : start + _CHUNK].to(chunk.device, torch.float64)
+        total += float(chunk.pow(2).sum())
+    return total
