@@ -32,7 +32,7 @@ from .directions import Direction, RandomDirection, direction_from_dict
 from .distributed import barrier, rank_and_world
 from .perturb import WeightPerturbation
 from .probe import PointResult, ProbeConfig, SafetyProbe
-from .weights import ParameterSelection, compare_fingerprints, model_fingerprint
+from .weights import ParameterSelection, check_engine, compare_fingerprints, model_fingerprint
 
 __all__ = [
     "FORMAT",
@@ -847,6 +847,7 @@ def compute_landscape(
         prober = probe
     else:
         prober = SafetyProbe(model, tokenizer, probe or ProbeConfig())
+    check_engine(model)  # a sharded or quantized model cannot be moved: say so before any work
     line_specs, random_specs = _direction_specs(config, interpolation)
     fingerprint = model_fingerprint(model)  # before any move; also checks the model is usable
     name = model_name or getattr(getattr(model, "config", None), "name_or_path", None)

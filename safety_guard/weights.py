@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .distributed import all_reduce_sum
+from .quantized import dense_numel, dense_weight, is_quantized
 
 __all__ = [
     "DEFAULT_NORM_CLASS_PATTERN",
@@ -189,7 +190,9 @@ class UnsupportedEngineError(ValueError):
     """The model's weights are sharded or quantized in a way safety-guard cannot move yet."""
 
 
-def check_engine(model: nn.Module, allow_sharded: bool = False) -> None:
+def check_engine(
+    model: nn.Module, allow_sharded: bool = False, allow_quantized: bool = False
+) -> None:
     """Refuse models whose parameters safety-guard would read wrong, naming the engine.
 
     FSDP (1 and 2) and DeepSpeed ZeRO-3 leave each rank a shard of every weight, and bitsandbytes
@@ -198,7 +201,8 @@ def check_engine(model: nn.Module, allow_sharded: bool = False) -> None:
     refused with the engine's name until they are supported.
 
     ``allow_sharded``: FSDP2 parameters (``DTensor``) are allowed — for the code that moves
-    them shard by shard (:mod:`safety_guard.shards`).
+    them shard by shard (:mod:`safety_guard.shards`). ``allow_quantized``: bitsandbytes base
+    weights are allowed — for the code that only reads them (:mod:`safety_guard.quantized`).
 
     Example:
         >>> check_engine(torch.nn.Linear(2, 2))  # plain floating-point weights: fine
@@ -224,7 +228,13 @@ def check_engine(model: nn.Module, allow_sharded: bool = False) -> None:
         elif hasattr(param, "ds_id"):  # DeepSpeed marks the parameters it partitions
             engine = f"DeepSpeed ZeRO-3 (partitioned parameters; e.g. {name})"
         elif hasattr(param, "quant_state") or hasattr(param, "SCB"):
-            engine = f"bitsandbytes-quantized base weights (QLoRA / 8-bit; e.g. {name})"
+            if allow_quantized and is_quantized(param):
+                continue
+            engine = (
+                f"bitsandbytes-quantized base weights (e.g. {name}); a quantized model cannot "
+                "be moved: compute its landscape on the unquantized model (e.g. bf16), and "
+                "guard QLoRA finetunes (LoRA adapters on the quantized base) with it"
+            )
         elif not param.is_floating_point():
             engine = f"quantized base weights ({name} is {str(param.dtype).removeprefix('torch.')})"
     if engine is not None:
@@ -236,18 +246,24 @@ def check_engine(model: nn.Module, allow_sharded: bool = False) -> None:
 
 
 def perturbable_parameters(
-    model: nn.Module, selection: ParameterSelection | None = None, *, allow_sharded: bool = False
+    model: nn.Module,
+    selection: ParameterSelection | None = None,
+    *,
+    allow_sharded: bool = False,
+    allow_quantized: bool = False,
 ) -> list[tuple[str, nn.Parameter]]:
     """The ``(canonical_name, parameter)`` pairs a random direction moves, in model order.
 
     Raises :class:`UnsupportedEngineError` for sharded or quantized weights (:func:`check_engine`;
-    ``allow_sharded``: FSDP2 ``DTensor`` parameters are returned, for shard-aware callers).
+    ``allow_sharded``: FSDP2 ``DTensor`` parameters are returned, for shard-aware callers;
+    ``allow_quantized``: bitsandbytes base weights are returned, for callers that only read them
+    through :func:`~safety_guard.quantized.dense_weight`).
     """
     if allow_sharded:  # FSDP2: the shards, not a stale unsharded copy (see shards.reshard)
         from .shards import reshard
 
         reshard(model)
-    check_engine(model, allow_sharded)
+    check_engine(model, allow_sharded, allow_quantized)
     selection = selection or ParameterSelection()
     root = unwrap_model(model)
     norm_params: set[int] = set()
@@ -331,20 +347,28 @@ def model_fingerprint(model: nn.Module, num_tensors: int = 4) -> dict[str, Any]:
 
     Values are compared with a tolerance (see :func:`compare_fingerprints`), so the same weights
     loaded in fp32 or bf16, on CPU or GPU, with or without a LoRA wrapper, match; another
-    checkpoint of the same architecture does not. Sharded or quantized weights are refused
-    (:func:`check_engine`): their local shapes and values are not the model's.
+    checkpoint of the same architecture does not. FSDP2 shards are read as the whole tensors
+    (partial norms and samples summed over ranks); bitsandbytes-quantized weights dequantized
+    one tensor at a time, and the fingerprint says ``"quantized": true`` (their values are
+    those of the full-precision model only up to the quantization error, see
+    :func:`compare_fingerprints`). Other engines are refused (:func:`check_engine`).
     """
     from .shards import is_sharded, local_shard, reshard, sharded_norms, values_at
 
     reshard(model)
-    check_engine(model, allow_sharded=True)
+    check_engine(model, allow_sharded=True, allow_quantized=True)
     root = unwrap_model(model)
     config = getattr(root, "config", None)
     arch: dict[str, Any] = {}
     if config is not None:
         cfg = config.to_dict()
         arch = {k: cfg.get(k) for k in _ARCH_KEYS if k in cfg}
-    params = [(n, p) for n, p in named_canonical_parameters(model) if p.is_floating_point()]
+    params = [
+        (n, p)
+        for n, p in named_canonical_parameters(model)
+        if p.is_floating_point() or is_quantized(p)
+    ]
+    quantized = any(is_quantized(p) for _, p in params)
     picks = sorted(
         {round(i * (len(params) - 1) / max(num_tensors - 1, 1)) for i in range(num_tensors)}
     )
@@ -352,6 +376,18 @@ def model_fingerprint(model: nn.Module, num_tensors: int = 4) -> dict[str, Any]:
     sharded = is_sharded(p for _, p in params)  # FSDP2: partial norms and samples, summed
     for i in picks if params else []:
         name, param = params[i]
+        if is_quantized(param):
+            dense = dense_weight(param)
+            tensors.append(
+                {
+                    "name": name,
+                    "shape": list(dense.shape),
+                    "norm": sharded_norms([local_shard(dense)], False)[0],
+                    "samples": _sample_values(dense),
+                }
+            )
+            del dense
+            continue
         shard = local_shard(param)
         if sharded:
             samples, _ = values_at(shard, _sample_index(shard.numel))
@@ -366,18 +402,29 @@ def model_fingerprint(model: nn.Module, num_tensors: int = 4) -> dict[str, Any]:
                 "samples": samples,
             }
         )
-    return {
+    out = {
         "architecture": arch,
-        "num_parameters": int(sum(p.numel() for _, p in params)),
+        "num_parameters": int(sum(dense_numel(p) for _, p in params)),
         "tensors": tensors,
     }
+    if quantized:
+        out["quantized"] = True
+    return out
 
 
 def compare_fingerprints(
     expected: dict[str, Any], actual: dict[str, Any], rtol: float = 2e-2, atol: float = 1e-3
 ) -> list[str]:
-    """Differences between two fingerprints, as human-readable lines (empty when they match)."""
+    """Differences between two fingerprints, as human-readable lines (empty when they match).
+
+    When either model is quantized (QLoRA's base), values match only up to the quantization
+    error: norms are compared within 5 % and sampled values are not compared (the architecture,
+    the parameter count, the tensors' names and shapes still are).
+    """
     problems = []
+    quantized = bool(expected.get("quantized") or actual.get("quantized"))
+    if quantized:
+        rtol = max(rtol, 5e-2)
     for key in sorted(set(expected.get("architecture", {})) | set(actual.get("architecture", {}))):
         a, b = expected.get("architecture", {}).get(key), actual.get("architecture", {}).get(key)
         if a != b:
@@ -398,6 +445,8 @@ def compare_fingerprints(
             continue
         if not math.isclose(t["norm"], other["norm"], rel_tol=rtol, abs_tol=atol):
             problems.append(f"tensor {t['name']}: norm {t['norm']:.6g} vs {other['norm']:.6g}")
+            continue
+        if quantized:
             continue
         scale = max(abs(v) for v in t["samples"]) if t["samples"] else 1.0
         for a, b in zip(t["samples"], other["samples"], strict=False):

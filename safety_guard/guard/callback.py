@@ -32,7 +32,10 @@ process) and, by default, loaded back into the model on a halt.
 dropped, so a resumed run's trajectory, counters and decisions equal an uninterrupted run's.
 
 Under DDP/torchrun the probe prompts are split across ranks and the per-prompt results
-all-reduced, so every rank takes the same decision; only the main process writes files.
+all-reduced, so every rank takes the same decision; only the main process writes files. Under
+FSDP2 (``fully_shard``, full finetuning) each rank keeps θ₀ of its own shard and every rank
+scores every prompt in lockstep (a forward is a collective there); other engines (FSDP 1,
+ZeRO-3, quantized base weights) are refused by name (``UnsupportedEngineError``).
 
 Example:
     >>> cb = SafetyGuardCallback(landscape=None, max_asr_rise=15)

@@ -43,6 +43,7 @@ from torch import nn
 from ..directions import name_seed
 from ..distributed import all_reduce_sum
 from ..perturb import WeightPerturbation
+from ..quantized import dense_shape, dense_weight
 from ..shards import (
     LocalShard,
     local_shard,
@@ -307,11 +308,11 @@ class LoraTracker:
 
     def __init__(self, model: nn.Module, selection: ParameterSelection | None = None) -> None:
         self.selection = selection or ParameterSelection()
-        with torch.no_grad():
-            self.norms = {
-                name: float(p.detach().float().norm())
-                for name, p in perturbable_parameters(model, self.selection)
-            }
+        # a QLoRA base is read one dequantized tensor at a time (its norms only)
+        params = perturbable_parameters(model, self.selection, allow_quantized=True)
+        self.norms = {
+            name: math.sqrt(squared_distance(dense_weight(p), None)) for name, p in params
+        }
         self._sketch_index: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._layer_cache: tuple[nn.Module, list[tuple[str, Any]]] | None = None
 
@@ -335,7 +336,8 @@ class LoraTracker:
             weight = getattr(base, "weight", None)
             if not norm0 or weight is None:
                 continue
-            rows, cols = weight.shape[0], weight.numel() // weight.shape[0]
+            shape = dense_shape(weight)  # a 4-bit weight is stored packed
+            rows, cols = shape[0], shape.numel() // shape[0]
             if key not in self._sketch_index:
                 flat = _sketch_index(key, rows * cols)
                 self._sketch_index[key] = (flat // cols, flat % cols)

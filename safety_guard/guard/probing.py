@@ -7,12 +7,14 @@ module adds what the guard needs on top:
 * a **baseline** measured on the aligned weights with the guard's own prompts, template, system
   prompt and dtype: each prompt's refusal opening and the judge's verdict on its greedy answer,
   and the capability NLL (:meth:`GuardProbe.prepare`). Openings are prepared in chunks, when a
-  probe first needs them;
+  probe first needs them — or the whole baseline is read from the landscape file, where
+  :func:`~safety_guard.landscape.record_guard_baseline` recorded it with the same settings;
 * **states** scored in chunks of ``GuardConfig.min_prompts`` prompts, in the prompt set's order,
   for as long as the ASR rise could still reach the promise: a state that flags none of the first
   30 prompts stops there, one that flags some is scored further (:meth:`GuardProbe.measure`).
   Each chunk is split across ranks and the per-prompt results all-reduced, so every rank holds
-  the same numbers and stops at the same chunk;
+  the same numbers and stops at the same chunk (on FSDP2 shards every rank scores every prompt
+  instead: each forward is a collective, so the ranks must make the same calls);
 * flagged prompts judged by generation when a decision needs them (:meth:`GuardProbe.confirm`,
   as many as :func:`~safety_guard.guard.confirmation.settle` asks for).
 
@@ -39,6 +41,7 @@ from torch import nn
 from ..generation import _model_device
 from ..judges import Judge, KeywordJudge
 from ..probe import ProbeConfig, SafetyProbe
+from ..quantized import is_quantized
 from ..scoring import Openings, refusal_openings
 from ..shards import is_sharded_model
 from .config import GuardConfig
@@ -206,6 +209,7 @@ class GuardProbe:
             "judge": self.probe.judge.to_dict(),
             "max_new_tokens": self.config.max_new_tokens,
             "dtype": dtype.removeprefix("torch."),
+            "quantized": any(is_quantized(p) for p in model.parameters()),
         }
 
     # -- baseline ----------------------------------------------------------------------------------

@@ -1,0 +1,54 @@
+"""bitsandbytes-quantized base weights (QLoRA), read one tensor at a time.
+
+A QLoRA finetune trains LoRA adapters on a base stored in 4 bits (``Params4bit``: packed
+``uint8`` data and a ``quant_state`` holding the real shape and scales) or 8 bits
+(``Int8Params``: ``int8`` data and row scales ``SCB``). The guard never moves the base — its
+lookahead scales the adapters — but it needs each base weight's shape and norm (the displacement
+is layer-normalized), and the fingerprint that checks a landscape file reads a few of them.
+:func:`dense_weight` dequantizes one tensor for that; the whole base is never dequantized.
+
+Example:
+    >>> import torch
+    >>> w = torch.nn.Parameter(torch.ones(2, 3))
+    >>> is_quantized(w), tuple(dense_shape(w)), float(dense_weight(w).sum())
+    (False, (2, 3), 6.0)
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["dense_numel", "dense_shape", "dense_weight", "is_quantized"]
+
+
+def is_quantized(param: torch.Tensor) -> bool:
+    """Whether ``param`` is a bitsandbytes-quantized weight (4-bit or 8-bit)."""
+    return (
+        getattr(param, "quant_state", None) is not None or getattr(param, "SCB", None) is not None
+    )
+
+
+def dense_shape(param: torch.Tensor) -> torch.Size:
+    """The shape of the weight ``param`` stands for (its packed shape differs for 4-bit)."""
+    state = getattr(param, "quant_state", None)
+    return torch.Size(state.shape) if state is not None else param.shape
+
+
+def dense_numel(param: torch.Tensor) -> int:
+    """Elements of the weight ``param`` stands for."""
+    return dense_shape(param).numel()
+
+
+@torch.no_grad()
+def dense_weight(param: torch.Tensor) -> torch.Tensor:
+    """The weight ``param`` stands for, dequantized (one tensor's worth of memory); plain
+    tensors are returned as they are."""
+    state = getattr(param, "quant_state", None)
+    if state is not None:
+        from bitsandbytes.functional import dequantize_4bit
+
+        return dequantize_4bit(param.data, state)
+    scales = getattr(param, "SCB", None)
+    if scales is not None:  # LLM.int8: int8 rows scaled by their absmax / 127
+        return param.data.float() * (scales.float().unsqueeze(1) / 127.0)
+    return param.detach()
