@@ -1,4 +1,5 @@
-"""Two CPU processes under torchrun (gloo): both ranks halt at the same step; rank 0 writes files."""
+"""Two CPU processes under torchrun (gloo): DDP and FSDP2 guards take the same decisions on every
+rank, a two-rank landscape equals the one-process landscape; rank 0 writes files."""
 
 from __future__ import annotations
 
@@ -11,6 +12,19 @@ from pathlib import Path
 import pytest
 
 
+def _torchrun(port: int, *argv: str) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2`` of a script (or ``-m module``) on CPU threads of its own."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    return subprocess.run(
+        [*command, "--master_port", str(port), *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+
+
 @pytest.mark.parametrize("landscape", ["given", "computed"])
 def test_every_rank_takes_the_same_halt_decision(tmp_path, text_tokenizer, landscape):
     """With a landscape file, or none (all ranks compute it together at train begin)."""
@@ -18,26 +32,7 @@ def test_every_rank_takes_the_same_halt_decision(tmp_path, text_tokenizer, lands
     out = tmp_path / "run"
     out.mkdir()
     script = Path(__file__).with_name("dist_guard_script.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29517",
-            str(script),
-            str(out),
-            str(tmp_path / "tok"),
-            landscape,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    proc = _torchrun(29517, str(script), str(out), str(tmp_path / "tok"), landscape)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 for r in ranks)
@@ -62,25 +57,7 @@ def test_fsdp2_guard_reads_the_same_numbers_as_the_whole_model(tmp_path, text_to
     out = tmp_path / "run"
     out.mkdir()
     script = Path(__file__).with_name("dist_fsdp_script.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29518",
-            str(script),
-            str(out),
-            str(tmp_path / "tok"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    proc = _torchrun(29518, str(script), str(out), str(tmp_path / "tok"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in ranks:
@@ -138,26 +115,7 @@ def test_a_two_rank_landscape_equals_the_one_process_landscape(tmp_path, text_to
         timeout=600,
     )
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29519",
-            "-m",
-            "safety_guard",
-            *options,
-            "--output",
-            str(tmp_path / "two.json"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    two = _torchrun(29519, "-m", "safety_guard", *options, "--output", str(tmp_path / "two.json"))
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("saved ") == 1  # the main process reports and writes
     a = json.loads((tmp_path / "one.json").read_text())
