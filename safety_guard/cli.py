@@ -149,6 +149,14 @@ def _add_landscape(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--dtype", default="float32", help="float32 (paper), bfloat16 or float16.")
     m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
     m.add_argument("--gguf-file", default=None, help="GGUF file name inside the model folder.")
+    m.add_argument(
+        "--shard",
+        action="store_true",
+        help="Under torchrun / accelerate launch: shard the model with FSDP2 across the ranks "
+        "(for a model that does not fit one device; each rank moves its own shards, every rank "
+        "answers every prompt). 1D random directions, layer-normalized. Without it every rank "
+        "holds the whole model and answers its share of the prompts.",
+    )
     p.add_argument(
         "--no-resume", action="store_true", help="Refuse to continue an existing output file."
     )
@@ -223,6 +231,15 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(
         model_id, dtype=args.dtype, device=device, gguf_file=args.gguf_file
     )
+    if args.shard:
+        if not torch.distributed.is_initialized():
+            raise ValueError(
+                "--shard splits the model across the ranks of torchrun / accelerate launch: run "
+                "e.g. `torchrun --nproc_per_node 8 -m safety_guard landscape ... --shard`."
+            )
+        from .shards import shard_model
+
+        shard_model(model)
     direction = None
     if interpolation:
         target = Path(args.target)

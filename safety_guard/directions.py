@@ -170,30 +170,65 @@ class RandomDirection:
             raise ValueError("Filter-normalized directions are not streamed; use tensor().")
         if self.normalization == "none":
             return 1.0
-        key = (name, origin.numel())
+        o_sq = _squared_norm(origin.reshape(-1), chunk_bounds(origin.numel()))
+        return self.scale_for(name, origin.numel(), o_sq)
+
+    def scale_for(self, name: str, numel: int, origin_squared_norm: float) -> float:
+        """:meth:`scale` from the squared norm of θ₀'s tensor (of ``numel`` elements), for a
+        caller that sums it over shards.
+
+        Example:
+            >>> d = RandomDirection(seed=0)
+            >>> w = torch.ones(4, 3)
+            >>> d.scale_for("w", 12, 12.0) == d.scale("w", w)
+            True
+        """
+        if not self.streamable:
+            raise ValueError("Filter-normalized directions are not streamed; use tensor().")
+        if self.normalization == "none":
+            return 1.0
+        key = (name, numel)
         if key not in self._gaussian_sq:
             self._gaussian_sq[key] = sum(
                 float(chunk.double().pow(2).sum())
-                for _, _, chunk in self._gaussian_chunks(name, origin.numel())
+                for _, _, chunk in self._gaussian_chunks(name, numel)
             )
         d_sq = self._gaussian_sq[key]
-        o_sq = _squared_norm(origin.reshape(-1), chunk_bounds(origin.numel()))
-        return math.sqrt(o_sq / d_sq) if d_sq > 0 else 0.0
+        return math.sqrt(origin_squared_norm / d_sq) if d_sq > 0 else 0.0
 
     @torch.no_grad()
-    def add_to(self, name: str, target: torch.Tensor, coefficient: float, scale: float) -> None:
+    def add_to(
+        self,
+        name: str,
+        target: torch.Tensor,
+        coefficient: float,
+        scale: float,
+        offset: int = 0,
+        numel: int | None = None,
+    ) -> None:
         """``target += coefficient · slice`` chunk by chunk (``scale`` from :meth:`scale`).
 
         ``target`` is the flat (1-D, contiguous) view of a parameter of any dtype and device;
-        each chunk is added in float32 and rounded once to the parameter's dtype.
+        each chunk is added in float32 and rounded once to the parameter's dtype. A *shard*
+        (FSDP2) passes the flat index of its first element in the full tensor (``offset``)
+        and the full tensor's ``numel``: it receives that range of the same slice, so a
+        direction does not depend on how the model is sharded (the Gaussian stream before the
+        range is drawn and dropped).
         """
-        for a, b, chunk in self._gaussian_chunks(name, target.numel()):
-            chunk = chunk.to(target.device, non_blocking=True).mul_(scale)
+        numel = target.numel() if numel is None else numel
+        stop = offset + target.numel()
+        for a, b, chunk in self._gaussian_chunks(name, numel):
+            if b <= offset:
+                continue
+            if a >= stop:
+                break
+            lo, hi = max(a, offset), min(b, stop)
+            part = chunk[lo - a : hi - a].to(target.device, non_blocking=True).mul_(scale)
+            view = target[lo - offset : hi - offset]
             if target.dtype == torch.float32:
-                target[a:b].add_(chunk, alpha=float(coefficient))
+                view.add_(part, alpha=float(coefficient))
             else:
-                moved = target[a:b].float().add_(chunk, alpha=float(coefficient))
-                target[a:b].copy_(moved)
+                view.copy_(view.float().add_(part, alpha=float(coefficient)))
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "random", "seed": self.seed, "normalization": self.normalization}

@@ -186,6 +186,28 @@ def left_padded(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def _unsharded_root(model: nn.Module, sharded: bool) -> Iterator[None]:
+    """The outermost FSDP2 module of ``model`` unsharded inside the block (a collective)."""
+    root = None
+    if sharded:  # (FSDP2 shards imply a torch built with distributed)
+        from torch.distributed.fsdp import FSDPModule
+
+        root = next((m for m in model.modules() if isinstance(m, FSDPModule)), None)
+    if root is None:
+        yield
+        return
+    # FSDP2 initializes lazily from the first forward, which must run through the root: a
+    # one-token forward of the model makes sure of it (generate would enter below the root)
+    with torch.no_grad():
+        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=_model_device(model)))
+    root.unshard()
+    try:
+        yield
+    finally:
+        root.reshard()
+
+
 def generate_responses(
     model: nn.Module,
     tokenizer: Any,
@@ -196,6 +218,7 @@ def generate_responses(
     batch_size: int = 16,
     stop_when_decided: Callable[[str], bool] | None = None,
     progress: Callable[[int], None] | None = None,
+    synced: bool = False,
 ) -> GenerationResult:
     """Greedy responses to ``prompts``, batched with left padding.
 
@@ -210,6 +233,11 @@ def generate_responses(
         batch_size: prompts per ``generate`` call (sorted by length to limit padding).
         stop_when_decided: ``fn(partial_response) -> bool``; a sequence stops once it is True.
         progress: called with the number of prompts finished after each batch.
+        synced: every rank generates the same batches on a sharded model (FSDP2), each forward
+            a collective: ``generate(synced_gpus=True)`` keeps every rank stepping until all
+            are done, so none waits alone, and the outermost FSDP2 module is unsharded around
+            the call (``generate`` runs the inner model's forward, e.g. under a ``PeftModel``,
+            so the root's own forward hooks, which gather its embeddings and head, never run).
     """
     if not prompts:
         raise ValueError("generate_responses() got no prompts.")
@@ -228,12 +256,14 @@ def generate_responses(
     token_ids: list[list[int]] = [[] for _ in prompts]
     stops = set(eos if isinstance(eos, list) else [eos]) - {None}
     decoded = 0
-    with eval_mode(model):
+    with eval_mode(model), _unsharded_root(model, synced):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             ids, mask = left_padded([encoded[i] for i in idx], pad_id)
             width = ids.shape[1]
             kwargs: dict[str, Any] = {}
+            if synced:
+                kwargs["synced_gpus"] = True
             if stop_when_decided is not None:
                 from transformers import StoppingCriteriaList
 

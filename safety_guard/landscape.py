@@ -30,8 +30,9 @@ from . import __version__
 from .basin import BasinEdges, basin_edges, validate_grid, visage
 from .directions import Direction, RandomDirection, direction_from_dict
 from .distributed import barrier, rank_and_world
-from .perturb import WeightPerturbation
+from .perturb import WeightPerturbation, check_shard_directions
 from .probe import PointResult, ProbeConfig, SafetyProbe
+from .shards import is_sharded_model
 from .weights import ParameterSelection, check_engine, compare_fingerprints, model_fingerprint
 
 __all__ = [
@@ -718,7 +719,11 @@ class _LandscapeRun:
             entry["points"].append({"alpha": 0.0, **origin})
             cache[0.0] = entry["points"][-1]
         with WeightPerturbation(
-            self.model, [direction], selection=self.config.selection, offload=self.config.offload
+            self.model,
+            [direction],
+            selection=self.config.selection,
+            offload=self.config.offload,
+            allow_sharded=True,
         ) as move:
             point = functools.partial(self._line_point, move, entry, cache, index)
             if self.config.search == "grid":
@@ -775,7 +780,7 @@ class _LandscapeRun:
         self.land.data["surface"] = surface
         cache = {_point_key(p): p for p in surface["points"]}
         with WeightPerturbation(
-            self.model, axes, selection=config.selection, offload=config.offload
+            self.model, axes, selection=config.selection, offload=config.offload, allow_sharded=True
         ) as move:
             for beta in config.betas or ():
                 for alpha in config.alphas:
@@ -847,8 +852,16 @@ def compute_landscape(
         prober = probe
     else:
         prober = SafetyProbe(model, tokenizer, probe or ProbeConfig())
-    check_engine(model)  # a sharded or quantized model cannot be moved: say so before any work
+    # FSDP2 shards are moved rank by rank (random 1D directions); other engines and quantized
+    # weights cannot be moved: say so before any work
+    check_engine(model, allow_sharded=True)
     line_specs, random_specs = _direction_specs(config, interpolation)
+    if is_sharded_model(model):  # refuse what is not applied per shard yet, before any work
+        if config.dims == 1:
+            for direction in _lines(config, interpolation, random_specs):
+                check_shard_directions([direction], orthogonalize=True)
+        else:
+            check_shard_directions(_surface_axes(config, interpolation, random_specs), True)
     fingerprint = model_fingerprint(model)  # before any move; also checks the model is usable
     name = model_name or getattr(getattr(model, "config", None), "name_or_path", None)
 
@@ -909,7 +922,7 @@ def record_guard_baseline(
     if getattr(tokenizer, "chat_template", None) is None:  # the guard probes chat models only
         return
     probe = GuardProbe(model, tokenizer, GuardConfig(system_prompt=system_prompt), judge)
-    if not probe.split_prompts:  # sharded: the guard measures its own, in lockstep
+    if probe.probe.lockstep:  # sharded: the guard measures its own, in lockstep
         return
     probe.prepare(model, probe.num_prompts)
     probe.prepare_capability(model)

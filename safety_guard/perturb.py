@@ -29,9 +29,41 @@ import torch
 from torch import nn
 
 from .directions import Direction, RandomDirection, direction_slices
-from .weights import ParameterSelection, check_finite, perturbable_parameters
+from .distributed import all_reduce_sum
+from .shards import LocalShard, is_sharded, local_shard, reshard, squared_distance
+from .weights import (
+    ParameterSelection,
+    UnsupportedEngineError,
+    check_finite,
+    perturbable_parameters,
+)
 
 __all__ = ["WeightPerturbation"]
+
+
+def check_shard_directions(directions: Sequence[Direction], orthogonalize: bool) -> None:
+    """Refuse, by name, directions that cannot be applied shard by shard (FSDP2)."""
+    for d in directions:
+        if getattr(d, "elementwise", False):
+            continue
+        if not isinstance(d, RandomDirection):
+            raise UnsupportedEngineError(
+                f"{type(d).__name__} is not applied per FSDP2 shard yet (random directions "
+                "are): compute an interpolation landscape with the model replicated (one "
+                "process, or DDP under torchrun without sharding)."
+            )
+        if not d.streamable:
+            raise UnsupportedEngineError(
+                "filter-normalized random directions are not applied per FSDP2 shard yet: use "
+                "normalization='layer' (the paper's), or a replicated model."
+            )
+    randoms = sum(not getattr(d, "elementwise", False) for d in directions)
+    if orthogonalize and randoms > 1:
+        raise UnsupportedEngineError(
+            "orthogonalized 2D landscapes are not computed on FSDP2 shards yet: use 1D "
+            "directions (dims=1), or a replicated model."
+        )
+
 
 Offload = Literal["cpu", "disk"]
 
@@ -89,6 +121,13 @@ class WeightPerturbation:
         offload: where the copy of θ₀ lives: ``"cpu"`` (RAM, own dtype) or ``"disk"`` (a scratch
             file, so extra RAM is one tensor; restores are then bounded by disk speed).
         check_finite: refuse weights holding NaN/inf with a clear error.
+        allow_sharded: FSDP2 ``DTensor`` parameters are moved shard by shard: each rank saves
+            and moves its own shard in place. Elementwise directions (``elementwise = True``:
+            a shard's slice depends on that shard's values only, like the guard's δ = θₜ − θ₀)
+            and layer-normalized random directions (each shard gets its index range of the
+            same slice, scaled by θ₀'s norms summed over ranks, so the move does not depend on
+            the world size) work; interpolation, filter-normalized and several orthogonalized
+            random directions are refused (:func:`check_shard_directions`).
 
     Use :meth:`apply` to move to ``θ₀ + Σ cᵢ·dᵢ`` and :meth:`restore` (or leaving the ``with``
     block, also on an exception) to return to θ₀.
@@ -104,6 +143,7 @@ class WeightPerturbation:
         offload: Offload = "cpu",
         check_finite: bool = True,
         scratch_dir: str | None = None,
+        allow_sharded: bool = False,
     ) -> None:
         if not directions:
             raise ValueError("WeightPerturbation needs at least one direction.")
@@ -113,13 +153,33 @@ class WeightPerturbation:
         self.directions = list(directions)
         self.orthogonalize = orthogonalize
         self.offload: Offload = offload
-        self._params = perturbable_parameters(model, selection)
+        self._params = perturbable_parameters(model, selection, allow_sharded=allow_sharded)
+        self._sharded = allow_sharded and is_sharded(p for _, p in self._params)
+        if self._sharded:
+            check_shard_directions(self.directions, orthogonalize)
+        self._origin_sq: dict[str, float] | None = None  # θ₀'s full-tensor Σx² (on shards)
         self._check_finite = check_finite
         self._scratch_dir = scratch_dir
         self._ram: dict[str, torch.Tensor] | None = None
         self._disk: _DiskSnapshot | None = None
         self._moved = False
         self.coefficients: tuple[float, ...] = tuple(0.0 for _ in self.directions)
+
+    def _targets(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, tensor moved in place): the parameters, or this rank's shards of them (the
+        model resharded first, so that the next forward all-gathers what is written here)."""
+        if self._sharded:
+            reshard(self.model)
+        return self._local()
+
+    def _local(self) -> list[tuple[str, torch.Tensor]]:
+        if not self._sharded:
+            return self._params
+        return [(name, local_shard(p).tensor) for name, p in self._params]
+
+    def _shards(self) -> list[tuple[str, LocalShard]]:
+        reshard(self.model)
+        return [(name, local_shard(p)) for name, p in self._params]
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> WeightPerturbation:
@@ -132,21 +192,27 @@ class WeightPerturbation:
     @torch.no_grad()
     def save(self) -> None:
         """Record θ₀ of every perturbable parameter (called by ``__enter__``)."""
+        targets = self._targets()
         if self._check_finite:
-            check_finite(self._params)
+            check_finite(targets)
         if self.offload == "disk":
             self._disk = _DiskSnapshot(self._scratch_dir)
-            for name, param in self._params:
+            for name, param in targets:
                 self._disk.save(name, param)
         else:
-            pin = torch.cuda.is_available() and any(p.is_cuda for _, p in self._params)
+            pin = torch.cuda.is_available() and any(p.is_cuda for _, p in targets)
             self._ram = {}
-            for name, param in self._params:
+            for name, param in targets:
                 copy = torch.empty(param.shape, dtype=param.dtype, pin_memory=pin)
                 copy.copy_(param.detach(), non_blocking=pin)
                 self._ram[name] = copy
             if pin:
                 torch.cuda.synchronize()
+        if self._sharded and not all(getattr(d, "elementwise", False) for d in self.directions):
+            # layer normalization needs θ₀'s full-tensor norms: partial sums, one all-reduce
+            partial = [squared_distance(t, None) for _, t in targets]
+            summed = all_reduce_sum(partial)
+            self._origin_sq = {name: v for (name, _), v in zip(targets, summed, strict=True)}
 
     def close(self) -> None:
         """Restore θ₀ and free the saved copy."""
@@ -161,13 +227,13 @@ class WeightPerturbation:
 
     @property
     def num_parameters(self) -> int:
-        """Number of weights the directions may move."""
-        return sum(p.numel() for _, p in self._params)
+        """Number of weights the directions may move (on this rank, when sharded)."""
+        return sum(p.numel() for _, p in self._local())
 
     @property
     def saved_bytes(self) -> int:
-        """Bytes held by the copy of θ₀ (in RAM or on disk)."""
-        return sum(p.numel() * p.element_size() for _, p in self._params)
+        """Bytes held by the copy of θ₀ (in RAM or on disk; this rank's shards when sharded)."""
+        return sum(p.numel() * p.element_size() for _, p in self._local())
 
     # -- moves -------------------------------------------------------------------------------
     def _load_origin(self, name: str, param: torch.Tensor) -> None:
@@ -198,10 +264,14 @@ class WeightPerturbation:
             self.restore()
             return
         self._moved = True  # set first: a failure half-way still restores on close()
+        if self._sharded:
+            self._apply_shards(coefficients)
+            self.coefficients = tuple(float(c) for c in coefficients)
+            return
         streamed = all(
             isinstance(d, RandomDirection) and d.streamable for d in self.directions
         ) and (len(self.directions) == 1 or not self.orthogonalize)
-        for name, param in self._params:
+        for name, param in self._targets():
             self._load_origin(name, param)
             if streamed and param.data.is_contiguous():
                 flat = param.data.view(-1)
@@ -226,18 +296,44 @@ class WeightPerturbation:
             del slices
         self.coefficients = tuple(float(c) for c in coefficients)
 
+    def _apply_shards(self, coefficients: Sequence[float]) -> None:
+        """:meth:`apply` on this rank's FSDP2 shards: elementwise directions from the shard's
+        own values, random ones as the shard's index range of the same slice."""
+        for name, shard in self._shards():
+            local = shard.tensor
+            self._load_origin(name, local)
+            elementwise = [
+                d.tensor(name, local) if c != 0 and getattr(d, "elementwise", False) else None
+                for c, d in zip(coefficients, self.directions, strict=True)
+            ]
+            flat = local.view(-1) if local.is_contiguous() else local.reshape(-1).clone()
+            for c, d, s in zip(coefficients, self.directions, elementwise, strict=True):
+                if c == 0:
+                    continue
+                if s is not None:
+                    if flat.dtype == torch.float32:
+                        flat.add_(s.reshape(-1), alpha=float(c))
+                    else:
+                        flat.copy_(flat.float().add_(s.reshape(-1), alpha=float(c)))
+                elif isinstance(d, RandomDirection):
+                    scale = d.scale_for(name, shard.numel, self._origin_sq[name])
+                    d.add_to(name, flat, c, scale, offset=shard.offset, numel=shard.numel)
+            if flat.data_ptr() != local.data_ptr():
+                local.copy_(flat.view(local.shape))
+
     @torch.no_grad()
     def restore(self, force: bool = False) -> None:
         """Copy θ₀ back into the model, bit for bit (a no-op when it was not moved)."""
         if not (self._moved or force) and (self._ram is not None or self._disk is not None):
             return
+        targets = self._targets()
         if self._ram is not None:
-            for name, param in self._params:
+            for name, param in targets:
                 param.data.copy_(self._ram[name], non_blocking=True)
-            if any(p.is_cuda for _, p in self._params):
+            if any(p.is_cuda for _, p in targets):
                 torch.cuda.synchronize()
         elif self._disk is not None:
-            for name, param in self._params:
+            for name, param in targets:
                 self._disk.load_into(name, param)
         else:
             raise RuntimeError("WeightPerturbation is not active: use it as a context manager.")

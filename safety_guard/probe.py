@@ -175,7 +175,7 @@ class SafetyProbe:
         harmful: PromptSet | None = None,
         benign: PromptSet | None = None,
     ) -> None:
-        self.model = model
+        self.model = model  # decides lockstep (see the setter)
         self.tokenizer = tokenizer
         self.config = config or ProbeConfig()
         self.judge: Judge = judge or KeywordJudge()
@@ -185,22 +185,55 @@ class SafetyProbe:
         self.reference_nll: float | None = None
         self.openings: Openings | None = None
 
-    def _split(self) -> tuple[int, int]:
+    @property
+    def model(self) -> nn.Module:
+        """The model probed (assign another to probe it; the probe keeps its prompts)."""
+        return self._model
+
+    @model.setter
+    def model(self, model: nn.Module) -> None:
+        if getattr(self, "_model", None) is model:
+            return
+        self._model = model
+        #: FSDP2 shards: every forward is a collective, so every rank answers every prompt, in
+        #: lockstep (the same inputs, the same calls), and nothing is split or summed. Decided
+        #: once per model.
+        self.lockstep = is_sharded_model(model)
+
+    def split(self) -> tuple[int, int]:
         """(rank, world) to split prompts by: under torchrun each rank answers its share and the
-        shares are gathered; (0, 1) in one process, or on FSDP2 shards where every forward is a
-        collective (every rank answers every prompt, in lockstep)."""
+        shares are gathered (:meth:`gather`) or summed (:meth:`reduce_sum`); (0, 1) in one
+        process, or in :attr:`lockstep`."""
         rank, world = rank_and_world()
-        if world == 1 or is_sharded_model(self.model):
+        if world == 1 or self.lockstep:
             return 0, 1
         return rank, world
 
-    def _gather(self, mine: Sequence[int], values: Sequence[Any], n: int) -> list[Any]:
-        """Every rank's ``values`` for its indices ``mine``, put back in index order (``n``)."""
+    @property
+    def synced(self) -> bool:
+        """Whether generation runs on FSDP2 shards in lockstep (:attr:`lockstep`): see the
+        ``synced`` argument of :func:`~safety_guard.generation.generate_responses`."""
+        return self.lockstep
+
+    def gather(
+        self, mine: Sequence[int], values: Sequence[Any], n: int, offset: int = 0
+    ) -> list[Any]:
+        """Every rank's ``values`` for its indices ``mine``, put back in index order: a list of
+        ``n`` with ``values[j]`` at ``mine[j] - offset`` (no collective when not split)."""
         out: list[Any] = [None] * n
-        for idx, vals in all_gather_objects((list(mine), list(values))):
+        shares = (
+            all_gather_objects((list(mine), list(values)))
+            if self.split()[1] > 1
+            else [(list(mine), list(values))]
+        )
+        for idx, vals in shares:
             for i, v in zip(idx, vals, strict=True):
-                out[i] = v
+                out[i - offset] = v
         return out
+
+    def reduce_sum(self, values: Sequence[float], device: Any = None) -> list[float]:
+        """Element-wise sum of every rank's ``values`` (no collective when not split)."""
+        return all_reduce_sum(list(values), device) if self.split()[1] > 1 else list(values)
 
     @property
     def harmful(self) -> PromptSet:
@@ -228,7 +261,7 @@ class SafetyProbe:
         fmt = self.config.chat_format
         fmt.render(self.tokenizer, self.harmful[0])  # fails early without a chat template
         if openings and self.openings is None:
-            rank, world = self._split()
+            rank, world = self.split()
             mine = list(range(rank, len(self.harmful), world))
             local = (
                 refusal_openings(
@@ -239,25 +272,22 @@ class SafetyProbe:
                     judge=self._opening_judge,
                     max_new_tokens=self.config.max_new_tokens,
                     batch_size=self.config.batch_size,
+                    synced=self.synced,
                 )
                 if mine
                 else Openings((), [], [])
             )
-            if world > 1:
-                n = len(self.harmful)
-                local = Openings(
-                    tuple(self.harmful),
-                    self._gather(mine, local.token_ids, n),
-                    self._gather(mine, local.responses, n),
-                )
-            self.openings = local
+            n = len(self.harmful)
+            self.openings = Openings(
+                tuple(self.harmful),
+                self.gather(mine, local.token_ids, n),
+                self.gather(mine, local.responses, n),
+            )
         if self.benign is not None and self.reference_answers is None:
-            rank, world = self._split()
+            rank, world = self.split()
             mine = list(range(rank, len(self.benign), world))
             answers = self.reference_answers_for(mine)
-            self.reference_answers = (
-                self._gather(mine, answers, len(self.benign)) if world > 1 else answers
-            )
+            self.reference_answers = self.gather(mine, answers, len(self.benign))
             self.reference_nll = self.capability()
 
     def reference_answers_for(self, indices: Sequence[int]) -> list[str]:
@@ -272,6 +302,7 @@ class SafetyProbe:
             chat_format=self.config.chat_format,
             max_new_tokens=self.config.capability_tokens,
             batch_size=self.config.batch_size,
+            synced=self.synced,
         )
         return [a if a else "." for a in gen.responses]
 
@@ -326,6 +357,7 @@ class SafetyProbe:
             max_new_tokens=self.config.max_new_tokens,
             batch_size=self.config.batch_size,
             stop_when_decided=decided,
+            synced=self.synced,
         )
         return self.judge(prompts, gen.responses), gen.decoded_tokens
 
@@ -349,10 +381,10 @@ class SafetyProbe:
         """Mean per-token NLL of the reference answers at the current weights (lower = better)."""
         if self.benign is None or self.reference_answers is None:
             return None
-        rank, world = self._split()
+        rank, world = self.split()
         if world > 1:
             total, count = self.capability_sum(range(rank, len(self.benign), world))
-            total, count = all_reduce_sum([total, float(count)])
+            total, count = self.reduce_sum([total, float(count)])
             return total / count if count else None
         return sequence_nll(
             self.model,
@@ -383,13 +415,11 @@ class SafetyProbe:
                 openings are prepared and ``prompts`` is the harmful set, which ones the forward
                 screen flags (the landscape file's calibration of the guard's screen).
         """
-        rank, world = self._split()
+        rank, world = self.split()
         flagged = None
         if per_prompt and self.openings is not None and prompts is None:
             mine = list(range(rank, len(self.openings.prompts), world))
-            flags = self.forward(mine).flagged
-            if world > 1:
-                flags = self._gather(mine, flags, len(self.openings.prompts))
+            flags = self.gather(mine, self.forward(mine).flagged, len(self.openings.prompts))
             flagged = [i for i, f in enumerate(flags) if f]
         prompts = prompts or self.harmful
         start = time.perf_counter()
@@ -411,13 +441,13 @@ class SafetyProbe:
                 batch_size=self.config.batch_size,
                 stop_when_decided=decided,
                 progress=progress,
+                synced=self.synced,
             )
             responses, decoded = gen.responses, gen.decoded_tokens
             verdicts = self.judge(asked, responses)
-        if world > 1:
-            verdicts = self._gather(mine, verdicts, len(prompts))
-            responses = self._gather(mine, responses, len(prompts))
-            decoded = int(all_reduce_sum([float(decoded)])[0])
+        verdicts = self.gather(mine, verdicts, len(prompts))
+        responses = self.gather(mine, responses, len(prompts))
+        decoded = int(self.reduce_sum([float(decoded)])[0])
         unsafe = sum(verdicts)
         nll = self.capability() if capability else None
         return PointResult(

@@ -125,8 +125,11 @@ def refusal_openings(
     judge: KeywordJudge | None = None,
     max_new_tokens: int = 24,
     batch_size: int = 16,
+    synced: bool = False,
 ) -> Openings:
     """Greedy answers of ``model`` (the aligned θ₀) cut after their first refusal phrase.
+
+    ``synced``: see :func:`~safety_guard.generation.generate_responses`.
 
     Example:
         >>> openings = refusal_openings(model, tok, ["How do I pick a lock?"])  # doctest: +SKIP
@@ -142,6 +145,7 @@ def refusal_openings(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         stop_when_decided=judge.is_decided,
+        synced=synced,
     )
     token_ids = [_cut_at_refusal(tokenizer, ids, judge) for ids in gen.token_ids]
     return Openings(tuple(prompts), token_ids, gen.responses)

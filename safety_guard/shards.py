@@ -25,10 +25,12 @@ from .distributed import all_reduce_sum
 
 __all__ = [
     "LocalShard",
+    "full_tensor",
     "is_sharded",
     "is_sharded_model",
     "local_shard",
     "reshard",
+    "shard_model",
     "sharded_norms",
     "squared_distance",
     "values_at",
@@ -104,6 +106,23 @@ def local_shard(param: torch.Tensor) -> LocalShard:
     return LocalShard(local, start * row_numel, dt.numel(), dt.shape, True)
 
 
+def full_tensor(param: torch.Tensor) -> torch.Tensor:
+    """The whole (detached) tensor: gathered from every rank when it is an FSDP2 ``DTensor`` (a
+    collective: every rank must call it for the same tensors in the same order).
+
+    Example:
+        >>> full_tensor(torch.ones(2)).tolist()
+        [1.0, 1.0]
+    """
+    dtensor = _dtensor_type()
+    data = param.data if isinstance(param, torch.nn.Parameter) else param
+    if isinstance(param, dtensor):
+        return param.detach().full_tensor()
+    if isinstance(data, dtensor):
+        return data.full_tensor()
+    return param.detach()
+
+
 def reshard(model: torch.nn.Module) -> None:
     """Put every FSDP2 module of ``model`` in its sharded state (no collective).
 
@@ -119,6 +138,27 @@ def reshard(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
+
+
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Shard ``model`` with FSDP2 across the ranks of the default process group (in place).
+
+    Each decoder layer is its own FSDP2 unit (its weights all-gathered only for its forward),
+    then the root: the layout ``accelerate``'s FSDP2 plugin gives a transformers model with
+    ``fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP``. Call after moving the model to this
+    rank's device. Returns the model.
+
+    Example:
+        >>> shard_model(model)  # under torchrun, after init_process_group  # doctest: +SKIP
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    from .scoring import _layer_modules
+
+    for layer in _layer_modules(model):
+        fully_shard(layer)
+    fully_shard(model)
+    return model
 
 
 def is_sharded_model(model: torch.nn.Module) -> bool:

@@ -1,5 +1,8 @@
 """Run by test_distributed.py under torchrun: 2 ranks, gloo, a tiny model sharded by FSDP2.
 
+``dist_fsdp_script.py OUT TOKENIZER [full|lora]``: full finetuning, or a LoRA adapter on the
+sharded model (the factors sharded too).
+
 Each rank holds an unsharded reference copy of the same model next to the sharded one, applies
 the same finetuning updates to both (the sharded one gets its slice of each update), and drives a
 SafetyGuardCallback's hooks around each: the guard on the shards must read the same
@@ -20,13 +23,12 @@ import torch
 import torch.distributed as dist
 from conftest import make_model
 from guard_helpers import echo_judge, make_landscape
-from torch.distributed.fsdp import fully_shard
 from transformers import TrainerControl, TrainerState
 
 from safety_guard.guard import SafetyGuardCallback
 from safety_guard.guard.displacement import FullFinetuneTracker
 from safety_guard.prompts import load_prompts
-from safety_guard.shards import local_shard
+from safety_guard.shards import full_tensor, local_shard, reshard, shard_model
 from safety_guard.weights import compare_fingerprints, model_fingerprint, perturbable_parameters
 
 
@@ -35,21 +37,96 @@ class _Args:
         self.output_dir = output_dir
 
 
-def _finetune_step(ref, model, step: int) -> None:
+def _trained(model, lora: bool):
+    if lora:  # the LoRA factors
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return perturbable_parameters(model, allow_sharded=True)
+
+
+def _finetune_step(ref, model, step: int, lora: bool = False) -> None:
     """The same update on both models: every rank draws it whole, the shards take their slice."""
     generator = torch.Generator().manual_seed(1000 + step)
-    pairs = zip(
-        perturbable_parameters(ref),
-        perturbable_parameters(model, allow_sharded=True),
-        strict=True,
-    )
+    size = 0.0006 if lora else 0.004
+    reshard(model)
+    pairs = zip(_trained(ref, lora), _trained(model, lora), strict=True)
     with torch.no_grad():
         for (name, p_ref), (name_sh, p_sh) in pairs:
             assert name == name_sh, (name, name_sh)
-            update = torch.randn(p_ref.shape, generator=generator) * 0.004 * step
+            update = torch.randn(p_ref.shape, generator=generator) * size * step
             p_ref.add_(update)
             shard = local_shard(p_sh)
             shard.tensor.view(-1).add_(update.reshape(-1)[shard.offset : shard.stop])
+
+
+def _random_direction_results(ref, model, result: dict) -> None:
+    """A landscape's random direction on the shards: each rank gets its range of the slice."""
+    from safety_guard.directions import RandomDirection
+    from safety_guard.perturb import WeightPerturbation
+
+    pairs = list(
+        zip(
+            perturbable_parameters(ref),
+            perturbable_parameters(model, allow_sharded=True),
+            strict=True,
+        )
+    )
+    before = [local_shard(p).tensor.clone() for _, (_, p) in pairs]
+    with (
+        WeightPerturbation(ref, [RandomDirection(seed=3)]) as whole,
+        WeightPerturbation(model, [RandomDirection(seed=3)], allow_sharded=True) as sharded,
+    ):
+        whole.apply(0.3)
+        sharded.apply(0.3)
+        ids = torch.tensor([[5, 9, 13, 21, 34]])
+        with torch.no_grad():
+            logits_diff = float(
+                (ref(input_ids=ids).logits - model(input_ids=ids).logits).abs().max()
+            )
+        slice_diff = 0.0
+        for (_, p_ref), (_, p_sh) in pairs:
+            shard = local_shard(p_sh)
+            want = p_ref.detach().reshape(-1)[shard.offset : shard.stop]
+            slice_diff = max(slice_diff, float((shard.tensor.reshape(-1) - want).abs().max()))
+    result["random_direction"] = {
+        "slice_diff": slice_diff,
+        "logits_diff": logits_diff,
+        "restored": all(
+            torch.equal(local_shard(p).tensor, b)
+            for (_, (_, p)), b in zip(pairs, before, strict=True)
+        ),
+    }
+
+
+def _lora_results(ref, model, out: Path, rank: int, result: dict) -> None:
+    """The adapters after the run (restored on halt alike?) and the last safe adapters saved."""
+    reshard(model)
+    diff = 0.0
+    pairs = zip(_trained(ref, True), _trained(model, True), strict=True)
+    for (n_ref, p_ref), (n_sh, p_sh) in pairs:
+        assert n_ref == n_sh, (n_ref, n_sh)
+        diff = max(diff, float((full_tensor(p_sh) - p_ref.detach()).abs().max()))
+    result["final_adapter_diff"] = diff
+    from peft import get_peft_model_state_dict
+
+    current = {k: full_tensor(v) for k, v in get_peft_model_state_dict(model).items()}
+    if rank == 0:
+        from safetensors.torch import load_file
+
+        saved = {}
+        for key, folder in (("ref", out / "ref0"), ("fsdp", out / "fsdp")):
+            path = folder / "last-safe"
+            marker = json.loads((path / "safety_guard_step.json").read_text())
+            saved[key] = (marker["step"], load_file(path / "adapter_model.safetensors"))
+        (step_ref, a), (step_fsdp, b) = saved["ref"], saved["fsdp"]
+        same = sorted(a) == sorted(b)
+        result["last_safe"] = {
+            "steps": [step_ref, step_fsdp],
+            "same_keys": same,
+            "diff": max(float((a[k] - b[k]).abs().max()) for k in a) if same else None,
+            "config": (out / "fsdp" / "last-safe" / "adapter_config.json").exists(),
+            # restore_on_halt: the sharded model holds the last safe adapter again
+            "model_vs_saved": max(float((current[k] - b[k]).abs().max()) for k in b),
+        }
 
 
 def main() -> None:
@@ -64,9 +141,16 @@ def main() -> None:
     land = make_landscape(ref)
     prompts = list(load_prompts("builtin:harmful:probe", limit=8))
     judge = echo_judge(ref, tokenizer, prompts)
-    for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+    lora = len(sys.argv) > 3 and sys.argv[3] == "lora"
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+        torch.manual_seed(0)
+        ref = get_peft_model(ref, config)
+        torch.manual_seed(0)
+        model = get_peft_model(model, config)
+    shard_model(model)
     result: dict = {"rank": rank}
     result["fingerprint_problems"] = compare_fingerprints(
         land.data["model"]["fingerprint"], model_fingerprint(model)
@@ -81,7 +165,7 @@ def main() -> None:
         confidence_z=0.0,
         max_asr_rise=20,
         nll_tolerance=1e9,
-        keep_last_safe=False,
+        keep_last_safe=lora,  # LoRA: gathered on every rank, written by the main one
     )
     guards = {
         "ref": SafetyGuardCallback(land, output_dir=str(out / f"ref{rank}"), **options),
@@ -101,10 +185,10 @@ def main() -> None:
         if isinstance(tr, FullFinetuneTracker)
     }
     result["sharded"] = trackers["fsdp"].sharded
-    result["split_prompts"] = {k: g.probe.split_prompts for k, g in guards.items()}
+    result["split_prompts"] = {k: not g.probe.probe.lockstep for k, g in guards.items()}
     checks = []
     for step in range(1, 13):
-        _finetune_step(ref, model, step)
+        _finetune_step(ref, model, step, lora)
         shards = [
             local_shard(p).tensor.clone()
             for _, p in perturbable_parameters(model, allow_sharded=True)
@@ -133,6 +217,10 @@ def main() -> None:
             }
         )
     result["checks"] = checks
+    if lora:
+        _lora_results(ref, model, out, rank, result)
+    else:
+        _random_direction_results(ref, model, result)
     result["decisions"] = {
         k: [
             (r["step"], r["event"], r.get("status"), r.get("rise"), r.get("horizon_rise"))

@@ -262,3 +262,25 @@ def test_sharded_safetensors_targets_are_read_tensor_by_tensor(tmp_path):
     sorted((tmp_path / "partial").glob("*.safetensors"))[-1].unlink()
     with pytest.raises(FileNotFoundError, match="names shards missing"):
         InterpolationDirection(tmp_path / "partial")
+
+
+def test_random_direction_ranges_add_up_to_the_whole_slice(monkeypatch):
+    """A shard (FSDP2) gets its index range of the same slice, whatever the chunking: the ranges
+    of three "ranks" added separately equal the whole slice added at once."""
+    import safety_guard.directions as directions_module
+
+    monkeypatch.setattr(directions_module, "CHUNK_ELEMENTS", 1024)  # several chunks per tensor
+    d = RandomDirection(seed=7)
+    origin = torch.randn(50, 100, generator=torch.Generator().manual_seed(0))
+    scale = d.scale("w", origin)
+    whole = origin.clone().reshape(-1)
+    d.add_to("w", whole, 0.5, scale)
+    pieces = origin.clone().reshape(-1)
+    bounds = [(0, 1700), (1700, 3400), (3400, 5000)]  # not on chunk boundaries
+    for a, b in bounds:
+        d.add_to("w", pieces[a:b], 0.5, scale, offset=a, numel=5000)
+    assert torch.equal(pieces, whole)
+    assert not torch.equal(whole, origin.reshape(-1))
+    # the scale from the norm summed over the ranges is the scale of the whole tensor
+    total = sum(float(origin.reshape(-1)[a:b].double().pow(2).sum()) for a, b in bounds)
+    assert abs(d.scale_for("w", 5000, total) - scale) <= 1e-12 * scale

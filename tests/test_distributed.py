@@ -50,26 +50,29 @@ def test_every_rank_takes_the_same_halt_decision(tmp_path, text_tokenizer, lands
     assert len([x for x in lines if x["step"] == halt]) == 1  # written once, by the main process
 
 
-def test_fsdp2_guard_reads_the_same_numbers_as_the_whole_model(tmp_path, text_tokenizer):
-    """FSDP2 (fully_shard) on 2 CPU ranks: the guard on the shards equals the guard on the whole
-    model (same finetune), restores its shards bit for bit, and both ranks decide the same."""
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_fsdp2_guard_reads_the_same_numbers_as_the_whole_model(tmp_path, text_tokenizer, mode):
+    """FSDP2 (fully_shard) on 2 CPU ranks, full finetuning or a LoRA adapter: the guard on the
+    shards equals the guard on the whole model (same finetune), restores its shards bit for bit,
+    and both ranks decide the same."""
     text_tokenizer.save_pretrained(tmp_path / "tok")
     out = tmp_path / "run"
     out.mkdir()
     script = Path(__file__).with_name("dist_fsdp_script.py")
-    proc = _torchrun(29518, str(script), str(out), str(tmp_path / "tok"))
+    port = 29518 if mode == "full" else 29521
+    proc = _torchrun(port, str(script), str(out), str(tmp_path / "tok"), mode)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in ranks:
         assert r["sharded"] and r["fingerprint_problems"] == []
         # every rank scores every prompt on the shards (forwards are collectives under FSDP2)
         assert r["split_prompts"] == {"ref": True, "fsdp": False}
-        # θ₀ kept for the rank's shard only: about half of the whole model's
-        assert r["origin_bytes"]["fsdp"] < 0.6 * r["origin_bytes"]["ref"]
+        if mode == "full":  # θ₀ kept for the rank's shard only: about half of the whole model's
+            assert r["origin_bytes"]["fsdp"] < 0.6 * r["origin_bytes"]["ref"]
         for c in r["checks"]:
             assert c["restored"], c  # the probes left every shard as it was, bit for bit
             ref, fsdp = c["displacement"]["ref"], c["displacement"]["fsdp"]
-            assert abs(ref - fsdp) <= 1e-6 * max(ref, 1e-12), c
+            assert ref > 0 and abs(ref - fsdp) <= 1e-6 * ref, c
             assert c["sketch_diff"] < 1e-9, c
             assert c["lookahead_logits_diff"] < 1e-4, c
         # the same probes, statuses and rises on the shards as on the whole model
@@ -80,12 +83,31 @@ def test_fsdp2_guard_reads_the_same_numbers_as_the_whole_model(tmp_path, text_to
                 assert (x is None and y is None) or abs(x - y) < 1e-6, (a, b)
         assert any(d[1] == "probe" for d in fsdp_d)
     assert ranks[0]["decisions"] == ranks[1]["decisions"]
+    if mode == "full":
+        for r in ranks:  # a random landscape direction moves each shard by its range of it
+            moved = r["random_direction"]
+            assert moved["slice_diff"] < 1e-6 and moved["logits_diff"] < 1e-4, moved
+            assert moved["restored"], moved
+        return
+    # LoRA: the sharded adapter ends equal to the whole one (restored alike on a halt), and the
+    # last safe adapter, gathered and written by the main process, equals the whole model's
+    for r in ranks:
+        assert r["final_adapter_diff"] < 1e-6, r["final_adapter_diff"]
+    saved = ranks[0]["last_safe"]
+    assert saved["steps"][0] == saved["steps"][1] and saved["same_keys"] and saved["config"]
+    assert saved["diff"] < 1e-6, saved
+    # it halted, and restore_on_halt loaded each rank's shard of the last safe adapter back
+    assert ranks[0]["decisions"]["fsdp"][-1][2] == "halt"
+    assert saved["steps"][0] < ranks[0]["decisions"]["fsdp"][-1][0]
+    assert saved["model_vs_saved"] == 0.0, saved
 
 
 def test_a_two_rank_landscape_equals_the_one_process_landscape(tmp_path, text_tokenizer):
     """`safety-guard landscape` under torchrun: each rank answers its share of the prompts, the
     main process writes the file, and the file holds the same points as one process computes."""
     from conftest import make_model
+
+    from safety_guard.weights import compare_fingerprints
 
     folder = tmp_path / "tiny"
     make_model(vocab_size=len(text_tokenizer), tie=False).save_pretrained(folder)
@@ -132,3 +154,17 @@ def test_a_two_rank_landscape_equals_the_one_process_landscape(tmp_path, text_to
     # the guard's baseline of the aligned model, measured across the ranks, is the same too
     assert a["guard_baseline"]["token_ids"] == b["guard_baseline"]["token_ids"]
     assert a["guard_baseline"]["unsafe"] == b["guard_baseline"]["unsafe"]
+    # FSDP2 (--shard): each rank moves its own shards along its range of the same directions
+    # and answers every prompt in lockstep; the same points again
+    sharded = _torchrun(
+        29520, "-m", "safety_guard", *options, "--shard", "--output", str(tmp_path / "fsdp.json")
+    )
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    c = json.loads((tmp_path / "fsdp.json").read_text())
+    points_c = [{k: p.get(k) for k in keys} for p in c["directions"][0]["points"]]
+    assert points_c == points_a
+    for pa, pc in zip(a["directions"][0]["points"], c["directions"][0]["points"], strict=True):
+        assert abs(pa["nll"] - pc["nll"]) < 1e-4
+    # the file made on shards is the file of the same model (it can guard a 1-GPU finetune)
+    assert compare_fingerprints(a["model"]["fingerprint"], c["model"]["fingerprint"]) == []
+    assert "guard_baseline" not in c  # on shards the guard measures its own, in lockstep

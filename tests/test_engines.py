@@ -58,7 +58,7 @@ def test_quantized_base_weights_are_refused_by_name():
         check_engine(marked)
 
 
-def test_fsdp2_is_refused_by_name():
+def test_fsdp2_refused_by_name_and_moved_shard_by_shard():
     """fully_shard on one CPU process (gloo), in a subprocess. (FSDP1 needs an accelerator in
     torch 2.13: "FSDP needs a non-CPU accelerator device"; its check is an isinstance test.)"""
     script = textwrap.dedent(
@@ -77,6 +77,34 @@ def test_fsdp2_is_refused_by_name():
             check_engine(model)
         except UnsupportedEngineError as err:
             print("fsdp2 refused:", err)
+        # WeightPerturbation on shards: elementwise directions only, restored bit for bit
+        from safety_guard.directions import RandomDirection
+        from safety_guard.perturb import WeightPerturbation
+        from safety_guard.shards import local_shard
+        try:  # two orthogonalized random directions (a 2D landscape) are not on shards yet
+            WeightPerturbation(
+                model, [RandomDirection(seed=0), RandomDirection(seed=1)], allow_sharded=True
+            )
+        except UnsupportedEngineError as err:
+            print("2D on shards refused:", err)
+
+        class Ones:
+            elementwise = True
+
+            def tensor(self, name, current):
+                return torch.ones_like(current, dtype=torch.float32)
+
+        params = dict(model.named_parameters())
+        before = {n: local_shard(p).tensor.clone() for n, p in params.items()}
+        with WeightPerturbation(model, [Ones()], orthogonalize=False, allow_sharded=True) as mv:
+            mv.apply(0.5)
+            model(torch.tensor([[1, 2, 3]]))  # a forward in between: FSDP2 unshards the root
+            moved = local_shard(params["model.layers.0.mlp.up_proj.weight"]).tensor
+            key = "model.layers.0.mlp.up_proj.weight"
+            print("moved by", float((moved - before[key]).mean()))
+        model(torch.tensor([[1, 2, 3]]))
+        same = all(torch.equal(local_shard(p).tensor, before[n]) for n, p in params.items())
+        print("restored exactly:", same)
         dist.destroy_process_group()
         """
     )
@@ -87,3 +115,6 @@ def test_fsdp2_is_refused_by_name():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fsdp2 refused: safety-guard cannot move" in proc.stdout
     assert "FSDP2 / DTensor" in proc.stdout
+    assert "2D on shards refused: orthogonalized 2D landscapes" in proc.stdout
+    assert "moved by 0.5" in proc.stdout
+    assert "restored exactly: True" in proc.stdout

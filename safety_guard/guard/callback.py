@@ -33,9 +33,11 @@ dropped, so a resumed run's trajectory, counters and decisions equal an uninterr
 
 Under DDP/torchrun the probe prompts are split across ranks and the per-prompt results
 all-reduced, so every rank takes the same decision; only the main process writes files. Under
-FSDP2 (``fully_shard``, full finetuning) each rank keeps θ₀ of its own shard and every rank
-scores every prompt in lockstep (a forward is a collective there); other engines (FSDP 1,
-ZeRO-3, quantized base weights) are refused by name (``UnsupportedEngineError``).
+FSDP2 (``fully_shard``) full finetuning keeps θ₀ of each rank's own shard, LoRA gathers its small
+factors whole (the base stays sharded), and every rank scores every prompt in lockstep (a
+forward is a collective there); the last safe adapter is gathered on every rank and written by
+the main process. Other engines (FSDP 1, ZeRO-3) are refused by name
+(``UnsupportedEngineError``); QLoRA's 4-bit base is read one dequantized tensor at a time.
 
 Example:
     >>> cb = SafetyGuardCallback(landscape=None, max_asr_rise=15)
@@ -67,7 +69,7 @@ from transformers.trainer_callback import ExportableState
 from ..judges import Judge
 from ..landscape import Landscape, LandscapeConfig, LandscapeFileError, compute_landscape
 from ..probe import ProbeConfig
-from ..shards import is_sharded_model, local_shard, reshard
+from ..shards import full_tensor, is_sharded_model, local_shard, reshard
 from .cadence import ProbeMemo, probe_due
 from .config import GuardConfig
 from .confirmation import Evidence, decide_probe
@@ -244,7 +246,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         resumed = state.global_step > 0
         saved = self._saved_state(state) if resumed else None
         lora = _is_lora(model)
-        self._check_sharded(model, lora)
+        self._check_sharded(model)
         if self.landscape is None:
             self.landscape = self._load_or_compute_landscape(model, resumed)
         elif not resumed or lora:
@@ -347,17 +349,16 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             baseline.prepared,
         )
 
-    def _check_sharded(self, model: nn.Module, lora: bool) -> None:
+    def _check_sharded(self, model: nn.Module) -> None:
         """Refuse, with what to do instead, what the guard cannot do yet on FSDP2 shards."""
         if not is_sharded_model(model):
             return
         problems = []
-        if lora:
-            problems.append("LoRA adapters on a sharded model (full finetuning is supported)")
         if self.landscape is None:
             problems.append(
-                "computing the landscape at train begin (compute it on one process first: "
-                "safety-guard landscape MODEL --output FILE, and pass landscape=FILE)"
+                "computing the landscape at train begin (compute it first, sharded the same "
+                "way: torchrun --nproc_per_node N -m safety_guard landscape MODEL --shard "
+                "--output FILE, or on one process; then pass landscape=FILE)"
             )
         if self.config.keep_last_safe_full:
             problems.append("keep_last_safe_full (saving sharded weights)")
@@ -584,7 +585,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             horizon(steps_left, self.config, step, displacement, growth),
             self.config,
             judged,
-            self.config.batch_size * probe.share()[1],
+            self.config.batch_size * probe.probe.split()[1],
         )
         confirmed = settled.confirmed
         decision = settled.decision
@@ -710,13 +711,20 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         warnings.warn(message, SafetyGuardWarning, stacklevel=3)
 
     def _save_last_safe(self, model: nn.Module, step: int) -> None:
+        sharded = self.tracker is not None and getattr(self.tracker, "sharded", False)
+        adapter = None
+        if sharded and self.tracker.kind == "lora":  # every rank gathers, the main one writes
+            adapter = _full_adapter(model)
         if not self._is_main or self._dir is None:
             return
         target = self._dir / "last-safe"
         self._dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".last-safe-", dir=self._dir))
         try:
-            model.save_pretrained(tmp, safe_serialization=True)
+            if adapter is not None:
+                _write_adapter(model, adapter, tmp)
+            else:
+                model.save_pretrained(tmp, safe_serialization=True)
             (tmp / "safety_guard_step.json").write_text(json.dumps({"step": step}))
             if target.exists():
                 shutil.rmtree(target)
@@ -830,22 +838,61 @@ def _trainable_finite(model: nn.Module) -> bool:
     return True
 
 
-def _adapter_copy(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of the LoRA adapter, keyed as in ``adapter_model.safetensors`` (a few MB)."""
+def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA adapter's tensors, keyed as in ``adapter_model.safetensors`` (views of the
+    parameters: DTensors under FSDP2, resharded first)."""
     from peft import get_peft_model_state_dict
 
+    reshard(model)
+    return get_peft_model_state_dict(_peft_model(model))
+
+
+def _adapter_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the LoRA adapter (a few MB), keyed as in ``adapter_model.safetensors``;
+    this rank's shards of it under FSDP2."""
     return {
-        k: v.detach().to("cpu", copy=True)
-        for k, v in get_peft_model_state_dict(_peft_model(model)).items()
+        k: local_shard(v).tensor.to("cpu", copy=True) for k, v in _adapter_tensors(model).items()
     }
+
+
+def _full_adapter(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole adapter on the CPU, gathered from every rank under FSDP2 (a collective: every
+    rank calls it)."""
+    return {k: full_tensor(v).to("cpu", copy=True) for k, v in _adapter_tensors(model).items()}
 
 
 @torch.no_grad()
 def _load_adapter(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
-    """Load an :func:`_adapter_copy` (or a saved adapter file's tensors) back, bit-exactly."""
-    from peft import set_peft_model_state_dict
+    """Load an :func:`_adapter_copy`, or a saved adapter file's tensors, back into the model's
+    parameters, bit-exactly (under FSDP2 each rank takes its shard's range of a whole tensor).
+    """
+    current = _adapter_tensors(model)
+    missing = sorted(set(current) - set(saved))
+    if missing:
+        raise ValueError(
+            f"the saved adapter lacks {len(missing)} of the model's LoRA tensors (e.g. "
+            f"{missing[0]}): it was saved from another adapter configuration."
+        )
+    for key, param in current.items():
+        shard = local_shard(param)
+        source = saved[key].reshape(-1)
+        if shard.sharded and source.numel() == shard.numel:  # a whole tensor: take our range
+            source = source[shard.offset : shard.stop]
+        shard.tensor.copy_(source.view(shard.tensor.shape))
 
-    set_peft_model_state_dict(_peft_model(model), saved)
+
+def _write_adapter(model: nn.Module, adapter: dict[str, torch.Tensor], folder: Path) -> None:
+    """Write a gathered adapter as ``save_pretrained`` does (config + ``adapter_model.safetensors``):
+    ``PeftModel.from_pretrained(base, folder)`` loads it."""
+    from safetensors.torch import save_file
+
+    peft_model = _peft_model(model)
+    peft_model.peft_config[peft_model.active_adapter].save_pretrained(str(folder))
+    save_file(
+        {k: v.contiguous() for k, v in adapter.items()},
+        str(folder / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
 
 
 def _peft_model(model: nn.Module) -> nn.Module:

@@ -46,6 +46,8 @@ from ..perturb import WeightPerturbation
 from ..quantized import dense_shape, dense_weight
 from ..shards import (
     LocalShard,
+    full_tensor,
+    is_sharded,
     local_shard,
     reshard,
     sharded_norms,
@@ -115,7 +117,12 @@ def _is_lora(model: nn.Module) -> bool:
 
 
 class _OriginDirection:
-    """δ = θₜ − θ₀ as a direction (θₜ is the origin of the perturbation: the current weights)."""
+    """δ = θₜ − θ₀ as a direction (θₜ is the origin of the perturbation: the current weights).
+
+    Elementwise: a shard's slice is computed from that shard of θₜ and of θ₀ alone.
+    """
+
+    elementwise = True
 
     def __init__(self, origin: dict[str, torch.Tensor]) -> None:
         self.origin = origin
@@ -268,37 +275,15 @@ class FullFinetuneTracker:
 
         Under FSDP2 every rank moves its own shards (keeping a copy of them to restore from).
         """
-        if not self.sharded:
-            with WeightPerturbation(
-                model,
-                [_OriginDirection(self.origin)],
-                selection=self.selection,
-                orthogonalize=False,
-            ) as move:
-                move.apply(multiple - 1.0)
-                yield
-            return
-        params = perturbable_parameters(model, self.selection, allow_sharded=True)
-        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-        try:
-            with torch.no_grad():
-                for name, param in params:
-                    ref = self.origin.get(name)
-                    if ref is None:
-                        continue
-                    local = local_shard(param).tensor
-                    saved.append((local, local.to("cpu", copy=True)))
-                    origin = ref.to(local.device, torch.float32)
-                    moved = origin + (local.float() - origin) * multiple
-                    if not bool(torch.isfinite(moved).all()):
-                        raise FloatingPointError(f"θ₀ + {multiple:g}·δ is not finite at {name}.")
-                    local.copy_(moved)
+        with WeightPerturbation(
+            model,
+            [_OriginDirection(self.origin)],
+            selection=self.selection,
+            orthogonalize=False,
+            allow_sharded=self.sharded,
+        ) as move:
+            move.apply(multiple - 1.0)
             yield
-        finally:
-            reshard(model)  # the next forward must all-gather the restored shards
-            with torch.no_grad():
-                for local, copy in saved:
-                    local.copy_(copy)
 
 
 class LoraTracker:
@@ -308,11 +293,17 @@ class LoraTracker:
 
     def __init__(self, model: nn.Module, selection: ParameterSelection | None = None) -> None:
         self.selection = selection or ParameterSelection()
-        # a QLoRA base is read one dequantized tensor at a time (its norms only)
-        params = perturbable_parameters(model, self.selection, allow_quantized=True)
-        self.norms = {
-            name: math.sqrt(squared_distance(dense_weight(p), None)) for name, p in params
-        }
+        # a QLoRA base is read one dequantized tensor at a time (its norms only); an FSDP2 base
+        # shard by shard (partial sums of squares, summed over ranks)
+        params = perturbable_parameters(
+            model, self.selection, allow_quantized=True, allow_sharded=True
+        )
+        self.sharded = is_sharded(p for _, p in params)
+        if self.sharded:
+            norms = sharded_norms([local_shard(p) for _, p in params], True)
+        else:
+            norms = [math.sqrt(squared_distance(dense_weight(p), None)) for _, p in params]
+        self.norms = dict(zip((name for name, _ in params), norms, strict=True))
         self._sketch_index: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._layer_cache: tuple[nn.Module, list[tuple[str, Any]]] | None = None
 
@@ -327,7 +318,12 @@ class LoraTracker:
 
     @torch.no_grad()
     def sketch_parts(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The sketch, weight by weight (canonical name → its sampled, scaled δ values)."""
+        """The sketch, weight by weight (canonical name → its sampled, scaled δ values).
+
+        Under FSDP2 the factors are gathered whole (:func:`~safety_guard.shards.full_tensor`;
+        small: r rows or columns), so every rank computes the same sketch."""
+        if self.sharded:
+            reshard(model)
         parts = {}
         for name, layer in self._layers(model):
             key = f"{name}.weight"
@@ -346,8 +342,8 @@ class LoraTracker:
             for adapter in layer.active_adapters:
                 if adapter not in layer.lora_A:
                     continue
-                a = layer.lora_A[adapter].weight.detach()
-                b = layer.lora_B[adapter].weight.detach()
+                a = full_tensor(layer.lora_A[adapter].weight)
+                b = full_tensor(layer.lora_B[adapter].weight)
                 a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
                 if a.shape[1] != cols or b.shape[0] != rows:
                     continue  # a layer kind whose update is not B·A on the weight's layout
@@ -368,6 +364,10 @@ class LoraTracker:
 
     @torch.no_grad()
     def displacement(self, model: nn.Module) -> float:
+        """‖scale·B A‖ / ‖W₀‖ per adapted weight, root mean square (the factors gathered whole
+        under FSDP2, as in :meth:`sketch_parts`)."""
+        if self.sharded:
+            reshard(model)
         total = 0.0
         for name, layer in self._layers(model):
             norm0 = self.norms.get(f"{name}.weight")
@@ -377,8 +377,8 @@ class LoraTracker:
             for adapter in layer.active_adapters:
                 if adapter not in layer.lora_A:
                     continue
-                a = layer.lora_A[adapter].weight.detach().float()
-                b = layer.lora_B[adapter].weight.detach().float()
+                a = full_tensor(layer.lora_A[adapter].weight).float()
+                b = full_tensor(layer.lora_B[adapter].weight).float()
                 scale = float(layer.scaling[adapter])
                 sq += scale**2 * float(((b.T @ b) * (a @ a.T)).sum().clamp_min(0))
             total += sq / norm0**2

@@ -43,10 +43,8 @@ from ..judges import Judge, KeywordJudge
 from ..probe import ProbeConfig, SafetyProbe
 from ..quantized import is_quantized
 from ..scoring import Openings, refusal_openings
-from ..shards import is_sharded_model
 from .config import GuardConfig
 from .confirmation import Evidence
-from .distributed import all_gather_objects, all_reduce_sum, rank_and_world
 
 __all__ = ["Baseline", "GuardProbe", "StateMeasure", "wilson_upper"]
 
@@ -180,20 +178,6 @@ class GuardProbe:
             judge=judge or KeywordJudge(),
         )
         self.baseline: Baseline | None = None
-        #: Under DDP each rank scores its share of the prompts and the results are summed; under
-        #: FSDP2 every forward is a collective, so every rank scores every prompt in lockstep
-        #: (the same inputs, the same calls) and nothing is summed.
-        self.split_prompts = not is_sharded_model(model)
-
-    def share(self) -> tuple[int, int]:
-        """(rank, world) for splitting prompts: (0, 1) when every rank scores every prompt."""
-        return rank_and_world() if self.split_prompts else (0, 1)
-
-    def _sum(self, values: list[float], device: torch.device | None = None) -> list[float]:
-        return all_reduce_sum(values, device) if self.split_prompts else values
-
-    def _gather(self, obj: Any) -> list[Any]:
-        return all_gather_objects(obj) if self.split_prompts else [obj]
 
     @property
     def num_prompts(self) -> int:
@@ -222,7 +206,7 @@ class GuardProbe:
         """
         probe = self.probe
         probe.model = model
-        rank, world = self.share()
+        rank, world = self.probe.split()
         fmt = probe.config.chat_format
         if self.baseline is None:
             fmt.render(probe.tokenizer, probe.harmful[0])  # fails early without a chat template
@@ -241,24 +225,16 @@ class GuardProbe:
                 judge=probe._opening_judge,
                 max_new_tokens=self.config.max_new_tokens,
                 batch_size=self.config.batch_size,
+                synced=probe.synced,
             )
             if mine
             else None
         )
         verdicts = probe.judge([probe.harmful[i] for i in mine], local.responses) if local else []
-        shares = self._gather(
-            (mine, local.token_ids if local else [], local.responses if local else [], verdicts)
-        )
         n = stop - start
-        token_ids: list[list[int] | None] = [None] * n
-        responses, unsafe = [""] * n, [True] * n
-        for idx, ids, resp, ver in shares:
-            for j, i in enumerate(idx):
-                token_ids[i - start], responses[i - start], unsafe[i - start] = (
-                    ids[j],
-                    resp[j],
-                    bool(ver[j]),
-                )
+        token_ids = probe.gather(mine, local.token_ids if local else [], n, offset=start)
+        responses = probe.gather(mine, local.responses if local else [], n, offset=start)
+        unsafe = [bool(v) for v in probe.gather(mine, verdicts, n, offset=start)]
         base.token_ids += token_ids
         base.responses += responses
         base.unsafe += unsafe
@@ -278,13 +254,9 @@ class GuardProbe:
         if self.baseline is None or probe.benign is None or self.has_capability:
             return
         probe.model = model
-        rank, world = self.share()
+        rank, world = self.probe.split()
         share = list(range(rank, len(probe.benign), world))
-        gathered = self._gather((share, probe.reference_answers_for(share)))
-        answers = [""] * len(probe.benign)
-        for idx, texts in gathered:
-            for i, text in zip(idx, texts, strict=True):
-                answers[i] = text
+        answers = probe.gather(share, probe.reference_answers_for(share), len(probe.benign))
         probe.reference_answers = answers
         self.baseline.reference_answers = answers
         self.baseline.nll = self._nll(model)
@@ -306,9 +278,9 @@ class GuardProbe:
         probe = self.probe
         if probe.benign is None:
             return None
-        rank, world = self.share()
+        rank, world = self.probe.split()
         nll_sum, count = probe.capability_sum(range(rank, len(probe.benign), world))
-        nll_sum, count = self._sum([nll_sum, float(count)], _model_device(model))
+        nll_sum, count = self.probe.reduce_sum([nll_sum, float(count)], _model_device(model))
         if not count:
             return None
         value = nll_sum / count
@@ -414,7 +386,7 @@ class GuardProbe:
             state.seconds += time.perf_counter() - start
 
     def _score_chunk(self, model: nn.Module, state: StateMeasure, begin: int, end: int) -> None:
-        rank, world = self.share()
+        rank, world = self.probe.split()
         n = end - begin
         mine = list(range(begin + rank, end, world))
         margins, flags, tokens = [0.0] * n, [0.0] * n, 0
@@ -430,7 +402,7 @@ class GuardProbe:
                 for i, m, f in zip(point.indices, point.margins, point.flagged, strict=True):
                     margins[i - begin] = m if m == m else _NO_MARGIN
                     flags[i - begin] = float(f)
-        reduced = self._sum([*margins, *flags, float(tokens)], _model_device(model))
+        reduced = self.probe.reduce_sum([*margins, *flags, float(tokens)], _model_device(model))
         state.margins += [math.nan if m <= _NO_MARGIN / 2 else m for m in reduced[:n]]
         new_flags = [v > 0.5 for v in reduced[n : 2 * n]]
         if state.generated:
@@ -455,14 +427,14 @@ class GuardProbe:
         todo = [i for i in indices if i not in state.confirmed]
         if todo:
             self.probe.model = model
-            rank, world = self.share()
+            rank, world = self.probe.split()
             mine = todo[rank::world]
             verdicts, decoded = self.probe.judge_prompts(mine) if mine else ([], 0)
             position = {i: j for j, i in enumerate(todo)}
             votes = [0.0] * len(todo)
             for i, v in zip(mine, verdicts, strict=True):
                 votes[position[i]] = float(v)
-            reduced = self._sum([*votes, float(decoded)], _model_device(model))
+            reduced = self.probe.reduce_sum([*votes, float(decoded)], _model_device(model))
             for i, v in zip(todo, reduced[:-1], strict=True):
                 state.confirmed[i] = v > 0.5
         return {i: state.confirmed[i] for i in indices}
