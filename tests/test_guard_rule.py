@@ -130,15 +130,12 @@ def test_adaptive_cadence_on_a_linear_run_probes_at_the_doublings():
         if reason:
             probes.append(step)
             memo = ProbeMemo(step, d, d * 2.0)  # each probe covers up to 2·d
-    # "about to leave" what the last probe covered is one check early (2ᵏ − 1); the
-    # power-of-two windows add a probe at 2ᵏ (the price of a schedule other probes cannot delay)
-    assert probes == [1, 2, 3, 4, 7, 8, 15, 16, 31, 32, 63, 64, 127, 128]
+    assert probes == [1, 2, 3, 5, 9, 17, 33, 65, 129]  # "about to leave" is one check early
 
 
-def test_cadence_probes_in_every_power_of_two_window_when_the_displacement_stalls():
+def test_cadence_probes_at_least_at_the_step_doublings_when_the_displacement_stalls():
     # a finetune whose displacement stops growing can still turn harmful (damage suite, poisoned
-    # LoRA): the guard looks at least once per window [2ᵏ, 2ᵏ⁺¹) of steps, and after
-    # max_probe_interval steps
+    # LoRA): the guard looks again by twice the step of its last probe, up to max_probe_interval
     cfg = GuardConfig(lookahead=(2.0,), max_probe_interval=50)
     memo, probes = None, []
     for step in range(1, 200):
@@ -147,22 +144,13 @@ def test_cadence_probes_in_every_power_of_two_window_when_the_displacement_stall
         if reason:
             probes.append(step)
             memo = ProbeMemo(step, d, d * 2.0)
-    assert probes == [1, 2, 4, 8, 16, 32, 64, 114, 128, 178]
-
-
-def test_a_probe_between_windows_does_not_delay_the_next_window():
-    # a probe at step 6 (say δ turned) leaves the window [8, 16) to be probed at step 8, not 12
-    cfg = GuardConfig(max_probe_interval=1000)
-    memo = ProbeMemo(6, 1e-3, 4e-3)
-    assert probe_due(7, 1e-3, 0.0, 1.0, memo, cfg) is None
-    assert "power-of-two window" in probe_due(8, 1e-3, 0.0, 1.0, memo, cfg)
+    assert probes == [1, 2, 4, 8, 16, 32, 64, 114, 164]
 
 
 def test_cadence_probes_when_the_direction_turns_or_too_long_passed():
     cfg = GuardConfig(max_probe_interval=20, min_cosine=0.9)
     memo = ProbeMemo(10, 1e-3, 4e-3)
     assert probe_due(11, 1.1e-3, 1e-5, 0.99, memo, cfg) is None
-    assert "turned" in probe_due(11, 1.1e-3, 1e-5, 0.98, memo, GuardConfig())  # 0.99 default
     assert "turned" in probe_due(11, 1.1e-3, 1e-5, 0.5, memo, cfg)
     assert "20 steps" in probe_due(30, 1.1e-3, 1e-5, 0.99, memo, cfg)
     assert probe_due(3, math.nan, 0.0, None, memo, cfg) == "the displacement is not finite"

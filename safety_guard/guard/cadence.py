@@ -7,22 +7,14 @@ as the finetune keeps its direction, the models it passes through on the way the
 
 * the displacement is about to pass s_c·d (predicted at the next cheap check from its growth),
 * or δ has turned away from the probed direction (cosine of cheap sketches of δ below
-  ``min_cosine``, 0.99 by default: δ may turn by 8° at most),
-* or the step has reached the next power of two (1, 2, 4, 8, ...) since the last probe: at
-  least one probe in every window of steps [2ᵏ, 2ᵏ⁺¹), whatever other probes happened (a
-  finetune whose displacement stalls can still turn harmful: a poisoned LoRA finetune of the
-  damage suite did),
+  ``min_cosine``),
+* or the step is twice the last probe's step (a finetune whose displacement stalls can still
+  turn harmful: a poisoned LoRA finetune of the damage suite did),
 * or ``max_probe_interval`` steps have passed.
 
-Calibrated on the damage suite's seed-0 runs (``benchmarks/guard_runs.py``): an "always obey"
-LoRA finetune kept its displacement within the 2× its step-16 probe covered while δ turned by
-17° (cosine 0.958) and its held-out ASR jumped from 7 % to 51 % by step 25; with a cosine
-threshold of 0.9 the guard did not look again before step 32. With 0.99 and the power-of-two
-windows it halts at step 20 and the ten seed-0 runs pass (about 1.9× the probes of 0.9 on
-them). With the default lookahead (2×), probes follow the doublings of the displacement and of
-the step and the turns of δ: often early in a run, when models break fastest, and rarely
-later. ``probe_every`` restores a fixed cadence.
-
+With the default lookahead (2×), probes follow the doublings of the displacement and of the
+step: often early in a run, when models break fastest, and rarely later. ``probe_every``
+restores a fixed cadence.
 The rule is a pure function of numbers the callback records, so it can be tested on synthetic
 trajectories and replayed on saved ones.
 
@@ -130,8 +122,8 @@ def probe_due(
             f"the displacement {ahead:.3g} at the next check passes the {last.covered:.3g} "
             "the last probe covered"
         )
-    if step.bit_length() > last.step.bit_length():  # a power of two passed since the last probe
-        return f"step {step} opens a new power-of-two window (last probe at step {last.step})"
+    if step >= 2 * last.step:
+        return f"step {step} is twice the step of the last probe ({last.step})"
     if cosine is not None and cosine < config.min_cosine:
         return (
             f"δ turned away from the probed direction (cosine {cosine:.2f} < {config.min_cosine:g})"

@@ -71,8 +71,7 @@ class GuardConfig:
         metadata={
             "help": "Fixed cadence: probe every N steps. None (default): probe when the "
             "displacement is about to leave what the last probe covered, when δ turns away "
-            "from the last probe's direction, at least once per power-of-two window of steps "
-            "([1, 2), [2, 4), [4, 8) ...), or after "
+            "from the last probe's direction, at twice the last probe's step, or after "
             "max_probe_interval steps."
         },
     )
@@ -80,7 +79,7 @@ class GuardConfig:
         default=50, metadata={"help": "Adaptive cadence: probe at least every N steps."}
     )
     min_cosine: float = field(
-        default=0.99,
+        default=0.9,
         metadata={
             "help": "Adaptive cadence: probe when the cosine between δ now and at the last "
             "probe (from cheap sketches) falls below this."
