@@ -218,7 +218,7 @@ def generate_responses(
     batch_size: int = 16,
     stop_when_decided: Callable[[str], bool] | None = None,
     progress: Callable[[int], None] | None = None,
-    synced: bool = False,
+    synced: bool | None = None,
 ) -> GenerationResult:
     """Greedy responses to ``prompts``, batched with left padding.
 
@@ -238,6 +238,7 @@ def generate_responses(
             are done, so none waits alone, and the outermost FSDP2 module is unsharded around
             the call (``generate`` runs the inner model's forward, e.g. under a ``PeftModel``,
             so the root's own forward hooks, which gather its embeddings and head, never run).
+            ``None``: whether ``model`` has FSDP2 shards (a scan of its parameters).
     """
     if not prompts:
         raise ValueError("generate_responses() got no prompts.")
@@ -256,6 +257,10 @@ def generate_responses(
     token_ids: list[list[int]] = [[] for _ in prompts]
     stops = set(eos if isinstance(eos, list) else [eos]) - {None}
     decoded = 0
+    if synced is None:
+        from .shards import is_sharded_model
+
+        synced = is_sharded_model(model)
     with eval_mode(model), _unsharded_root(model, synced):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]

@@ -125,7 +125,7 @@ def refusal_openings(
     judge: KeywordJudge | None = None,
     max_new_tokens: int = 24,
     batch_size: int = 16,
-    synced: bool = False,
+    synced: bool | None = None,
 ) -> Openings:
     """Greedy answers of ``model`` (the aligned θ₀) cut after their first refusal phrase.
 
