@@ -111,6 +111,14 @@ def main(argv: list[str] | None = None) -> None:
             + ", ".join(str(r["step"]) for r in guarded["trajectory"] if r["event"] == "probe"),
         },
         {
+            "what": "sentinel (16 prompts nearest to flipping, at θ₀ + 2·δ, between probes)",
+            "seconds": f"{summary.get('total_sentinel_seconds', 0.0):.1f}",
+            "calls": summary.get("sentinels", 0),
+            "share of the unguarded run %": f"{100 * summary.get('total_sentinel_seconds', 0.0) / base['seconds']:.1f}",
+            "note": "sentinel steps: "
+            + ", ".join(str(r["step"]) for r in guarded["trajectory"] if "sentinel" in r),
+        },
+        {
             "what": "whole run, guarded / unguarded",
             "seconds": f"{guarded['seconds']:.1f} / {base['seconds']:.1f}",
             "calls": "",

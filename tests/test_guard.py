@@ -15,7 +15,7 @@ from conftest import make_model
 from guard_helpers import echo_judge, make_landscape, make_trainer
 from transformers import TrainerCallback
 
-from safety_guard.guard import FullFinetuneTracker, LoraTracker, SafetyGuardCallback
+from safety_guard.guard import FullFinetuneTracker, LoraTracker, ProbeMemo, SafetyGuardCallback
 from safety_guard.guard.displacement import sketch_cosine, sketch_displacement
 from safety_guard.landscape import LandscapeMismatchError
 from safety_guard.prompts import load_prompts
@@ -125,6 +125,26 @@ def test_model_and_tokenizer_unchanged_after_a_probe(tmp_path, text_tokenizer, l
     record, _metrics, decision = guard._probe(model, 2, disp, 10)
     # the current model is scored (and judged) when the lookahead's decision is not ok
     assert set(record["points"]) == ({"2"} if decision.status == 0 else {"1", "2"})
+    # the sentinel: the unflagged prompts nearest to flipping at θ₀ + 2·δ, re-scored there;
+    # the same weights flip none of them
+    sentinels = guard._sentinels(record)
+    point = record["points"]["2"]
+    unflagged = [
+        m
+        for i, m in enumerate(point["margins"])
+        if i not in point["flagged_prompts"] and m is not None
+    ]
+    assert len(sentinels) == min(len(unflagged), guard.config.sentinel_prompts)
+    assert not set(sentinels) & set(point["flagged_prompts"])
+    if lora:  # (the full model moved by 0.01 everywhere flags every prompt at 2·δ)
+        assert sentinels
+    if sentinels:
+        assert max(point["margins"][i] for i in sentinels) <= sorted(unflagged)[len(sentinels) - 1]
+        guard.memo = ProbeMemo(2, disp, 2 * disp, None, sentinels, 3)
+        check: dict = {}
+        assert guard._sentinel(model, 3, check) is None
+        assert check["sentinel"]["flips"] == 0 and check["sentinel"]["of"] == len(sentinels)
+        assert guard.memo.next_sentinel == 4
     after = _snapshot(model, text_tokenizer)
     for key in before[0]:
         assert torch.equal(before[0][key], after[0][key]), key

@@ -14,7 +14,10 @@ from safety_guard.guard import (
     decide,
     estimate,
     horizon,
+    next_sentinel_step,
     probe_due,
+    sentinel_due,
+    sentinel_prompts,
 )
 from safety_guard.guard.confirmation import (
     Evidence,
@@ -284,3 +287,34 @@ def test_a_probe_scores_the_current_model_only_when_the_lookahead_is_not_ok():
     never = GuardConfig(confirm="never")
     settled, _ = decide_probe(measure_with(loud), [2.0], aligned, aligned, 2.0, never, confirm, 32)
     assert settled.forward and settled.decision.status_name == "halt"
+
+
+def test_the_sentinel_watches_the_prompts_nearest_to_flipping_between_probes():
+    # nearest to flipping: unflagged, smallest margins (NaN: no opening, never a sentinel)
+    margins = [0.5, 0.1, math.nan, -0.2, 2.0, 0.3]
+    flagged = [False, False, True, True, False, False]
+    assert sentinel_prompts(margins, flagged, 3) == [1, 5, 0]
+    assert sentinel_prompts(margins, flagged, 0) == []
+    # every quarter of the steps so far; every step after a warning
+    assert [next_sentinel_step(s) for s in (1, 3, 4, 16, 100)] == [2, 4, 5, 20, 125]
+    assert next_sentinel_step(100, warned=True) == 101
+    memo = ProbeMemo(16, 1e-3, 2e-3, None, [1, 5], next_sentinel_step(16))
+    assert not sentinel_due(19, memo) and sentinel_due(20, memo)
+    assert not sentinel_due(20, ProbeMemo(16, 1e-3, 2e-3, None, [], 20))  # nothing to watch
+    assert ProbeMemo.from_dict(memo.to_dict()) == memo  # survives a checkpoint
+    with pytest.raises(ValueError, match="sentinel"):
+        GuardConfig(sentinel_flips=0)
+
+
+def test_a_warning_at_the_current_model_is_watched_by_the_sentinel_not_by_probes_every_step():
+    cfg = GuardConfig(max_probe_interval=1000)
+    # warned with nothing ahead covered (covered = the displacement probed at)
+    warned = ProbeMemo(185, 3.87e-3, 3.87e-3, None, [3, 7], 186, warned=True)
+    assert probe_due(186, 3.88e-3, 1e-5, 1.0, warned, cfg) is None
+    assert sentinel_due(186, warned)  # ... the sentinel looks at every step instead
+    # without a sentinel to watch, the displacement trigger stays
+    bare = ProbeMemo(185, 3.87e-3, 3.87e-3, None, [], None, warned=True)
+    assert "passes" in probe_due(186, 3.88e-3, 1e-5, 1.0, bare, cfg)
+    # an ok probe covers what lies ahead as before
+    ok = ProbeMemo(185, 3.87e-3, 7.7e-3, None, [3, 7], 231)
+    assert "passes" in probe_due(186, 7.7e-3, 1e-5, 1.0, ok, cfg)

@@ -6,7 +6,14 @@ Example:
     5
 """
 
-from .cadence import ProbeMemo, covered_multiple, probe_due
+from .cadence import (
+    ProbeMemo,
+    covered_multiple,
+    next_sentinel_step,
+    probe_due,
+    sentinel_due,
+    sentinel_prompts,
+)
 from .callback import SafetyGuardCallback, SafetyGuardWarning
 from .config import GuardConfig
 from .displacement import FullFinetuneTracker, LoraTracker, make_tracker
@@ -30,5 +37,8 @@ __all__ = [
     "estimate",
     "horizon",
     "make_tracker",
+    "next_sentinel_step",
     "probe_due",
+    "sentinel_due",
+    "sentinel_prompts",
 ]

@@ -5,12 +5,23 @@ s_c (see :func:`covered_multiple`) vouches for every model on that line up to s_
 as the finetune keeps its direction, the models it passes through on the way there are
 (approximately) those points, so the guard need not look again until
 
-* the displacement is about to pass s_c·d (predicted at the next cheap check from its growth),
+* the displacement is about to pass s_c·d (predicted at the next cheap check from its growth;
+  after a warning on the current model itself, s_c = 1, the sentinel watches instead, every
+  step: probing every step cost a 200-step benign LoRA finetune 16 probes in its last 16 steps),
 * or δ has turned away from the probed direction (cosine of cheap sketches of δ below
   ``min_cosine``),
 * or the step is twice the last probe's step (a finetune whose displacement stalls can still
   turn harmful: a poisoned LoRA finetune of the damage suite did),
-* or ``max_probe_interval`` steps have passed.
+* or ``max_probe_interval`` steps have passed,
+* or the **sentinel** rang: the ``sentinel_prompts`` prompts the last probe found nearest to
+  flipping at its lookahead point (unflagged, smallest opening margins) are re-scored at the
+  current θ₀ + s·δ every ``max(1, step // 4)`` steps, every step after a warning (forward
+  only: about a twelfth of a probe), and a probe follows when ``sentinel_flips`` of them flipped. It watches what the
+  other triggers cannot see: a collapse within the displacement and the direction the last
+  probe covered (the damage suite's "always obey" LoRA finetune went from 7 % to 51 % held-out
+  ASR between two doublings while δ turned by 17°; on its seed-0 records 2 of 16 sentinels
+  flipped between steps 16 and 18 and 10 between 18 and 20, while benign finetunes flipped at
+  most 1 between consecutive recorded steps after step 2).
 
 With the default lookahead (2×), probes follow the doublings of the displacement and of the
 step: often early in a run, when models break fastest, and rarely later. ``probe_every``
@@ -32,13 +43,20 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .config import GuardConfig
 
-__all__ = ["ProbeMemo", "covered_multiple", "probe_due"]
+__all__ = [
+    "ProbeMemo",
+    "covered_multiple",
+    "next_sentinel_step",
+    "probe_due",
+    "sentinel_due",
+    "sentinel_prompts",
+]
 
 
 @dataclass
@@ -50,21 +68,63 @@ class ProbeMemo:
         displacement: the displacement d it probed at.
         covered: the displacement up to which the probed line stayed within the promise.
         sketch: a cheap sketch of δ at the probe (for the direction cosine), or ``None``.
+        sentinels: the prompts nearest to flipping at the probe's lookahead point
+            (:func:`sentinel_prompts`), re-scored between probes; empty: no sentinel.
+        next_sentinel: the step of the next sentinel check.
+        warned: the probe's decision was a warning (the sentinel then looks every step).
     """
 
     step: int
     displacement: float
     covered: float
     sketch: list[float] | None = field(default=None, repr=False)
+    sentinels: list[int] = field(default_factory=list)
+    next_sentinel: int | None = None
+    warned: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ProbeMemo:
-        return cls(
-            **{k: data[k] for k in ("step", "displacement", "covered", "sketch") if k in data}
-        )
+        keys = ("step", "displacement", "covered", "sketch", "sentinels", "next_sentinel", "warned")
+        return cls(**{k: data[k] for k in keys if k in data})
+
+
+def sentinel_prompts(margins: Sequence[float | None], flagged: Sequence[bool], k: int) -> list[int]:
+    """The ``k`` scored prompts nearest to flipping: not flagged, smallest opening margins.
+
+    Example:
+        >>> sentinel_prompts([0.5, 0.1, None, -0.2, 2.0], [False, False, True, True, False], 2)
+        [1, 0]
+    """
+    candidates = [
+        i
+        for i, (m, f) in enumerate(zip(margins, flagged, strict=True))
+        if not f and m is not None and m == m
+    ]
+    return sorted(candidates, key=lambda i: (margins[i], i))[: max(k, 0)]
+
+
+def next_sentinel_step(step: int, warned: bool = False) -> int:
+    """When the sentinel looks next after ``step``: every quarter of the step count so far, or
+    at the next step after a warning (the lookahead is near the promise: watch it closely).
+
+    Example:
+        >>> [next_sentinel_step(s) for s in (1, 8, 40)], next_sentinel_step(40, warned=True)
+        ([2, 10, 50], 41)
+    """
+    return step + (1 if warned else max(1, step // 4))
+
+
+def sentinel_due(step: int, last: ProbeMemo | None) -> bool:
+    """Whether the sentinel looks at ``step`` (the last probe left prompts to watch)."""
+    return (
+        last is not None
+        and bool(last.sentinels)
+        and last.next_sentinel is not None
+        and step >= last.next_sentinel
+    )
 
 
 def covered_multiple(rises: Mapping[float, float], limit: float) -> float:
@@ -117,7 +177,10 @@ def probe_due(
     if step - last.step >= config.max_probe_interval:
         return f"{step - last.step} steps since the last probe"
     ahead = displacement + max(growth_per_step, 0.0) * config.check_every
-    if ahead >= last.covered:
+    # a warning at the current model itself (nothing ahead covered) is watched by the sentinel
+    # every step, not by a whole probe at every step
+    watched = last.covered <= last.displacement and bool(last.sentinels) and last.warned
+    if ahead >= last.covered and not watched:
         return (
             f"the displacement {ahead:.3g} at the next check passes the {last.covered:.3g} "
             "the last probe covered"

@@ -70,7 +70,7 @@ from ..judges import Judge
 from ..landscape import Landscape, LandscapeConfig, LandscapeFileError, compute_landscape
 from ..probe import ProbeConfig
 from ..shards import full_tensor, is_sharded_model, local_shard, reshard
-from .cadence import ProbeMemo, probe_due
+from .cadence import ProbeMemo, next_sentinel_step, probe_due, sentinel_due, sentinel_prompts
 from .config import GuardConfig
 from .confirmation import Evidence, decide_probe
 from .displacement import (
@@ -152,6 +152,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         self.memo: ProbeMemo | None = None
         self.probe_seconds: list[float] = []
         self.check_seconds: list[float] = []
+        self.sentinel_seconds: list[float] = []
         self.restored_state: dict[str, Any] | None = None  # set by transformers' restore
         self._history: list[tuple[int, float]] = []  # (step, displacement) of recent checks
         self._safe_adapter: dict[str, torch.Tensor] | None = None
@@ -192,6 +193,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             "history": self._history[-8:],
             "probe_seconds": self.probe_seconds,
             "check_seconds": self.check_seconds,
+            "sentinel_seconds": self.sentinel_seconds,
             "baseline": self.probe.baseline.to_dict()
             if self.probe and self.probe.baseline
             else None,
@@ -213,6 +215,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         self._history = [tuple(h) for h in data.get("history", [])]
         self.probe_seconds = list(data.get("probe_seconds", []))
         self.check_seconds = list(data.get("check_seconds", []))
+        self.sentinel_seconds = list(data.get("sentinel_seconds", []))
 
     # -- setup ------------------------------------------------------------------------------------------
     def _guard_dir(self, args: TrainingArguments) -> Path:
@@ -531,22 +534,66 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             self._halt_now(step, "the weights are not finite (NaN or inf)", model, control)
             return
         reason = probe_due(step, disp, growth, cosine, self.memo, self.config)
-        if reason is not None and all_reduce_max([0.0 if _trainable_finite(model) else 1.0])[0] > 0:
+        sentinel = reason is None and sentinel_due(step, self.memo)
+        if (reason is not None or sentinel) and all_reduce_max(
+            [0.0 if _trainable_finite(model) else 1.0]
+        )[0] > 0:  # before moving the weights: a NaN the sketch did not sample
             self._emit(metrics, record, state)
             self._halt_now(step, "the weights are not finite (NaN or inf)", model, control)
             return
+        if sentinel:
+            reason = self._sentinel(model, step, record)
         if reason is not None:
             steps_left = (state.max_steps - step) if state.max_steps else None
+            sentinel = record.get("sentinel")
             record, probe_metrics, decision = self._probe(model, step, disp, steps_left, growth)
             record.update({"reason": reason, "cosine": cosine})
+            if sentinel is not None:
+                record["sentinel"] = sentinel
             metrics.update(probe_metrics)
             self.memo = ProbeMemo(
-                step, disp, disp * decision.covered, [float(f"{v:.6g}") for v in sketch.tolist()]
+                step,
+                disp,
+                disp * decision.covered,
+                [float(f"{v:.6g}") for v in sketch.tolist()],
+                self._sentinels(record),
+                next_sentinel_step(step, warned=decision.status == WARN),
+                decision.status == WARN,
             )
             self._emit(metrics, record, state)
             self._act(decision, step, model, control)
             return
         self._emit(metrics, record, state)
+
+    def _sentinels(self, record: dict[str, Any]) -> list[int]:
+        """The prompts a probe found nearest to flipping at its farthest lookahead point."""
+        point = record["points"].get(f"{max(self.config.lookahead):g}")
+        if point is None or not self.config.sentinel_prompts:
+            return []
+        flagged = set(point["flagged_prompts"])
+        margins = point["margins"]
+        return sentinel_prompts(
+            margins, [i in flagged for i in range(len(margins))], self.config.sentinel_prompts
+        )
+
+    def _sentinel(self, model: nn.Module, step: int, record: dict[str, Any]) -> str | None:
+        """Re-score the last probe's sentinel prompts at the lookahead point; a reason to probe
+        when enough of them flipped (:mod:`~safety_guard.guard.cadence`)."""
+        memo = self.memo
+        start = time.perf_counter()
+        multiple = max(self.config.lookahead)
+        with self._at(model, multiple):
+            flips = sum(self.probe.flags(model, memo.sentinels))
+        seconds = time.perf_counter() - start
+        self.sentinel_seconds.append(seconds)
+        memo.next_sentinel = next_sentinel_step(step, warned=memo.warned)
+        record["sentinel"] = {"flips": flips, "of": len(memo.sentinels), "seconds": seconds}
+        if flips < self.config.sentinel_flips:
+            return None
+        return (
+            f"{flips} of the {len(memo.sentinels)} prompts nearest to flipping at the step-"
+            f"{memo.step} probe flipped at θ₀ + {multiple:g}·δ"
+        )
 
     def _growth(self, step: int, displacement: float) -> float:
         """Displacement growth per step over the recent checks (0 until there are two)."""
@@ -800,6 +847,8 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             else None,
             "total_probe_seconds": sum(self.probe_seconds),
             "setup_seconds": self.setup_seconds,
+            "sentinels": len(self.sentinel_seconds),
+            "total_sentinel_seconds": sum(self.sentinel_seconds),
             "mean_check_seconds": sum(self.check_seconds) / len(self.check_seconds)
             if self.check_seconds
             else None,

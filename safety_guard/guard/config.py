@@ -85,6 +85,18 @@ class GuardConfig:
             "probe (from cheap sketches) falls below this."
         },
     )
+    sentinel_prompts: int = field(
+        default=16,
+        metadata={
+            "help": "Adaptive cadence: between probes, re-score this many prompts (those the "
+            "last probe found nearest to flipping) at the lookahead point every max(1, "
+            "step // 4) steps, forward only; 0 disables the sentinel."
+        },
+    )
+    sentinel_flips: int = field(
+        default=3,
+        metadata={"help": "Probe when this many of the sentinel prompts have flipped."},
+    )
     lookahead: tuple[float, ...] = field(
         default=(2.0,),
         metadata={"help": "Multiples s > 1 of the current displacement probed ahead: θ₀ + s·δ."},
@@ -181,6 +193,11 @@ class GuardConfig:
                 raise ValueError(
                     f"GuardConfig.{name} must be at least 1, got {getattr(self, name)}."
                 )
+        if self.sentinel_prompts < 0 or self.sentinel_flips < 1:
+            raise ValueError(
+                "GuardConfig.sentinel_prompts must be >= 0 (0: no sentinel) and sentinel_flips "
+                f">= 1, got {self.sentinel_prompts} and {self.sentinel_flips}."
+            )
         if self.probe_every is not None and self.probe_every < 1:
             raise ValueError(
                 f"GuardConfig.probe_every must be at least 1 (or None for the adaptive "

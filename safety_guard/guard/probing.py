@@ -411,6 +411,23 @@ class GuardProbe:
         state.tokens += int(reduced[-1])
 
     @torch.no_grad()
+    def flags(self, model: nn.Module, indices: list[int]) -> list[bool]:
+        """The forward screen's flags of the prompts ``indices`` at the model's current weights
+        (the sentinel: a few prompts, no stop rule, no capability). The same list on every
+        rank; each rank scores its share (every prompt in lockstep on FSDP2 shards)."""
+        probe = self.probe
+        probe.model = model
+        rank, world = probe.split()
+        mine = indices[rank::world]
+        votes = [0.0] * len(indices)
+        if mine:
+            position = {i: j for j, i in enumerate(indices)}
+            point = probe.forward(mine)
+            for i, f in zip(point.indices, point.flagged, strict=True):
+                votes[position[i]] = float(f)
+        return [v > 0.5 for v in probe.reduce_sum(votes, _model_device(model))]
+
+    @torch.no_grad()
     def confirm(
         self, model: nn.Module, state: StateMeasure, indices: list[int] | None = None
     ) -> dict[int, bool]:
