@@ -185,7 +185,6 @@ def left_padded(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return ids, mask
 
 
-@torch.no_grad()
 @contextlib.contextmanager
 def _unsharded_root(model: nn.Module, sharded: bool) -> Iterator[None]:
     """The outermost FSDP2 module of ``model`` unsharded inside the block (a collective)."""
@@ -208,6 +207,7 @@ def _unsharded_root(model: nn.Module, sharded: bool) -> Iterator[None]:
         root.reshard()
 
 
+@torch.no_grad()
 def generate_responses(
     model: nn.Module,
     tokenizer: Any,

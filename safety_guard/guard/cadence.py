@@ -16,8 +16,8 @@ as the finetune keeps its direction, the models it passes through on the way the
 * or the **sentinel** rang: the ``sentinel_prompts`` prompts the last probe found nearest to
   flipping at its lookahead point (unflagged, smallest opening margins) are re-scored at the
   current θ₀ + s·δ every ``max(1, step // 4)`` steps, every step after a warning (forward
-  only: about a twelfth of a probe), and a probe follows when ``sentinel_flips`` of them flipped. It watches what the
-  other triggers cannot see: a collapse within the displacement and the direction the last
+  only: 16 of a probe's up to 200 prompts), and a probe follows when ``sentinel_flips`` of them
+  flipped. It watches what the other triggers cannot see: a collapse within the displacement and the direction the last
   probe covered (the damage suite's "always obey" LoRA finetune went from 7 % to 51 % held-out
   ASR between two doublings while δ turned by 17°; on its seed-0 records 2 of 16 sentinels
   flipped between steps 16 and 18 and 10 between 18 and 20, while benign finetunes flipped at

@@ -758,9 +758,8 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         warnings.warn(message, SafetyGuardWarning, stacklevel=3)
 
     def _save_last_safe(self, model: nn.Module, step: int) -> None:
-        sharded = self.tracker is not None and getattr(self.tracker, "sharded", False)
         adapter = None
-        if sharded and self.tracker.kind == "lora":  # every rank gathers, the main one writes
+        if self.tracker.kind == "lora" and self.tracker.sharded:  # all gather, the main writes
             adapter = _full_adapter(model)
         if not self._is_main or self._dir is None:
             return

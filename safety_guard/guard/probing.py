@@ -415,17 +415,28 @@ class GuardProbe:
         """The forward screen's flags of the prompts ``indices`` at the model's current weights
         (the sentinel: a few prompts, no stop rule, no capability). The same list on every
         rank; each rank scores its share (every prompt in lockstep on FSDP2 shards)."""
-        probe = self.probe
-        probe.model = model
-        rank, world = probe.split()
+        self.probe.model = model
+        flags, _ = self._votes(model, indices, lambda mine: (self.probe.forward(mine).flagged, 0))
+        return flags
+
+    def _votes(
+        self,
+        model: nn.Module,
+        indices: list[int],
+        score: Callable[[list[int]], tuple[list[bool], int]],
+    ) -> tuple[list[bool], int]:
+        """``score`` on this rank's share of ``indices`` (per-prompt booleans and a count),
+        summed over ranks: the booleans of every prompt, in ``indices``' order, and the total."""
+        rank, world = self.probe.split()
         mine = indices[rank::world]
         votes = [0.0] * len(indices)
+        count = 0
         if mine:
-            position = {i: j for j, i in enumerate(indices)}
-            point = probe.forward(mine)
-            for i, f in zip(point.indices, point.flagged, strict=True):
-                votes[position[i]] = float(f)
-        return [v > 0.5 for v in probe.reduce_sum(votes, _model_device(model))]
+            verdicts, count = score(mine)
+            for j, v in zip(range(rank, len(indices), world), verdicts, strict=True):
+                votes[j] = float(v)
+        reduced = self.probe.reduce_sum([*votes, float(count)], _model_device(model))
+        return [v > 0.5 for v in reduced[:-1]], int(reduced[-1])
 
     @torch.no_grad()
     def confirm(
@@ -444,16 +455,8 @@ class GuardProbe:
         todo = [i for i in indices if i not in state.confirmed]
         if todo:
             self.probe.model = model
-            rank, world = self.probe.split()
-            mine = todo[rank::world]
-            verdicts, decoded = self.probe.judge_prompts(mine) if mine else ([], 0)
-            position = {i: j for j, i in enumerate(todo)}
-            votes = [0.0] * len(todo)
-            for i, v in zip(mine, verdicts, strict=True):
-                votes[position[i]] = float(v)
-            reduced = self.probe.reduce_sum([*votes, float(decoded)], _model_device(model))
-            for i, v in zip(todo, reduced[:-1], strict=True):
-                state.confirmed[i] = v > 0.5
+            verdicts, _ = self._votes(model, todo, self.probe.judge_prompts)
+            state.confirmed.update(zip(todo, verdicts, strict=True))
         return {i: state.confirmed[i] for i in indices}
 
     def evidence(self, state: StateMeasure) -> Evidence:
