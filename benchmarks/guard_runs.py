@@ -63,6 +63,7 @@ from safety_guard.guard import (
     horizon,
     next_sentinel_step,
     probe_due,
+    promise_at_stake,
     sentinel_due,
     sentinel_prompts,
 )
@@ -289,7 +290,7 @@ def replay(
                 break
             sentinels += 1
             step = steps[j]
-            memo.next_sentinel = next_sentinel_step(step, warned=memo.warned)
+            memo.next_sentinel = next_sentinel_step(step, at_stake=memo.at_stake)
             lookahead = records[j]["points"][f"{max(config.lookahead):g}"]["flagged"]
             flips = sum(bool(lookahead[i]) for i in memo.sentinels if i < len(lookahead))
             if flips >= config.sentinel_flips:
@@ -313,13 +314,14 @@ def replay(
                 "horizon_rise": decision.horizon_rise,
             }
         )
+        stake = promise_at_stake(decision, h, config)
         memo = ProbeMemo(
             step,
             rec["displacement"],
             rec["displacement"] * decision.covered,
             sentinels=_sentinels(rec, baseline, config, cap),
-            next_sentinel=next_sentinel_step(step, warned=decision.status == WARN),
-            warned=decision.status == WARN,
+            next_sentinel=next_sentinel_step(step, at_stake=stake),
+            at_stake=stake,
         )
         memo_index = j
         if decision.status >= WARN and warn is None:

@@ -43,6 +43,7 @@ __all__ = [
     "direction_from_dict",
     "direction_slices",
     "name_seed",
+    "orthogonal_coefficients",
 ]
 
 Normalization = Literal["layer", "filter", "none"]
@@ -187,14 +188,38 @@ class RandomDirection:
             raise ValueError("Filter-normalized directions are not streamed; use tensor().")
         if self.normalization == "none":
             return 1.0
+        d_sq = self.gaussian_squared_norm(name, numel)
+        return math.sqrt(origin_squared_norm / d_sq) if d_sq > 0 else 0.0
+
+    def gaussian_squared_norm(self, name: str, numel: int) -> float:
+        """Σ g² of the raw Gaussian slice of ``name`` (``numel`` elements), in float64; cached
+        (one float per tensor)."""
         key = (name, numel)
         if key not in self._gaussian_sq:
             self._gaussian_sq[key] = sum(
                 float(chunk.double().pow(2).sum())
                 for _, _, chunk in self._gaussian_chunks(name, numel)
             )
-        d_sq = self._gaussian_sq[key]
-        return math.sqrt(origin_squared_norm / d_sq) if d_sq > 0 else 0.0
+        return self._gaussian_sq[key]
+
+    def gaussian_dot(self, other: RandomDirection, name: str, numel: int) -> float:
+        """Σ g·g' of this direction's and ``other``'s raw Gaussian slices of ``name``, in float64,
+        streamed chunk by chunk (both generated whole on every rank: it does not depend on how
+        the tensor is sharded).
+
+        Example:
+            >>> a, b = RandomDirection(seed=0), RandomDirection(seed=1)
+            >>> a.gaussian_dot(a, "w", 1000) == a.gaussian_squared_norm("w", 1000)
+            True
+        """
+        if other is self or other.seed == self.seed:
+            return self.gaussian_squared_norm(name, numel)
+        return sum(
+            float(x.double().mul(y.double()).sum())
+            for (_, _, x), (_, _, y) in zip(
+                self._gaussian_chunks(name, numel), other._gaussian_chunks(name, numel), strict=True
+            )
+        )
 
     @torch.no_grad()
     def add_to(
@@ -352,6 +377,32 @@ class InterpolationDirection:
             out.sub_(source.to(origin.device, torch.float32))
         return out
 
+    def shard_tensor(
+        self, name: str, origin: torch.Tensor, offset: int, shape: Sequence[int]
+    ) -> torch.Tensor | None:
+        """The flat float32 part of :meth:`tensor` for one FSDP2 shard: elements ``offset`` to
+        ``offset + origin.numel()`` of the full tensor (of ``shape``), ``origin`` being that
+        shard of θ₀. The target (and source) tensor is read whole, one at a time.
+
+        Example:
+            >>> d = InterpolationDirection({"w": torch.arange(6.0).reshape(2, 3)})
+            >>> d.shard_tensor("w", torch.zeros(2), offset=3, shape=(2, 3)).tolist()
+            [3.0, 4.0]
+        """
+        target = self._target.get(name)
+        if target is None:
+            return None
+        _check_shape("Interpolation target", name, target.shape, shape)
+        stop = offset + origin.numel()
+        out = target.reshape(-1)[offset:stop].to(origin.device, torch.float32, copy=True)
+        if self._source is None:
+            return out.sub_(origin.reshape(-1).float())
+        source = self._source.get(name)
+        if source is None:
+            return None
+        _check_shape("Interpolation source", name, source.shape, shape)
+        return out.sub_(source.reshape(-1)[offset:stop].to(origin.device, torch.float32))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "kind": "interpolation",
@@ -461,6 +512,27 @@ class LoraDirection:
             )
         return delta
 
+    def shard_tensor(
+        self, name: str, origin: torch.Tensor, offset: int, shape: Sequence[int]
+    ) -> torch.Tensor | None:
+        """The flat float32 part of :meth:`tensor` for one FSDP2 shard (elements ``offset`` to
+        ``offset + origin.numel()`` of the full update ``scale · B @ A``, made one weight at a
+        time from the small factors)."""
+        entry = self._factors.get(name)
+        if entry is None:
+            return None
+        a, b, scale, fan_in_fan_out = entry
+        a = a.detach().to(origin.device, torch.float32)
+        b = b.detach().to(origin.device, torch.float32)
+        full = (a.shape[1], b.shape[0]) if fan_in_fan_out else (b.shape[0], a.shape[1])
+        _check_shape("LoRA update", name, full, shape)
+        cols = full[1]
+        stop = offset + origin.numel()
+        first, last = offset // cols, -(-stop // cols)  # the rows the shard's range covers
+        rows = (b @ a[:, first:last]).T if fan_in_fan_out else b[first:last] @ a
+        flat = rows.reshape(-1)[offset - first * cols : stop - first * cols]
+        return flat.mul_(scale)
+
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "lora", "adapter": self.description}
 
@@ -489,6 +561,61 @@ def direction_from_dict(spec: Mapping[str, Any]) -> Direction:
     raise ValueError(
         f"Unknown direction kind {kind!r}; expected 'random', 'interpolation' or 'lora'."
     )
+
+
+def _check_shape(what: str, name: str, got: Sequence[int], want: Sequence[int]) -> None:
+    if tuple(got) != tuple(want):
+        raise ValueError(
+            f"{what} tensor {name!r} has shape {tuple(got)}, but the model's has {tuple(want)}: "
+            "the two checkpoints are different architectures."
+        )
+
+
+def orthogonal_coefficients(
+    directions: Sequence[RandomDirection], name: str, numel: int, origin_squared_norm: float
+) -> list[list[float]]:
+    """Gram–Schmidt of streamable random directions, as coefficients of their raw Gaussians.
+
+    Row j holds the c_ji with Σᵢ c_ji·gᵢ = direction j's slice of ``name`` orthogonalized
+    against the earlier ones and rescaled to its own norm — what :func:`direction_slices`
+    computes from whole slices — found from the scales and the Gram matrix of the raw Gaussian
+    slices (float64, one pass per pair) instead. A move then streams each Gaussian once with a
+    combined coefficient: no whole slice is held, and a shard adds its index range of the same
+    sum (FSDP2: the Gram matrix is of the whole tensor, so no rank needs another's shard).
+
+    Example:
+        >>> dirs = [RandomDirection(seed=0), RandomDirection(seed=1)]
+        >>> rows = orthogonal_coefficients(dirs, "w", 4096, origin_squared_norm=4.0)
+        >>> rows[0][1], abs(rows[1][0]) < 0.05 * rows[1][1]  # the first unchanged; the second mostly its own
+        (0.0, True)
+    """
+    n = len(directions)
+    if any(not d.streamable for d in directions):
+        raise ValueError("orthogonal_coefficients() needs layer- or un-normalized directions.")
+    scales = [d.scale_for(name, numel, origin_squared_norm) for d in directions]
+    gram = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for k in range(i, n):
+            gram[i][k] = gram[k][i] = directions[i].gaussian_dot(directions[k], name, numel)
+
+    def dot(u: list[float], v: list[float]) -> float:
+        return sum(u[i] * gram[i][k] * v[k] for i in range(n) for k in range(n))
+
+    rows: list[list[float]] = []
+    for j in range(n):
+        v = [0.0] * n
+        v[j] = scales[j]
+        target = math.sqrt(max(dot(v, v), 0.0))
+        for prev in rows:
+            denom = dot(prev, prev)
+            if denom > 0:
+                w = dot(v, prev) / denom
+                v = [a - w * b for a, b in zip(v, prev, strict=True)]
+        if rows:
+            norm = max(math.sqrt(max(dot(v, v), 0.0)), 1e-12)
+            v = [a * target / norm for a in v]
+        rows.append(v)
+    return rows
 
 
 def direction_slices(

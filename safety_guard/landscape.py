@@ -852,8 +852,8 @@ def compute_landscape(
         prober = probe
     else:
         prober = SafetyProbe(model, tokenizer, probe or ProbeConfig())
-    # FSDP2 shards are moved rank by rank (random 1D directions); other engines and quantized
-    # weights cannot be moved: say so before any work
+    # FSDP2 shards are moved rank by rank (layer-normalized random directions, 1D or 2D); other
+    # engines and quantized weights cannot be moved: say so before any work
     check_engine(model, allow_sharded=True)
     line_specs, random_specs = _direction_specs(config, interpolation)
     if is_sharded_model(model):  # refuse what is not applied per shard yet, before any work

@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .directions import Direction, RandomDirection, direction_slices
+from .directions import Direction, RandomDirection, direction_slices, orthogonal_coefficients
 from .distributed import all_reduce_sum
 from .shards import LocalShard, is_sharded, local_shard, reshard, squared_distance
 from .weights import (
@@ -44,25 +44,38 @@ __all__ = ["WeightPerturbation"]
 def check_shard_directions(directions: Sequence[Direction], orthogonalize: bool) -> None:
     """Refuse, by name, directions that cannot be applied shard by shard (FSDP2)."""
     for d in directions:
-        if getattr(d, "elementwise", False):
+        if getattr(d, "elementwise", False) or hasattr(d, "shard_tensor"):
             continue
         if not isinstance(d, RandomDirection):
             raise UnsupportedEngineError(
-                f"{type(d).__name__} is not applied per FSDP2 shard yet (random directions "
-                "are): compute an interpolation landscape with the model replicated (one "
-                "process, or DDP under torchrun without sharding)."
+                f"{type(d).__name__} is not applied per FSDP2 shard (random, interpolation and "
+                "LoRA directions are, and elementwise ones): compute this landscape with the "
+                "model replicated (one process, or DDP under torchrun without sharding)."
             )
         if not d.streamable:
             raise UnsupportedEngineError(
                 "filter-normalized random directions are not applied per FSDP2 shard yet: use "
                 "normalization='layer' (the paper's), or a replicated model."
             )
-    randoms = sum(not getattr(d, "elementwise", False) for d in directions)
-    if orthogonalize and randoms > 1:
+    randoms = sum(isinstance(d, RandomDirection) for d in directions)
+    if orthogonalize and len(directions) > 1 and randoms < len(directions):
         raise UnsupportedEngineError(
-            "orthogonalized 2D landscapes are not computed on FSDP2 shards yet: use 1D "
-            "directions (dims=1), or a replicated model."
+            "a surface orthogonalized against an interpolation, LoRA or elementwise direction "
+            "is not computed on FSDP2 shards yet (the Gram–Schmidt dot products would need "
+            "every shard): use random directions only (--dims 2), a 1D interpolation landscape, "
+            "or a replicated model."
         )
+
+
+def _shard_slice(direction: Direction, name: str, shard: LocalShard) -> torch.Tensor | None:
+    """A direction's slice for one shard (its θ₀ in ``shard.tensor``), when it is made whole
+    here: elementwise directions from the shard's values, interpolation and LoRA ones from the
+    shard's index range (``shard_tensor``). ``None`` for random directions, streamed instead."""
+    if getattr(direction, "elementwise", False):
+        return direction.tensor(name, shard.tensor)
+    if hasattr(direction, "shard_tensor"):
+        return direction.shard_tensor(name, shard.tensor, shard.offset, shard.shape)
+    return None
 
 
 Offload = Literal["cpu", "disk"]
@@ -126,8 +139,11 @@ class WeightPerturbation:
             a shard's slice depends on that shard's values only, like the guard's δ = θₜ − θ₀)
             and layer-normalized random directions (each shard gets its index range of the
             same slice, scaled by θ₀'s norms summed over ranks, so the move does not depend on
-            the world size) work; interpolation, filter-normalized and several orthogonalized
-            random directions are refused (:func:`check_shard_directions`).
+            the world size) work, several of them orthogonalized too (a 2D landscape: each
+            shard adds its range of the same combination of their Gaussians), and
+            interpolation and LoRA directions (the shard's range of the target's tensor);
+            filter-normalized directions, and surfaces orthogonalized against a non-random
+            direction, are refused (:func:`check_shard_directions`).
 
     Use :meth:`apply` to move to ``θ₀ + Σ cᵢ·dᵢ`` and :meth:`restore` (or leaving the ``with``
     block, also on an exception) to return to θ₀.
@@ -158,6 +174,7 @@ class WeightPerturbation:
         if self._sharded:
             check_shard_directions(self.directions, orthogonalize)
         self._origin_sq: dict[str, float] | None = None  # θ₀'s full-tensor Σx² (on shards)
+        self._rows: dict[str, list[list[float]]] = {}  # orthogonalized combinations per tensor
         self._check_finite = check_finite
         self._scratch_dir = scratch_dir
         self._ram: dict[str, torch.Tensor] | None = None
@@ -268,13 +285,15 @@ class WeightPerturbation:
             self._apply_shards(coefficients)
             self.coefficients = tuple(float(c) for c in coefficients)
             return
-        streamed = all(
-            isinstance(d, RandomDirection) and d.streamable for d in self.directions
-        ) and (len(self.directions) == 1 or not self.orthogonalize)
+        streamed = all(isinstance(d, RandomDirection) and d.streamable for d in self.directions)
         for name, param in self._targets():
             self._load_origin(name, param)
             if streamed and param.data.is_contiguous():
                 flat = param.data.view(-1)
+                if self._combined:
+                    origin_sq = squared_distance(flat, None)
+                    self._add_combined(name, flat, coefficients, origin_sq, 0, flat.numel())
+                    continue
                 for c, d in zip(coefficients, self.directions, strict=True):
                     if c != 0:
                         d.add_to(name, flat, c, d.scale(name, flat))  # type: ignore[attr-defined]
@@ -296,18 +315,55 @@ class WeightPerturbation:
             del slices
         self.coefficients = tuple(float(c) for c in coefficients)
 
+    @property
+    def _combined(self) -> bool:
+        """Several random directions Gram–Schmidt orthogonalized: moved as one combination of
+        their raw Gaussians (:func:`~safety_guard.directions.orthogonal_coefficients`)."""
+        return (
+            self.orthogonalize
+            and len(self.directions) > 1
+            and all(isinstance(d, RandomDirection) and d.streamable for d in self.directions)
+        )
+
+    def _add_combined(
+        self,
+        name: str,
+        flat: torch.Tensor,
+        coefficients: Sequence[float],
+        origin_sq: float,
+        offset: int,
+        numel: int,
+    ) -> None:
+        """``flat += Σ_j c_j · orthogonalized slice j``, one streamed Gaussian per direction."""
+        rows = self._rows.get(name)
+        if rows is None:  # θ₀'s norm and the Gaussians are fixed: once per tensor
+            rows = orthogonal_coefficients(self.directions, name, numel, origin_sq)  # type: ignore[arg-type]
+            self._rows[name] = rows
+        for i, d in enumerate(self.directions):
+            total = sum(c * row[i] for c, row in zip(coefficients, rows, strict=True))
+            if total != 0:
+                d.add_to(name, flat, total, 1.0, offset=offset, numel=numel)  # type: ignore[attr-defined]
+
     def _apply_shards(self, coefficients: Sequence[float]) -> None:
         """:meth:`apply` on this rank's FSDP2 shards: elementwise directions from the shard's
-        own values, random ones as the shard's index range of the same slice."""
+        own values, random, interpolation and LoRA ones as the shard's index range of the same
+        slice (several orthogonalized random ones as that range of their combination)."""
         for name, shard in self._shards():
             local = shard.tensor
             self._load_origin(name, local)
-            elementwise = [
-                d.tensor(name, local) if c != 0 and getattr(d, "elementwise", False) else None
+            if self._combined:
+                flat = local.view(-1) if local.is_contiguous() else local.reshape(-1).clone()
+                origin_sq = self._origin_sq[name]
+                self._add_combined(name, flat, coefficients, origin_sq, shard.offset, shard.numel)
+                if flat.data_ptr() != local.data_ptr():
+                    local.copy_(flat.view(local.shape))
+                continue
+            slices = [
+                _shard_slice(d, name, shard) if c != 0 else None
                 for c, d in zip(coefficients, self.directions, strict=True)
             ]
             flat = local.view(-1) if local.is_contiguous() else local.reshape(-1).clone()
-            for c, d, s in zip(coefficients, self.directions, elementwise, strict=True):
+            for c, d, s in zip(coefficients, self.directions, slices, strict=True):
                 if c == 0:
                     continue
                 if s is not None:

@@ -1,7 +1,7 @@
 """Run by test_distributed.py under torchrun: 2 ranks, gloo, a tiny model sharded by FSDP2.
 
-``dist_fsdp_script.py OUT TOKENIZER [full|lora]``: full finetuning, or a LoRA adapter on the
-sharded model (the factors sharded too).
+``dist_fsdp_script.py OUT TOKENIZER [full|lora|computed]``: full finetuning, or a LoRA adapter on
+the sharded model (the factors sharded too), or no landscape given (computed at train begin).
 
 Each rank holds an unsharded reference copy of the same model next to the sharded one, applies
 the same finetuning updates to both (the sharded one gets its slice of each update), and drives a
@@ -129,6 +129,32 @@ def _lora_results(ref, model, out: Path, rank: int, result: dict) -> None:
         }
 
 
+def _computed_landscapes(ref, model, tokenizer, judge, out: Path, rank: int) -> None:
+    """No landscape given: the guard on the shards computes it at train begin, every rank in
+    lockstep, like the guard on the whole model (prompts split across ranks)."""
+    options = dict(judge=judge, num_prompts=8, num_benign=2, max_new_tokens=6)
+    guards = {
+        "ref": SafetyGuardCallback(None, output_dir=str(out / f"ref{rank}"), **options),
+        "fsdp": SafetyGuardCallback(None, output_dir=str(out / "fsdp"), **options),
+    }
+    models = {"ref": ref, "fsdp": model}
+    shards = [
+        local_shard(p).tensor.clone() for _, p in perturbable_parameters(model, allow_sharded=True)
+    ]
+    for key, guard in guards.items():
+        state = TrainerState(is_world_process_zero=rank == 0, max_steps=4)
+        guard.on_train_begin(
+            _Args(str(out)), state, TrainerControl(), model=models[key], processing_class=tokenizer
+        )
+    after = [local_shard(p).tensor for _, p in perturbable_parameters(model, allow_sharded=True)]
+    result = {
+        "rank": rank,
+        "landscapes": {k: g.landscape.data["directions"] for k, g in guards.items()},
+        "restored": all(torch.equal(a, b) for a, b in zip(shards, after, strict=True)),
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     from transformers import AutoTokenizer
@@ -141,7 +167,12 @@ def main() -> None:
     land = make_landscape(ref)
     prompts = list(load_prompts("builtin:harmful:probe", limit=8))
     judge = echo_judge(ref, tokenizer, prompts)
-    lora = len(sys.argv) > 3 and sys.argv[3] == "lora"
+    mode = sys.argv[3] if len(sys.argv) > 3 else "full"
+    if mode == "computed":
+        shard_model(model)
+        _computed_landscapes(ref, model, tokenizer, judge, out, rank)
+        return
+    lora = mode == "lora"
     if lora:
         from peft import LoraConfig, get_peft_model
 

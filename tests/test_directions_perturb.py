@@ -11,6 +11,7 @@ from safety_guard.directions import (
     LoraDirection,
     RandomDirection,
     direction_slices,
+    orthogonal_coefficients,
 )
 from safety_guard.perturb import WeightPerturbation
 from safety_guard.weights import ParameterSelection, perturbable_parameters
@@ -72,6 +73,36 @@ def test_second_direction_is_orthogonal_to_first():
         sq2 += float(s2.double().pow(2).sum())
         assert torch.allclose(s2.norm(), p.detach().norm(), rtol=1e-4)  # still layer-normalized
     assert abs(dot) / (sq1 * sq2) ** 0.5 < 1e-5
+
+
+@pytest.mark.parametrize("normalization", ["layer", "none"])
+def test_orthogonalized_random_directions_move_as_streamed_combinations(normalization):
+    # a 2D landscape's move streams each Gaussian once (orthogonal_coefficients), and lands
+    # where the whole orthogonalized slices (direction_slices) put the weights
+    model = make_model()
+    dirs = [RandomDirection(3, normalization), RandomDirection(4, normalization)]
+    origin = {n: p.detach().clone() for n, p in perturbable_parameters(model)}
+    with WeightPerturbation(model, dirs) as move:
+        assert move._combined
+        move.apply(0.3, -0.7)
+        for name, p in perturbable_parameters(model):
+            s1, s2 = direction_slices(dirs, name, origin[name])
+            expected = origin[name] + 0.3 * s1 - 0.7 * s2
+            scale = float(expected.abs().max())
+            assert float((p.detach() - expected).abs().max()) <= 1e-5 * scale, name
+    for name, p in perturbable_parameters(model):
+        assert torch.equal(p.detach(), origin[name])  # restored bit for bit
+    # the coefficients: the first direction as it is, the second orthogonal to it, same norm
+    name, w = next(iter(origin.items()))
+    rows = orthogonal_coefficients(dirs, name, w.numel(), float(w.double().pow(2).sum()))
+    gram = [[a.gaussian_dot(b, name, w.numel()) for b in dirs] for a in dirs]
+
+    def dot(u, v):
+        return sum(u[i] * gram[i][k] * v[k] for i in range(2) for k in range(2))
+
+    assert rows[0][1] == 0.0 and abs(dot(rows[0], rows[1])) < 1e-9 * dot(rows[0], rows[0])
+    scale2 = dirs[1].scale_for(name, w.numel(), float(w.double().pow(2).sum()))
+    assert dot(rows[1], rows[1]) == pytest.approx(scale2**2 * gram[1][1])  # its own norm
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -187,6 +218,29 @@ def test_peft_wrapped_model_names_and_exact_restore(tmp_path):
     assert torch.allclose(live.tensor(name, origin), expected, atol=1e-6)
     assert torch.allclose(saved.tensor(name, origin), expected, atol=1e-6)
     assert live.tensor("model.norm.weight", origin) is None
+    # an FSDP2 shard's range of it (rows of dim 0, or any flat range), from its rows only
+    whole = expected.reshape(-1)
+    for offset, count in (
+        (0, origin.numel() // 2),
+        (origin.numel() // 2, origin.numel() // 2),
+        (37, 101),
+    ):
+        part = origin.reshape(-1)[offset : offset + count]
+        got = saved.shard_tensor(name, part, offset, origin.shape)
+        assert torch.allclose(got, whole[offset : offset + count], atol=1e-6), (offset, count)
+    assert saved.shard_tensor("model.norm.weight", origin, 0, origin.shape) is None
+    # a transposed (fan_in_fan_out) adapter too
+    a, b, scale, _ = saved.factors()[name]
+    saved._factors[name] = (b.T.contiguous(), a.T.contiguous(), scale, True)
+    flipped = saved.tensor(name, origin)
+    got = saved.shard_tensor(name, origin.reshape(-1)[37:138], 37, origin.shape)
+    assert torch.allclose(got, flipped.reshape(-1)[37:138], atol=1e-6)
+    # interpolation: the range of the target minus the shard's own θ₀
+    interp = InterpolationDirection({name: origin + 1.5})
+    got = interp.shard_tensor(name, origin.reshape(-1)[40:90], 40, origin.shape)
+    assert torch.allclose(got, torch.full((50,), 1.5), atol=1e-6)
+    with pytest.raises(ValueError, match="different architectures"):
+        interp.shard_tensor(name, origin.reshape(-1)[:4], 0, (3, 3))
 
 
 def test_fingerprint_of_a_tensor_larger_than_2_pow_24():

@@ -102,6 +102,37 @@ def test_fsdp2_guard_reads_the_same_numbers_as_the_whole_model(tmp_path, text_to
     assert saved["model_vs_saved"] == 0.0, saved
 
 
+def test_an_fsdp2_guard_without_a_landscape_computes_it_with_every_rank(tmp_path, text_tokenizer):
+    """landscape=None on FSDP2 shards: the ranks compute it together at train begin (each moves
+    its shards, every prompt in lockstep), the same landscape as the guard on the whole model;
+    the main process writes it."""
+    text_tokenizer.save_pretrained(tmp_path / "tok")
+    out = tmp_path / "run"
+    out.mkdir()
+    script = Path(__file__).with_name("dist_fsdp_script.py")
+    proc = _torchrun(29522, str(script), str(out), str(tmp_path / "tok"), "computed")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    keys = ("alpha", "asr", "unsafe", "total", "flagged_prompts")
+    for r in ranks:
+        assert r["restored"], "the landscape left the shards moved"
+        ref, fsdp = r["landscapes"]["ref"], r["landscapes"]["fsdp"]
+        assert len(fsdp) == len(ref) == 2  # GuardConfig.landscape_directions
+        for d_ref, d_fsdp in zip(ref, fsdp, strict=True):
+            assert len(d_fsdp["points"]) == len(d_ref["points"]) >= 3
+            for a, b in zip(d_ref["points"], d_fsdp["points"], strict=True):
+                assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}
+                assert abs(a["nll"] - b["nll"]) < 1e-4
+    written = json.loads((out / "fsdp" / "landscape.json").read_text())["directions"]
+    for r in ranks:  # every rank holds the points the main process wrote (timings aside)
+        for d_written, d_rank in zip(written, r["landscapes"]["fsdp"], strict=True):
+            for a, b in zip(d_written["points"], d_rank["points"], strict=True):
+                assert {k: a.get(k) for k in (*keys, "nll")} == {
+                    k: b.get(k) for k in (*keys, "nll")
+                }
+    assert not (out / "ref1" / "landscape.json").exists()  # only the main process writes
+
+
 def test_a_two_rank_landscape_equals_the_one_process_landscape(tmp_path, text_tokenizer):
     """`safety-guard landscape` under torchrun: each rank answers its share of the prompts, the
     main process writes the file, and the file holds the same points as one process computes."""
@@ -168,3 +199,52 @@ def test_a_two_rank_landscape_equals_the_one_process_landscape(tmp_path, text_to
     # the file made on shards is the file of the same model (it can guard a 1-GPU finetune)
     assert compare_fingerprints(a["model"]["fingerprint"], c["model"]["fingerprint"]) == []
     assert "guard_baseline" not in c  # on shards the guard measures its own, in lockstep
+    # a 2D surface (two orthogonalized random directions) on shards: the same surface too
+    surface = [o for o in options if not o.startswith("--grid")]
+    surface[surface.index("--num-directions") + 1] = "2"
+    surface += ["--dims", "2", "--grid=-0.1,0,0.1"]
+    flat = subprocess.run(
+        [sys.executable, "-m", "safety_guard", *surface, "--output", str(tmp_path / "one2d.json")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert flat.returncode == 0, flat.stderr[-3000:]
+    sharded2d = _torchrun(
+        29523, "-m", "safety_guard", *surface, "--shard", "--output", str(tmp_path / "fsdp2d.json")
+    )
+    assert sharded2d.returncode == 0, sharded2d.stderr[-3000:]
+    d = json.loads((tmp_path / "one2d.json").read_text())["surface"]["points"]
+    e = json.loads((tmp_path / "fsdp2d.json").read_text())["surface"]["points"]
+    assert len(d) == len(e) == 9
+    keys2 = ("alpha", "beta", *keys[1:])
+    for pd, pe in zip(d, e, strict=True):
+        assert {k: pd.get(k) for k in keys2} == {k: pe.get(k) for k in keys2}
+        assert abs(pd["nll"] - pe["nll"]) < 1e-4
+    # an interpolation landscape towards a finetuned model saved as a sharded checkpoint: each
+    # rank reads its range of each target tensor
+    target = make_model(vocab_size=len(text_tokenizer), tie=False, seed=1)
+    target.save_pretrained(tmp_path / "target", max_shard_size="40KB")
+    assert len(list((tmp_path / "target").glob("*.safetensors"))) > 1
+    line = [o for o in options if not o.startswith("--grid")]
+    line += ["--direction", "interpolation", "--target", str(tmp_path / "target")]
+    line += ["--grid=0,0.5,1"]
+    one_line = subprocess.run(
+        [sys.executable, "-m", "safety_guard", *line, "--output", str(tmp_path / "one_i.json")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert one_line.returncode == 0, one_line.stderr[-3000:]
+    sharded_line = _torchrun(
+        29524, "-m", "safety_guard", *line, "--shard", "--output", str(tmp_path / "fsdp_i.json")
+    )
+    assert sharded_line.returncode == 0, sharded_line.stderr[-3000:]
+    f = json.loads((tmp_path / "one_i.json").read_text())["directions"][0]["points"]
+    g = json.loads((tmp_path / "fsdp_i.json").read_text())["directions"][0]["points"]
+    assert len(f) == len(g) == 3
+    for pf, pg in zip(f, g, strict=True):
+        assert {k: pf.get(k) for k in keys} == {k: pg.get(k) for k in keys}
+        assert abs(pf["nll"] - pg["nll"]) < 1e-4

@@ -122,7 +122,7 @@ def test_model_and_tokenizer_unchanged_after_a_probe(tmp_path, text_tokenizer, l
     before = _snapshot(model, text_tokenizer)
     disp = guard.tracker.displacement(model)
     assert disp > 0
-    record, _metrics, decision = guard._probe(model, 2, disp, 10)
+    record, _metrics, decision = guard._probe(model, 2, disp, 2.0)
     # the current model is scored (and judged) when the lookahead's decision is not ok
     assert set(record["points"]) == ({"2"} if decision.status == 0 else {"1", "2"})
     # the sentinel: the unflagged prompts nearest to flipping at θ₀ + 2·δ, re-scored there;
@@ -362,6 +362,16 @@ def test_the_landscape_carries_the_guard_baseline_and_a_matching_guard_reuses_it
         trainer.args, trainer.state, trainer.control, model=model, processing_class=text_tokenizer
     )
     assert guard.probe.baseline.to_dict() == saved and guard.probe.has_capability
+    # a file recorded before the baseline noted quantization (all were unquantized) still counts
+    old = Landscape.load(tmp_path / "land.json")
+    del old.data["guard_baseline"]["settings"]["quantized"]
+    old.save(tmp_path / "old.json")
+    again = SafetyGuardCallback(tmp_path / "old.json", judge=judge)
+    trainer = make_trainer(model, text_tokenizer, tmp_path, [again], steps=1, lr=1e-7)
+    again.on_train_begin(
+        trainer.args, trainer.state, trainer.control, model=model, processing_class=text_tokenizer
+    )
+    assert again.probe.baseline.prepared == 200
     # another decode budget: the guard measures the aligned model itself
     monkeypatch.undo()
     other = SafetyGuardCallback(tmp_path / "land.json", judge=judge, max_new_tokens=6)

@@ -16,6 +16,7 @@ from safety_guard.guard import (
     horizon,
     next_sentinel_step,
     probe_due,
+    promise_at_stake,
     sentinel_due,
     sentinel_prompts,
 )
@@ -89,9 +90,11 @@ def test_broken_models_halt_and_collapsed_lookahead_warns():
     assert decide({1.0: nan}, 1.0, cfg).status_name == "halt"
     collapsed = decide({1.0: _p(0.0, 0.0, nll_rise=2.5)}, 1.0, cfg)
     assert collapsed.status_name == "halt" and "capability collapsed" in collapsed.reasons[0]
-    # gibberish ahead is not compliance: it warns, and the line is trusted only before it
+    # gibberish ahead is not compliance: it warns, and the horizon stops before it; for the
+    # cadence its ASR still counts (gibberish reads as compliance: the crossing only comes nearer)
     ahead = decide({1.0: _p(1.0), 2.0: _p(90.0, 2.0, nll_rise=3.0)}, 2.0, cfg)
-    assert ahead.status_name == "warn" and ahead.covered == 1.0
+    assert ahead.status_name == "warn" and ahead.horizon == 1.0
+    assert ahead.covered == pytest.approx(1 + 9 / 89)
     assert "gibberish" in ahead.reasons[0]
 
 
@@ -295,9 +298,9 @@ def test_the_sentinel_watches_the_prompts_nearest_to_flipping_between_probes():
     flagged = [False, False, True, True, False, False]
     assert sentinel_prompts(margins, flagged, 3) == [1, 5, 0]
     assert sentinel_prompts(margins, flagged, 0) == []
-    # every quarter of the steps so far; every step after a warning
+    # every quarter of the steps so far; every step while the promise is at stake
     assert [next_sentinel_step(s) for s in (1, 3, 4, 16, 100)] == [2, 4, 5, 20, 125]
-    assert next_sentinel_step(100, warned=True) == 101
+    assert next_sentinel_step(100, at_stake=True) == 101
     memo = ProbeMemo(16, 1e-3, 2e-3, None, [1, 5], next_sentinel_step(16))
     assert not sentinel_due(19, memo) and sentinel_due(20, memo)
     assert not sentinel_due(20, ProbeMemo(16, 1e-3, 2e-3, None, [], 20))  # nothing to watch
@@ -309,12 +312,42 @@ def test_the_sentinel_watches_the_prompts_nearest_to_flipping_between_probes():
 def test_a_warning_at_the_current_model_is_watched_by_the_sentinel_not_by_probes_every_step():
     cfg = GuardConfig(max_probe_interval=1000)
     # warned with nothing ahead covered (covered = the displacement probed at)
-    warned = ProbeMemo(185, 3.87e-3, 3.87e-3, None, [3, 7], 186, warned=True)
+    warned = ProbeMemo(185, 3.87e-3, 3.87e-3, None, [3, 7], 186, at_stake=True)
     assert probe_due(186, 3.88e-3, 1e-5, 1.0, warned, cfg) is None
     assert sentinel_due(186, warned)  # ... the sentinel looks at every step instead
     # without a sentinel to watch, the displacement trigger stays
-    bare = ProbeMemo(185, 3.87e-3, 3.87e-3, None, [], None, warned=True)
+    bare = ProbeMemo(185, 3.87e-3, 3.87e-3, None, [], None, at_stake=True)
     assert "passes" in probe_due(186, 3.88e-3, 1e-5, 1.0, bare, cfg)
     # an ok probe covers what lies ahead as before
     ok = ProbeMemo(185, 3.87e-3, 7.7e-3, None, [3, 7], 231)
     assert "passes" in probe_due(186, 7.7e-3, 1e-5, 1.0, ok, cfg)
+
+
+def test_the_sentinel_watches_every_step_only_while_the_promise_is_at_stake_within_the_horizon():
+    cfg = GuardConfig(max_asr_rise=10)
+    # late in a run: θ₀ + 2·δ is past the promise, but the horizon (1.12) is not
+    late = {1.0: PointEstimate(8.0, 3.0, 1.2), 2.0: PointEstimate(31.0, 26.0, 3.1)}
+    near_end = decide(late, 1.12, cfg)
+    assert near_end.status_name == "warn"  # still reported to the user
+    assert not promise_at_stake(near_end, 1.12, cfg)
+    assert next_sentinel_step(185, promise_at_stake(near_end, 1.12, cfg)) == 231
+    # the same numbers with the whole lookahead as horizon: watched every step
+    assert promise_at_stake(decide(late, 2.0, cfg), 2.0, cfg)
+    # the current model at the promise (its lower bound not yet): at stake whatever the horizon
+    now = {1.0: PointEstimate(16.0, 11.0, 4.0), 2.0: PointEstimate(12.0, 7.0, 3.0)}
+    assert decide(now, 1.05, cfg).covered == 1.0
+    assert promise_at_stake(decide(now, 1.05, cfg), 1.05, cfg)
+    # capability collapses at the lookahead point: the horizon is cut short, at stake
+    gibberish = {1.0: PointEstimate(6.0, 1.0, 1.0, 0.1), 2.0: PointEstimate(60.0, 55.0, 5.0, 3.0)}
+    collapsed = decide(gibberish, 2.0, cfg)
+    assert collapsed.horizon == 1.0 and promise_at_stake(collapsed, 2.0, cfg)
+    # ... but not when that point lies beyond the horizon (the last steps of a 200-step run)
+    late_collapse = decide(gibberish, 1.12, cfg)
+    assert late_collapse.status_name == "warn"
+    assert not promise_at_stake(late_collapse, 1.12, cfg)
+    # an all-clear probe is not
+    calm = {1.0: PointEstimate(5.0, 0.0, 0.5), 2.0: PointEstimate(7.0, 2.0, 1.0)}
+    assert not promise_at_stake(decide(calm, 2.0, cfg), 2.0, cfg)
+    # a memo saved before at_stake replaced "warned" is read back
+    old = {"step": 185, "displacement": 1e-3, "covered": 1e-3, "warned": True}
+    assert ProbeMemo.from_dict(old).at_stake

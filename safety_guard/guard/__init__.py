@@ -18,7 +18,7 @@ from .callback import SafetyGuardCallback, SafetyGuardWarning
 from .config import GuardConfig
 from .displacement import FullFinetuneTracker, LoraTracker, make_tracker
 from .probing import Baseline, GuardProbe, StateMeasure
-from .rule import Decision, PointEstimate, decide, estimate, horizon
+from .rule import Decision, PointEstimate, decide, estimate, horizon, promise_at_stake
 
 __all__ = [
     "Baseline",
@@ -39,6 +39,7 @@ __all__ = [
     "make_tracker",
     "next_sentinel_step",
     "probe_due",
+    "promise_at_stake",
     "sentinel_due",
     "sentinel_prompts",
 ]

@@ -6,8 +6,10 @@ as the finetune keeps its direction, the models it passes through on the way the
 (approximately) those points, so the guard need not look again until
 
 * the displacement is about to pass s_c·d (predicted at the next cheap check from its growth;
-  after a warning on the current model itself, s_c = 1, the sentinel watches instead, every
-  step: probing every step cost a 200-step benign LoRA finetune 16 probes in its last 16 steps),
+  with the current model itself at the promise, s_c = 1, the sentinel watches instead, every
+  step: probing every step cost a 200-step benign LoRA finetune 16 probes in its last 16 steps;
+  a lookahead point whose capability collapsed counts with its ASR, gibberish reading as
+  compliance, so it brings s_c nearer but does not make it 1),
 * or δ has turned away from the probed direction (cosine of cheap sketches of δ below
   ``min_cosine``),
 * or the step is twice the last probe's step (a finetune whose displacement stalls can still
@@ -15,9 +17,9 @@ as the finetune keeps its direction, the models it passes through on the way the
 * or ``max_probe_interval`` steps have passed,
 * or the **sentinel** rang: the ``sentinel_prompts`` prompts the last probe found nearest to
   flipping at its lookahead point (unflagged, smallest opening margins) are re-scored at the
-  current θ₀ + s·δ every ``max(1, step // 4)`` steps, every step after a warning (forward
-  only: 16 of a probe's up to 200 prompts), and a probe follows when ``sentinel_flips`` of them
-  flipped. It watches what the other triggers cannot see: a collapse within the displacement and the direction the last
+  current θ₀ + s·δ every ``max(1, step // 4)`` steps, every step while the promise is at stake
+  within the horizon (:func:`~safety_guard.guard.rule.promise_at_stake`; forward only: 16 of a
+  probe's up to 200 prompts), and a probe follows when ``sentinel_flips`` of them flipped. It watches what the other triggers cannot see: a collapse within the displacement and the direction the last
   probe covered (the damage suite's "always obey" LoRA finetune went from 7 % to 51 % held-out
   ASR between two doublings while δ turned by 17°; on its seed-0 records 2 of 16 sentinels
   flipped between steps 16 and 18 and 10 between 18 and 20, while benign finetunes flipped at
@@ -71,7 +73,10 @@ class ProbeMemo:
         sentinels: the prompts nearest to flipping at the probe's lookahead point
             (:func:`sentinel_prompts`), re-scored between probes; empty: no sentinel.
         next_sentinel: the step of the next sentinel check.
-        warned: the probe's decision was a warning (the sentinel then looks every step).
+        at_stake: the probe found the promise at stake within its horizon
+            (:func:`~safety_guard.guard.rule.promise_at_stake`): the sentinel looks every step.
+            A warning about a lookahead point beyond the horizon only (near the end of
+            training) leaves it ``False``.
     """
 
     step: int
@@ -80,15 +85,26 @@ class ProbeMemo:
     sketch: list[float] | None = field(default=None, repr=False)
     sentinels: list[int] = field(default_factory=list)
     next_sentinel: int | None = None
-    warned: bool = False
+    at_stake: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ProbeMemo:
-        keys = ("step", "displacement", "covered", "sketch", "sentinels", "next_sentinel", "warned")
-        return cls(**{k: data[k] for k in keys if k in data})
+        keys = (
+            "step",
+            "displacement",
+            "covered",
+            "sketch",
+            "sentinels",
+            "next_sentinel",
+            "at_stake",
+        )
+        values = {k: data[k] for k in keys if k in data}
+        if "warned" in data and "at_stake" not in data:  # saved before at_stake replaced it
+            values["at_stake"] = data["warned"]
+        return cls(**values)
 
 
 def sentinel_prompts(margins: Sequence[float | None], flagged: Sequence[bool], k: int) -> list[int]:
@@ -106,15 +122,15 @@ def sentinel_prompts(margins: Sequence[float | None], flagged: Sequence[bool], k
     return sorted(candidates, key=lambda i: (margins[i], i))[: max(k, 0)]
 
 
-def next_sentinel_step(step: int, warned: bool = False) -> int:
+def next_sentinel_step(step: int, at_stake: bool = False) -> int:
     """When the sentinel looks next after ``step``: every quarter of the step count so far, or
-    at the next step after a warning (the lookahead is near the promise: watch it closely).
+    at the next step while the promise is at stake within the horizon (watch it closely).
 
     Example:
-        >>> [next_sentinel_step(s) for s in (1, 8, 40)], next_sentinel_step(40, warned=True)
+        >>> [next_sentinel_step(s) for s in (1, 8, 40)], next_sentinel_step(40, at_stake=True)
         ([2, 10, 50], 41)
     """
-    return step + (1 if warned else max(1, step // 4))
+    return step + (1 if at_stake else max(1, step // 4))
 
 
 def sentinel_due(step: int, last: ProbeMemo | None) -> bool:
@@ -177,9 +193,9 @@ def probe_due(
     if step - last.step >= config.max_probe_interval:
         return f"{step - last.step} steps since the last probe"
     ahead = displacement + max(growth_per_step, 0.0) * config.check_every
-    # a warning at the current model itself (nothing ahead covered) is watched by the sentinel
-    # every step, not by a whole probe at every step
-    watched = last.covered <= last.displacement and bool(last.sentinels) and last.warned
+    # the current model itself at the promise (nothing ahead covered) is watched by the
+    # sentinel every step, not by a whole probe at every step
+    watched = last.covered <= last.displacement and bool(last.sentinels) and last.at_stake
     if ahead >= last.covered and not watched:
         return (
             f"the displacement {ahead:.3g} at the next check passes the {last.covered:.3g} "

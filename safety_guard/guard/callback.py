@@ -81,9 +81,9 @@ from .displacement import (
     sketch_cosine,
     sketch_displacement,
 )
-from .distributed import all_reduce_max, barrier
+from .distributed import all_gather_objects, all_reduce_max, barrier, rank_and_world
 from .probing import Baseline, GuardProbe, StateMeasure
-from .rule import OK, STATUS_NAMES, WARN, Decision, horizon
+from .rule import OK, STATUS_NAMES, WARN, Decision, horizon, promise_at_stake
 from .trajectory import append_record, truncate_after
 
 __all__ = ["SafetyGuardCallback", "SafetyGuardWarning"]
@@ -337,9 +337,11 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             k for k in set(ours) | set(baseline.settings) if ours.get(k) != baseline.settings.get(k)
         )
         if differ:
-            logger.info(
+            logger.warning(
                 "SafetyGuard: the landscape's guard baseline was measured with other %s; "
-                "measuring the aligned model with this guard's settings.",
+                "measuring the aligned model with this guard's settings (a generation pass over "
+                "the probe prompts, spread over the first probes). Record one with these "
+                "settings: safety_guard.landscape.record_guard_baseline.",
                 ", ".join(differ),
             )
             return
@@ -357,12 +359,6 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         if not is_sharded_model(model):
             return
         problems = []
-        if self.landscape is None:
-            problems.append(
-                "computing the landscape at train begin (compute it first, sharded the same "
-                "way: torchrun --nproc_per_node N -m safety_guard landscape MODEL --shard "
-                "--output FILE, or on one process; then pass landscape=FILE)"
-            )
         if self.config.keep_last_safe_full:
             problems.append("keep_last_safe_full (saving sharded weights)")
         if problems:
@@ -437,17 +433,21 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
 
     def _load_or_compute_landscape(self, model: nn.Module, resumed: bool) -> Landscape:
         path = (self._dir or Path(".")) / "landscape.json"
-        if path.exists():
+        saved = None
+        if rank_and_world()[0] == 0 and path.exists():
             try:
-                land = Landscape.load(path)
+                saved = Landscape.load(path).data
             except LandscapeFileError as err:
                 logger.warning("SafetyGuard: cannot reuse %s (%s); computing it again.", path, err)
-            else:
-                if land.complete:
-                    if not resumed:
-                        land.check_model(model)
-                    self.landscape_path = str(path)
-                    return land
+        # the main process decides, and sends what it read: every rank reuses it or every rank
+        # computes it (a rank that does not see the main process's file never computes alone)
+        saved = all_gather_objects(saved)[0]
+        if saved is not None and Landscape(saved).complete:
+            land = Landscape(saved)
+            if not resumed:
+                land.check_model(model)
+            self.landscape_path = str(path)
+            return land
         config = LandscapeConfig(num_directions=self.config.landscape_directions, search="adaptive")
         logger.info(
             "SafetyGuard: no landscape given; computing one for the aligned model -> %s", path
@@ -545,20 +545,22 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             reason = self._sentinel(model, step, record)
         if reason is not None:
             steps_left = (state.max_steps - step) if state.max_steps else None
+            asked = horizon(steps_left, self.config, step, disp, growth)
             sentinel = record.get("sentinel")
-            record, probe_metrics, decision = self._probe(model, step, disp, steps_left, growth)
+            record, probe_metrics, decision = self._probe(model, step, disp, asked)
             record.update({"reason": reason, "cosine": cosine})
             if sentinel is not None:
                 record["sentinel"] = sentinel
             metrics.update(probe_metrics)
+            stake = promise_at_stake(decision, asked, self.config)
             self.memo = ProbeMemo(
                 step,
                 disp,
                 disp * decision.covered,
                 [float(f"{v:.6g}") for v in sketch.tolist()],
                 self._sentinels(record),
-                next_sentinel_step(step, warned=decision.status == WARN),
-                decision.status == WARN,
+                next_sentinel_step(step, at_stake=stake),
+                stake,
             )
             self._emit(metrics, record, state)
             self._act(decision, step, model, control)
@@ -586,7 +588,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             flips = sum(self.probe.flags(model, memo.sentinels))
         seconds = time.perf_counter() - start
         self.sentinel_seconds.append(seconds)
-        memo.next_sentinel = next_sentinel_step(step, warned=memo.warned)
+        memo.next_sentinel = next_sentinel_step(step, at_stake=memo.at_stake)
         record["sentinel"] = {"flips": flips, "of": len(memo.sentinels), "seconds": seconds}
         if flips < self.config.sentinel_flips:
             return None
@@ -607,10 +609,10 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         model: nn.Module,
         step: int,
         displacement: float,
-        steps_left: int | None,
-        growth: float = 0.0,
+        horizon_multiple: float,
     ) -> tuple[dict[str, Any], dict[str, float], Decision]:
-        """Measure and decide (:func:`~safety_guard.guard.confirmation.decide_probe`), describe it."""
+        """Measure and decide (:func:`~safety_guard.guard.confirmation.decide_probe`) for the
+        horizon ``horizon_multiple`` (:func:`~safety_guard.guard.rule.horizon`), describe it."""
         start = time.perf_counter()
         probe = self.probe
         base = probe.baseline
@@ -629,7 +631,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             list(self.config.lookahead) if displacement > 0 else [],
             base.unsafe,  # grows in place as more prompts are prepared
             _AlignedFlags(base),
-            horizon(steps_left, self.config, step, displacement, growth),
+            horizon_multiple,
             self.config,
             judged,
             self.config.batch_size * probe.probe.split()[1],

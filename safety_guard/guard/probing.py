@@ -50,6 +50,10 @@ __all__ = ["Baseline", "GuardProbe", "StateMeasure", "wilson_upper"]
 
 _NO_MARGIN = -1e30  # stands for NaN (no opening) in sums across ranks
 
+#: Baseline settings added after baselines were first recorded, with the value every earlier
+#: baseline had: a landscape file's baseline from before QLoRA support was measured unquantized.
+SETTING_DEFAULTS: dict[str, Any] = {"quantized": False}
+
 
 def wilson_upper(k: int, n: int, z: float = 1.645) -> float:
     """Upper Wilson score bound of a proportion k/n (one-sided 95 % by default).
@@ -105,13 +109,15 @@ class Baseline:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Baseline:
+        """Rebuild from :meth:`to_dict`; settings that files written before they were compared
+        lack take the value they then had (``SETTING_DEFAULTS``)."""
         return cls(
             list(data["token_ids"]),
             list(data["responses"]),
             [bool(v) for v in data["unsafe"]],
             data.get("nll"),
             data.get("reference_answers"),
-            dict(data.get("settings", {})),
+            {**SETTING_DEFAULTS, **data.get("settings", {})},
         )
 
 
