@@ -291,8 +291,7 @@ class WeightPerturbation:
             if streamed and param.data.is_contiguous():
                 flat = param.data.view(-1)
                 if self._combined:
-                    origin_sq = squared_distance(flat, None)
-                    self._add_combined(name, flat, coefficients, origin_sq, 0, flat.numel())
+                    self._add_combined(name, flat, coefficients, 0, flat.numel())
                     continue
                 for c, d in zip(coefficients, self.directions, strict=True):
                     if c != 0:
@@ -330,13 +329,14 @@ class WeightPerturbation:
         name: str,
         flat: torch.Tensor,
         coefficients: Sequence[float],
-        origin_sq: float,
         offset: int,
         numel: int,
     ) -> None:
-        """``flat += Σ_j c_j · orthogonalized slice j``, one streamed Gaussian per direction."""
+        """``flat += Σ_j c_j · orthogonalized slice j``, one streamed Gaussian per direction
+        (``flat`` holds θ₀: the whole tensor, or the shard at ``offset`` of ``numel``)."""
         rows = self._rows.get(name)
         if rows is None:  # θ₀'s norm and the Gaussians are fixed: once per tensor
+            origin_sq = self._origin_sq[name] if self._sharded else squared_distance(flat, None)
             rows = orthogonal_coefficients(self.directions, name, numel, origin_sq)  # type: ignore[arg-type]
             self._rows[name] = rows
         for i, d in enumerate(self.directions):
@@ -353,8 +353,7 @@ class WeightPerturbation:
             self._load_origin(name, local)
             if self._combined:
                 flat = local.view(-1) if local.is_contiguous() else local.reshape(-1).clone()
-                origin_sq = self._origin_sq[name]
-                self._add_combined(name, flat, coefficients, origin_sq, shard.offset, shard.numel)
+                self._add_combined(name, flat, coefficients, shard.offset, shard.numel)
                 if flat.data_ptr() != local.data_ptr():
                     local.copy_(flat.view(local.shape))
                 continue
