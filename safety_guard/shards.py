@@ -1,10 +1,15 @@
-"""Shard-local views of parameters sharded by FSDP2 (``fully_shard``: ``DTensor`` on dim 0).
+"""Shard-local views of parameters sharded by FSDP2 (``fully_shard``: ``DTensor`` on dim 0) or
+partitioned by DeepSpeed ZeRO-3.
 
 The guard's moves are elementwise in parameter space (θ₀ + s·δ), so a rank can keep θ₀ for its
 own shard only and move its shard in place; norms and sampled values are per-shard partial
 results summed over ranks. :func:`local_shard` says which slice of the full (flattened) tensor a
-rank holds: FSDP2 splits dim 0 in ``ceil(rows / world)``-row chunks, so the shard is one
-contiguous range of the row-major flattening.
+rank holds: FSDP2 splits dim 0 in ``ceil(rows / world)``-row chunks, ZeRO-3 the flattened tensor
+(padded to a multiple of the world size) in equal partitions, so either shard is one contiguous
+range of the row-major flattening. A ZeRO-3 parameter is empty outside its module's forward, so
+it always reads as sharded (also on one rank); :func:`reshard` releases the gathered copies
+ZeRO-3 keeps (its *persistent* small parameters), so that the next forward gathers what was
+written to the partitions.
 
 Example:
     >>> import torch
@@ -28,6 +33,7 @@ __all__ = [
     "full_tensor",
     "is_sharded",
     "is_sharded_model",
+    "is_zero3",
     "local_shard",
     "reshard",
     "shard_model",
@@ -71,12 +77,57 @@ class LocalShard:
         return self.offset + self.tensor.numel()
 
 
+def is_zero3(param: torch.Tensor) -> bool:
+    """Whether ``param`` is partitioned by DeepSpeed ZeRO-3 (it carries its partition)."""
+    return hasattr(param, "ds_id") and hasattr(param, "ds_tensor")
+
+
+def _value(location: object) -> object:
+    """An enum's value (DeepSpeed's offload locations are string enums), else as it is."""
+    return getattr(location, "value", location)
+
+
+def _zero3_shard(param: torch.Tensor) -> LocalShard:
+    """The ZeRO-3 partition of ``param`` this rank holds, without its padding."""
+    import torch.distributed as dist
+
+    part = param.ds_tensor  # type: ignore[attr-defined]
+    unsupported = None
+    if getattr(param, "ds_secondary_tensor", None) is not None:
+        unsupported = "ZeRO++ hierarchical partitioning (zero_hpz_partition_size > 1)"
+    elif hasattr(part, "ds_quant_scale"):
+        unsupported = "quantized ZeRO-3 weights (zero_quantized_weights)"
+    elif part is None or _value(getattr(part, "final_location", None)) == "nvme":
+        unsupported = "partitions offloaded to NVMe (offload_param.device: nvme)"
+    if unsupported is not None:
+        raise ValueError(
+            f"safety-guard moves ZeRO-3 partitions held in memory; this model uses {unsupported}."
+        )
+    group = getattr(param, "ds_process_group", None)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    numel = int(param.ds_numel)  # type: ignore[attr-defined]
+    size = part.numel()
+    if size * world < numel:
+        raise ValueError(
+            f"unexpected ZeRO-3 partition: {size} elements on each of {world} ranks for a "
+            f"tensor of {numel}."
+        )
+    start = min(rank * size, numel)
+    held = max(min(size, numel - start), 0)
+    shape = torch.Size(param.ds_shape)  # type: ignore[attr-defined]
+    return LocalShard(part.detach().narrow(0, 0, held), start, numel, shape, True)
+
+
 def local_shard(param: torch.Tensor) -> LocalShard:
-    """This rank's shard of ``param`` (the whole tensor when it is not a sharded ``DTensor``).
+    """This rank's shard of ``param`` (the whole tensor when it is not a sharded ``DTensor`` or
+    a ZeRO-3 partition).
 
     Raises ``ValueError`` for layouts other than FSDP2's (one mesh dimension, ``Shard(0)`` or
-    ``Replicate()``), e.g. tensor parallelism or HSDP, naming the placement.
+    ``Replicate()``), e.g. tensor parallelism or HSDP, naming the placement, and for ZeRO-3
+    partitions not held in memory as they are (NVMe offload, quantized weights, ZeRO++ hpZ).
     """
+    if is_zero3(param):
+        return _zero3_shard(param)
     dtensor = _dtensor_type()
     data = param.data if isinstance(param, torch.nn.Parameter) else param
     if not isinstance(param, dtensor) and not isinstance(data, dtensor):
@@ -107,13 +158,19 @@ def local_shard(param: torch.Tensor) -> LocalShard:
 
 
 def full_tensor(param: torch.Tensor) -> torch.Tensor:
-    """The whole (detached) tensor: gathered from every rank when it is an FSDP2 ``DTensor`` (a
-    collective: every rank must call it for the same tensors in the same order).
+    """The whole (detached) tensor: gathered from every rank when it is an FSDP2 ``DTensor`` or a
+    ZeRO-3 partition (a collective: every rank must call it for the same tensors in the same
+    order).
 
     Example:
         >>> full_tensor(torch.ones(2)).tolist()
         [1.0, 1.0]
     """
+    if is_zero3(param):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param]):
+            return param.data.detach().clone()
     dtensor = _dtensor_type()
     data = param.data if isinstance(param, torch.nn.Parameter) else param
     if isinstance(param, dtensor):
@@ -124,13 +181,17 @@ def full_tensor(param: torch.Tensor) -> torch.Tensor:
 
 
 def reshard(model: torch.nn.Module) -> None:
-    """Put every FSDP2 module of ``model`` in its sharded state (no collective).
+    """Put every FSDP2 module of ``model`` in its sharded state, and release every gathered
+    ZeRO-3 parameter (no collective).
 
     FSDP2 registers the *unsharded* parameters on a module after its forward when it does not
     reshard after forward (the root module, by default), and the sharded ``DTensor`` ones
-    otherwise. Code that reads or moves shards calls this first, so that it sees the shards and
-    the next forward all-gathers what it wrote, never a stale unsharded copy.
+    otherwise; ZeRO-3 keeps its *persistent* parameters (the small ones) gathered between
+    forwards and gathers them again only after they are released. Code that reads or moves
+    shards calls this first, so that it sees the shards and the next forward all-gathers what it
+    wrote, never a stale unsharded copy.
     """
+    _release_zero3(model)
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch built without distributed
@@ -138,6 +199,15 @@ def reshard(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
+
+
+def _release_zero3(model: torch.nn.Module) -> None:
+    """Release the gathered copies of ZeRO-3 parameters (the partitions stay authoritative)."""
+    gathered = [
+        p for p in model.parameters() if is_zero3(p) and p.numel() and not p.ds_active_sub_modules
+    ]
+    if gathered:
+        gathered[0].partition(gathered)
 
 
 def shard_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -162,7 +232,8 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def is_sharded_model(model: torch.nn.Module) -> bool:
-    """Whether ``model`` has parameters sharded by FSDP2 (after :func:`reshard`)."""
+    """Whether ``model`` has parameters sharded by FSDP2 or partitioned by ZeRO-3 (after
+    :func:`reshard`)."""
     reshard(model)
     return is_sharded(model.parameters())
 

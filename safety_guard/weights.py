@@ -182,7 +182,8 @@ class ParameterSelection:
 #: What safety-guard moves and measures today (see :func:`check_engine`).
 SUPPORTED_ENGINES = (
     "one process, DDP or DataParallel (torchrun / accelerate launch with DDP), torch.compile, "
-    "full finetuning or PEFT adapters on floating-point base weights"
+    "FSDP2 (fully_shard) and DeepSpeed ZeRO-3 for the guard, full finetuning or PEFT adapters "
+    "on floating-point or bitsandbytes-quantized (QLoRA) base weights"
 )
 
 
@@ -200,8 +201,8 @@ def check_engine(
     computed on them would be a wrong number (an empty ZeRO-3 parameter reads 0), so they are
     refused with the engine's name until they are supported.
 
-    ``allow_sharded``: FSDP2 parameters (``DTensor``) are allowed — for the code that moves
-    them shard by shard (:mod:`safety_guard.shards`). ``allow_quantized``: bitsandbytes base
+    ``allow_sharded``: FSDP2 parameters (``DTensor``) and ZeRO-3 partitions are allowed — for
+    the code that moves them shard by shard (:mod:`safety_guard.shards`). ``allow_quantized``: bitsandbytes base
     weights are allowed — for the code that only reads them (:mod:`safety_guard.quantized`).
 
     Example:
@@ -226,6 +227,8 @@ def check_engine(
                 continue
             engine = f"FSDP2 / DTensor parameters (fully_shard or tensor parallel; e.g. {name})"
         elif hasattr(param, "ds_id"):  # DeepSpeed marks the parameters it partitions
+            if allow_sharded and hasattr(param, "ds_tensor"):
+                continue
             engine = f"DeepSpeed ZeRO-3 (partitioned parameters; e.g. {name})"
         elif hasattr(param, "quant_state") or hasattr(param, "SCB"):
             if allow_quantized and is_quantized(param):
@@ -397,7 +400,7 @@ def model_fingerprint(model: nn.Module, num_tensors: int = 4) -> dict[str, Any]:
         tensors.append(
             {
                 "name": name,
-                "shape": list(param.shape),
+                "shape": list(shard.shape),
                 "norm": sharded_norms([shard], sharded)[0],
                 "samples": samples,
             }

@@ -1,7 +1,9 @@
 """Run by test_distributed.py under torchrun: 2 ranks, gloo, a tiny model sharded by FSDP2.
 
-``dist_fsdp_script.py OUT TOKENIZER [full|lora|computed]``: full finetuning, or a LoRA adapter on
-the sharded model (the factors sharded too), or no landscape given (computed at train begin).
+``dist_fsdp_script.py OUT TOKENIZER [full|lora|computed|zero3|zero3-lora|zero3-computed]``: full finetuning, or
+a LoRA adapter on the sharded model (the factors sharded too), or no landscape given (computed
+at train begin); ``zero3*``: the model partitioned by DeepSpeed ZeRO-3 instead of FSDP2 (its
+small parameters persistent, gathered between forwards, the others partitioned).
 
 Each rank holds an unsharded reference copy of the same model next to the sharded one, applies
 the same finetuning updates to both (the sharded one gets its slice of each update), and drives a
@@ -35,6 +37,22 @@ from safety_guard.weights import compare_fingerprints, model_fingerprint, pertur
 class _Args:
     def __init__(self, output_dir: str) -> None:
         self.output_dir = output_dir
+
+
+def _shard(model, engine: str):
+    """FSDP2 (``fully_shard`` per decoder layer, then the root), or DeepSpeed ZeRO-3 on CPU."""
+    if engine == "fsdp2":
+        return shard_model(model)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1500},
+    }
+    deepspeed.initialize(model=model, config=config)
+    return model
 
 
 def _trained(model, lora: bool):
@@ -108,7 +126,8 @@ def _lora_results(ref, model, out: Path, rank: int, result: dict) -> None:
     result["final_adapter_diff"] = diff
     from peft import get_peft_model_state_dict
 
-    current = {k: full_tensor(v) for k, v in get_peft_model_state_dict(model).items()}
+    state = model.state_dict(keep_vars=True)  # the parameters: ZeRO-3 keeps its partitions there
+    current = {k: full_tensor(v) for k, v in get_peft_model_state_dict(model, state).items()}
     if rank == 0:
         from safetensors.torch import load_file
 
@@ -168,11 +187,12 @@ def main() -> None:
     prompts = list(load_prompts("builtin:harmful:probe", limit=8))
     judge = echo_judge(ref, tokenizer, prompts)
     mode = sys.argv[3] if len(sys.argv) > 3 else "full"
-    if mode == "computed":
-        shard_model(model)
+    engine = "zero3" if mode.startswith("zero3") else "fsdp2"
+    if mode.endswith("computed"):
+        _shard(model, engine)
         _computed_landscapes(ref, model, tokenizer, judge, out, rank)
         return
-    lora = mode == "lora"
+    lora = mode.endswith("lora")
     if lora:
         from peft import LoraConfig, get_peft_model
 
@@ -181,7 +201,7 @@ def main() -> None:
         ref = get_peft_model(ref, config)
         torch.manual_seed(0)
         model = get_peft_model(model, config)
-    shard_model(model)
+    _shard(model, engine)
     result: dict = {"rank": rank}
     result["fingerprint_problems"] = compare_fingerprints(
         land.data["model"]["fingerprint"], model_fingerprint(model)

@@ -1,4 +1,8 @@
-"""Run by test_distributed.py under torchrun: 2 ranks, gloo, the probe prompts split across them."""
+"""Run by test_distributed.py under torchrun: 2 ranks, gloo, the probe prompts split across them.
+
+``dist_guard_script.py OUT TOKENIZER [given|computed|zero3]``: DDP with a landscape file, or
+without one (computed at train begin), or ``Trainer``'s DeepSpeed ZeRO-3 integration (on CPU:
+``DS_ACCELERATOR=cpu``), where every forward is a collective and the guard moves partitions."""
 
 from __future__ import annotations
 
@@ -27,7 +31,18 @@ def main() -> None:
     model = make_model(vocab_size=len(tokenizer), tie=False)
     rank = int(os.environ["RANK"])
     prompts = list(load_prompts("builtin:harmful:probe", limit=8))
-    computed = len(sys.argv) > 3 and sys.argv[3] == "computed"
+    mode = sys.argv[3] if len(sys.argv) > 3 else "given"
+    computed = mode == "computed"
+    deepspeed = None
+    if mode == "zero3":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        deepspeed = {
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+            "optimizer": {"type": "AdamW", "params": {"lr": "auto"}},
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1500},
+            "zero_force_ds_cpu_optimizer": False,
+        }
     guard = SafetyGuardCallback(
         None if computed else make_landscape(model),
         judge=echo_judge(model, tokenizer, prompts),
@@ -53,6 +68,7 @@ def main() -> None:
         use_cpu=True,
         ddp_backend="gloo",
         disable_tqdm=True,
+        deepspeed=deepspeed,
     )
     trainer = Trainer(
         model=model,
@@ -73,6 +89,7 @@ def main() -> None:
         "halt_step": guard.halt_step,
         "world": torch.distributed.get_world_size(),
         "decisions": [(r["step"], r.get("status"), r.get("rise")) for r in guard.records],
+        "sharded": guard.tracker.sharded,
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     # leave together (every rank has written its result) and tear the process group down, as

@@ -1,8 +1,11 @@
-"""Two CPU processes under torchrun (gloo): DDP and FSDP2 guards take the same decisions on every
-rank, a two-rank landscape equals the one-process landscape; rank 0 writes files."""
+"""Two CPU processes under torchrun (gloo): DDP, FSDP2 and DeepSpeed ZeRO-3 guards take the same
+decisions on every rank, a two-rank landscape equals the one-process landscape; rank 0 writes
+files. The ZeRO-3 cases need ``deepspeed`` (the ``dev`` extra) and run it on CPU
+(``DS_ACCELERATOR=cpu``, set by the scripts)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
+_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+_ZERO3 = pytest.mark.skipif(not _DEEPSPEED, reason="DeepSpeed is not installed")
 
 
 def _torchrun(port: int, *argv: str) -> subprocess.CompletedProcess:
@@ -25,9 +31,10 @@ def _torchrun(port: int, *argv: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("landscape", ["given", "computed"])
+@pytest.mark.parametrize("landscape", ["given", "computed", pytest.param("zero3", marks=_ZERO3)])
 def test_every_rank_takes_the_same_halt_decision(tmp_path, text_tokenizer, landscape):
-    """With a landscape file, or none (all ranks compute it together at train begin)."""
+    """With a landscape file, or none (all ranks compute it together at train begin), or under
+    ``Trainer``'s DeepSpeed ZeRO-3 integration (the guard on the partitions)."""
     text_tokenizer.save_pretrained(tmp_path / "tok")
     out = tmp_path / "run"
     out.mkdir()
@@ -36,6 +43,7 @@ def test_every_rank_takes_the_same_halt_decision(tmp_path, text_tokenizer, lands
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 for r in ranks)
+    assert all(r["sharded"] == (landscape == "zero3") for r in ranks)
     # each rank scores half of the prompts; the per-prompt results are all-reduced, so both
     # ranks see the same numbers, take the same decisions and halt at the same step
     assert ranks[0]["decisions"] == ranks[1]["decisions"]
@@ -50,24 +58,36 @@ def test_every_rank_takes_the_same_halt_decision(tmp_path, text_tokenizer, lands
     assert len([x for x in lines if x["step"] == halt]) == 1  # written once, by the main process
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
-def test_fsdp2_guard_reads_the_same_numbers_as_the_whole_model(tmp_path, text_tokenizer, mode):
-    """FSDP2 (fully_shard) on 2 CPU ranks, full finetuning or a LoRA adapter: the guard on the
-    shards equals the guard on the whole model (same finetune), restores its shards bit for bit,
-    and both ranks decide the same."""
+_PORTS = {"full": 29518, "lora": 29521, "zero3": 29523, "zero3-lora": 29524}
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "full",
+        "lora",
+        pytest.param("zero3", marks=_ZERO3),
+        pytest.param("zero3-lora", marks=_ZERO3),
+    ],
+)
+def test_sharded_guard_reads_the_same_numbers_as_the_whole_model(tmp_path, text_tokenizer, mode):
+    """FSDP2 (fully_shard) or DeepSpeed ZeRO-3 on 2 CPU ranks, full finetuning or a LoRA
+    adapter: the guard on the shards equals the guard on the whole model (same finetune),
+    restores its shards bit for bit, and both ranks decide the same."""
     text_tokenizer.save_pretrained(tmp_path / "tok")
     out = tmp_path / "run"
     out.mkdir()
     script = Path(__file__).with_name("dist_fsdp_script.py")
-    port = 29518 if mode == "full" else 29521
-    proc = _torchrun(port, str(script), str(out), str(tmp_path / "tok"), mode)
+    proc = _torchrun(_PORTS[mode], str(script), str(out), str(tmp_path / "tok"), mode)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in ranks:
         assert r["sharded"] and r["fingerprint_problems"] == []
         # every rank scores every prompt on the shards (forwards are collectives under FSDP2)
         assert r["split_prompts"] == {"ref": True, "fsdp": False}
-        if mode == "full":  # θ₀ kept for the rank's shard only: about half of the whole model's
+        if not mode.endswith(
+            "lora"
+        ):  # θ₀ kept for the rank's shard only: about half of the whole model's
             assert r["origin_bytes"]["fsdp"] < 0.6 * r["origin_bytes"]["ref"]
         for c in r["checks"]:
             assert c["restored"], c  # the probes left every shard as it was, bit for bit
@@ -83,7 +103,7 @@ def test_fsdp2_guard_reads_the_same_numbers_as_the_whole_model(tmp_path, text_to
                 assert (x is None and y is None) or abs(x - y) < 1e-6, (a, b)
         assert any(d[1] == "probe" for d in fsdp_d)
     assert ranks[0]["decisions"] == ranks[1]["decisions"]
-    if mode == "full":
+    if not mode.endswith("lora"):
         for r in ranks:  # a random landscape direction moves each shard by its range of it
             moved = r["random_direction"]
             assert moved["slice_diff"] < 1e-6 and moved["logits_diff"] < 1e-4, moved
@@ -102,15 +122,19 @@ def test_fsdp2_guard_reads_the_same_numbers_as_the_whole_model(tmp_path, text_to
     assert saved["model_vs_saved"] == 0.0, saved
 
 
-def test_an_fsdp2_guard_without_a_landscape_computes_it_with_every_rank(tmp_path, text_tokenizer):
-    """landscape=None on FSDP2 shards: the ranks compute it together at train begin (each moves
-    its shards, every prompt in lockstep), the same landscape as the guard on the whole model;
-    the main process writes it."""
+@pytest.mark.parametrize("mode", ["computed", pytest.param("zero3-computed", marks=_ZERO3)])
+def test_a_sharded_guard_without_a_landscape_computes_it_with_every_rank(
+    tmp_path, text_tokenizer, mode
+):
+    """landscape=None on FSDP2 shards or ZeRO-3 partitions: the ranks compute it together at
+    train begin (each moves its shards, every prompt in lockstep), the same landscape as the
+    guard on the whole model; the main process writes it."""
     text_tokenizer.save_pretrained(tmp_path / "tok")
     out = tmp_path / "run"
     out.mkdir()
     script = Path(__file__).with_name("dist_fsdp_script.py")
-    proc = _torchrun(29522, str(script), str(out), str(tmp_path / "tok"), "computed")
+    port = 29522 if mode == "computed" else 29525
+    proc = _torchrun(port, str(script), str(out), str(tmp_path / "tok"), mode)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     keys = ("alpha", "asr", "unsafe", "total", "flagged_prompts")

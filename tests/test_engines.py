@@ -18,14 +18,17 @@ from safety_guard.weights import UnsupportedEngineError, check_engine, perturbab
 
 
 def _zero3(model):
-    """What DeepSpeed ZeRO-3 leaves on a rank: every parameter emptied to shape [0], marked."""
+    """ZeRO-3's marks without its partitions: every parameter emptied to shape [0] and marked
+    (real ZeRO-3 parameters carry their partition, ``ds_tensor``: tests/test_distributed.py)."""
     for i, p in enumerate(model.parameters()):
         p.data = torch.empty(0, dtype=p.dtype)
         p.ds_id = i
     return model
 
 
-def test_zero3_partitions_are_refused_by_name_not_read_as_zero(tmp_path, text_tokenizer):
+def test_zero3_marks_without_partitions_are_refused_by_name_not_read_as_zero(
+    tmp_path, text_tokenizer
+):
     model = make_model(vocab_size=len(text_tokenizer), tie=False)
     land = make_landscape(model)
     _zero3(model)

@@ -24,11 +24,13 @@ prompt gets an opening to teacher-force, as an aligned model's would.
 
 Cases: ``lora`` and ``full`` (one process, no sharding), ``fsdp2-full`` and ``fsdp2-lora``
 (``fully_shard`` per decoder layer, then the root), ``qlora`` (bitsandbytes 4-bit NF4 base, LoRA
-r 16), ``zero3`` (reported: DeepSpeed ZeRO-3 is refused by the guard, ``UnsupportedEngineError``).
+r 16), ``zero3-full`` and ``zero3-lora`` (DeepSpeed ZeRO-3, ``deepspeed.initialize``: its fp32
+master weights make AdamW's states too big for one GPU at 7B, so the full case trains with SGD;
+the step time is DeepSpeed's ``engine.backward``/``engine.step``).
 
     python benchmarks/gpu/engines.py                 # on a GPU machine: the table, ~6 min
     python benchmarks/gpu/engines.py --tiny          # a dry run anywhere (CPU: a tiny model)
-    python benchmarks/gpu/engines.py --tiny --nproc 2   # FSDP2 on 2 CPU processes (gloo)
+    python benchmarks/gpu/engines.py --tiny --nproc 2   # FSDP2, ZeRO-3 on 2 CPU processes (gloo)
     python benchmarks/gpu/engines.py --cases lora fsdp2-full
 
 Writes ``benchmarks/results/gpu_engines[_tiny].md`` and ``.json``.
@@ -47,7 +49,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-CASES = ("lora", "full", "fsdp2-lora", "fsdp2-full", "qlora", "zero3")
+CASES = ("lora", "full", "fsdp2-lora", "fsdp2-full", "qlora", "zero3-full", "zero3-lora")
 SHAPES = {
     "7b": {"hidden": 4096, "num_layers": 32, "intermediate": 11008, "heads": 32, "kv_heads": 32},
     "tiny": {"hidden": 128, "num_layers": 2, "intermediate": 256, "heads": 4, "kv_heads": 2},
@@ -132,19 +134,21 @@ def run_case(case: str, shape: str) -> dict[str, Any]:
 
     device = _device()
     row: dict[str, Any] = {"case": case}
-    if case == "zero3":
+    zero3 = case.startswith("zero3")
+    if zero3:
+        if device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # a dry run without a GPU
         try:
-            import deepspeed  # noqa: F401
+            import deepspeed
         except ImportError:
             row["note"] = "not run: deepspeed is not installed"
-        else:
-            row["note"] = "not run: the guard refuses ZeRO-3 partitions (UnsupportedEngineError)"
-        return row
+            return row
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     tokenizer = tiny_tokenizer()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    lora = case in ("lora", "fsdp2-lora", "qlora")
+    lora = case in ("lora", "fsdp2-lora", "qlora", "zero3-lora")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -157,8 +161,9 @@ def run_case(case: str, shape: str) -> dict[str, Any]:
         model = get_peft_model(model, LoraConfig(r=16, target_modules="all-linear"))
     if case.startswith("fsdp2"):
         shard_model(model)
+    engine = _zero3(model, lora, dtype) if zero3 else None
     row["build s"] = round(time.perf_counter() - start, 1)
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     row["parameters (M)"] = round(params / 1e6, 1)
 
     prompts = list(load_prompts("builtin:harmful:probe"))
@@ -172,12 +177,17 @@ def run_case(case: str, shape: str) -> dict[str, Any]:
     row["guard baseline s"] = round(seconds + cap, 2)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-5 if not lora else 2e-4)
+    optimizer = None if zero3 else torch.optim.AdamW(trainable, lr=1e-5 if not lora else 2e-4)
     generator = torch.Generator().manual_seed(0)
     batch = torch.randint(3, len(tokenizer), (4, 512), generator=generator).to(device)
     model.train()
 
     def step() -> None:
+        if engine is not None:
+            loss = engine(input_ids=batch, labels=batch).loss
+            engine.backward(loss)
+            engine.step()
+            return
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         optimizer.step()
@@ -225,6 +235,28 @@ def run_case(case: str, shape: str) -> dict[str, Any]:
     row["ranks"] = dist.get_world_size()
     row["peak host MiB per rank"] = all_gather_objects(round(_peak_host_mib()))
     return row
+
+
+def _zero3(model: Any, lora: bool, dtype: Any) -> Any:
+    """``deepspeed.initialize`` with ZeRO-3 (batch 4, bf16 on a GPU): the engine; the guard
+    works on ``model``, whose parameters are now partitions. AdamW for LoRA, SGD for the whole
+    model (ZeRO-3 keeps fp32 master weights: AdamW's states would not fit one GPU at 7B)."""
+    import deepspeed
+    import torch
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = (
+        torch.optim.AdamW(trainable, lr=2e-4) if lora else torch.optim.SGD(trainable, lr=1e-5)
+    )
+    config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "zero_optimization": {"stage": 3},
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_allow_untested_optimizer": True,  # SGD
+        "bf16": {"enabled": dtype == torch.bfloat16},
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
 
 
 def _quantized(model: Any, shape: str, dtype: Any, device: Any) -> Any:
@@ -278,7 +310,7 @@ def main() -> None:
         "--nproc",
         type=int,
         default=1,
-        help="Processes for the FSDP2 cases (one per GPU; on a CPU, gloo processes).",
+        help="Processes for the FSDP2 and ZeRO-3 cases (one per GPU; on a CPU, gloo processes).",
     )
     args = parser.parse_args()
     shape = "tiny" if args.tiny else "7b"
@@ -297,7 +329,7 @@ def main() -> None:
             "torch.distributed.run",
             "--standalone",
             "--nproc_per_node",
-            str(args.nproc if case.startswith("fsdp2") else 1),
+            str(args.nproc if case.startswith(("fsdp2", "zero3")) else 1),
             str(Path(__file__).resolve()),
             "--case",
             case,

@@ -36,7 +36,8 @@ all-reduced, so every rank takes the same decision; only the main process writes
 FSDP2 (``fully_shard``) full finetuning keeps θ₀ of each rank's own shard, LoRA gathers its small
 factors whole (the base stays sharded), and every rank scores every prompt in lockstep (a
 forward is a collective there); the last safe adapter is gathered on every rank and written by
-the main process. Other engines (FSDP 1, ZeRO-3) are refused by name
+the main process. DeepSpeed ZeRO-3 is handled the same way, each rank moving its partition of
+every weight (:mod:`safety_guard.shards`). Other engines (FSDP 1) are refused by name
 (``UnsupportedEngineError``); QLoRA's 4-bit base is read one dequantized tensor at a time.
 
 Example:
@@ -355,7 +356,8 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         )
 
     def _check_sharded(self, model: nn.Module) -> None:
-        """Refuse, with what to do instead, what the guard cannot do yet on FSDP2 shards."""
+        """Refuse, with what to do instead, what the guard cannot do yet on FSDP2 shards or
+        ZeRO-3 partitions."""
         if not is_sharded_model(model):
             return
         problems = []
@@ -365,9 +367,8 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             from ..weights import UnsupportedEngineError
 
             raise UnsupportedEngineError(
-                "SafetyGuardCallback on FSDP2 (fully_shard) does not support yet: "
-                + "; ".join(problems)
-                + "."
+                "SafetyGuardCallback on sharded weights (FSDP2 fully_shard, DeepSpeed ZeRO-3) "
+                "does not support yet: " + "; ".join(problems) + "."
             )
 
     def _saved_state(self, state: TrainerState) -> dict[str, Any] | None:
@@ -889,12 +890,14 @@ def _trainable_finite(model: nn.Module) -> bool:
 
 
 def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA adapter's tensors, keyed as in ``adapter_model.safetensors`` (views of the
-    parameters: DTensors under FSDP2, resharded first)."""
+    """The LoRA adapter's tensors, keyed as in ``adapter_model.safetensors``: the parameters
+    themselves (DTensors under FSDP2, ZeRO-3 parameters with their partitions; resharded
+    first)."""
     from peft import get_peft_model_state_dict
 
     reshard(model)
-    return get_peft_model_state_dict(_peft_model(model))
+    peft_model = _peft_model(model)
+    return get_peft_model_state_dict(peft_model, state_dict=peft_model.state_dict(keep_vars=True))
 
 
 def _adapter_copy(model: nn.Module) -> dict[str, torch.Tensor]:
