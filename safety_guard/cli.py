@@ -154,10 +154,9 @@ def _add_landscape(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="Under torchrun / accelerate launch: shard the model with FSDP2 across the ranks "
         "(for a model that does not fit one device; each rank moves its own shards, every rank "
-        "answers every prompt). Layer-normalized random directions (1D or --dims 2) and "
-        "interpolation targets (a 2D surface with an interpolation axis is refused). Without "
-        "it every rank "
-        "holds the whole model and answers its share of the prompts.",
+        "answers every prompt). Layer-normalized random directions and interpolation targets, "
+        "1D or --dims 2. Without it every rank holds the whole model and answers its share of "
+        "the prompts.",
     )
     p.add_argument(
         "--no-resume", action="store_true", help="Refuse to continue an existing output file."

@@ -42,6 +42,7 @@ __all__ = [
     "RandomDirection",
     "direction_from_dict",
     "direction_slices",
+    "gram_schmidt_rows",
     "name_seed",
     "orthogonal_coefficients",
 ]
@@ -220,6 +221,31 @@ class RandomDirection:
                 self._gaussian_chunks(name, numel), other._gaussian_chunks(name, numel), strict=True
             )
         )
+
+    @torch.no_grad()
+    def gaussian_dot_range(self, name: str, numel: int, offset: int, values: torch.Tensor) -> float:
+        """Σ g[offset + i]·values[i] of the raw Gaussian slice of ``name`` (``numel`` elements)
+        over the range ``values`` covers, in float64: a shard's part of the dot product with a
+        direction it holds the same range of (the stream before the range is drawn and dropped).
+
+        Example:
+            >>> d = RandomDirection(seed=0)
+            >>> g = torch.cat([c for _, _, c in d._gaussian_chunks("w", 64)])
+            >>> round(d.gaussian_dot_range("w", 64, 16, torch.ones(8)), 4) == round(float(g[16:24].double().sum()), 4)
+            True
+        """
+        flat = values.reshape(-1)
+        stop = offset + flat.numel()
+        total = 0.0
+        for a, b, chunk in self._gaussian_chunks(name, numel):
+            if b <= offset:
+                continue
+            if a >= stop:
+                break
+            lo, hi = max(a, offset), min(b, stop)
+            part = flat[lo - offset : hi - offset].detach().to("cpu", torch.float64)
+            total += float(chunk[lo - a : hi - a].double().mul_(part).sum())
+        return total
 
     @torch.no_grad()
     def add_to(
@@ -597,6 +623,22 @@ def orthogonal_coefficients(
     for i in range(n):
         for k in range(i, n):
             gram[i][k] = gram[k][i] = directions[i].gaussian_dot(directions[k], name, numel)
+    return gram_schmidt_rows(gram, scales, [True] * n)
+
+
+def gram_schmidt_rows(
+    gram: Sequence[Sequence[float]], scales: Sequence[float], rescale: Sequence[bool]
+) -> list[list[float]]:
+    """Gram–Schmidt in coefficients: base vector j times ``scales[j]``, orthogonalized against
+    the earlier ones in order, as row j of coefficients on the base vectors, found from their
+    Gram matrix alone; where ``rescale[j]``, the orthogonalized vector (after the first) is
+    brought back to its own norm — what :func:`direction_slices` does to random slices.
+
+    Example:
+        >>> gram_schmidt_rows([[1.0, 1.0], [1.0, 2.0]], [1.0, 1.0], [False, False])
+        [[1.0, 0.0], [-1.0, 1.0]]
+    """
+    n = len(scales)
 
     def dot(u: list[float], v: list[float]) -> float:
         return sum(u[i] * gram[i][k] * v[k] for i in range(n) for k in range(n))
@@ -611,7 +653,7 @@ def orthogonal_coefficients(
             if denom > 0:
                 w = dot(v, prev) / denom
                 v = [a - w * b for a, b in zip(v, prev, strict=True)]
-        if rows:
+        if rows and rescale[j]:
             norm = max(math.sqrt(max(dot(v, v), 0.0)), 1e-12)
             v = [a * target / norm for a in v]
         rows.append(v)

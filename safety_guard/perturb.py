@@ -28,7 +28,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .directions import Direction, RandomDirection, direction_slices, orthogonal_coefficients
+from .directions import (
+    Direction,
+    RandomDirection,
+    direction_slices,
+    gram_schmidt_rows,
+    orthogonal_coefficients,
+)
 from .distributed import all_reduce_sum
 from .shards import LocalShard, is_sharded, local_shard, reshard, squared_distance
 from .weights import (
@@ -42,7 +48,9 @@ __all__ = ["WeightPerturbation"]
 
 
 def check_shard_directions(directions: Sequence[Direction], orthogonalize: bool) -> None:
-    """Refuse, by name, directions that cannot be applied shard by shard (FSDP2)."""
+    """Refuse, by name, directions that cannot be applied shard by shard (FSDP2, ZeRO-3):
+    filter-normalized random directions and directions with neither an elementwise slice nor a
+    shard's range of one (``shard_tensor``)."""
     for d in directions:
         if getattr(d, "elementwise", False) or hasattr(d, "shard_tensor"):
             continue
@@ -57,14 +65,6 @@ def check_shard_directions(directions: Sequence[Direction], orthogonalize: bool)
                 "filter-normalized random directions are not applied per FSDP2 shard yet: use "
                 "normalization='layer' (the paper's), or a replicated model."
             )
-    randoms = sum(isinstance(d, RandomDirection) for d in directions)
-    if orthogonalize and len(directions) > 1 and randoms < len(directions):
-        raise UnsupportedEngineError(
-            "a surface orthogonalized against an interpolation, LoRA or elementwise direction "
-            "is not computed on FSDP2 shards yet (the Gram–Schmidt dot products would need "
-            "every shard): use random directions only (--dims 2), a 1D interpolation landscape, "
-            "or a replicated model."
-        )
 
 
 def _shard_slice(direction: Direction, name: str, shard: LocalShard) -> torch.Tensor | None:
@@ -134,16 +134,16 @@ class WeightPerturbation:
         offload: where the copy of θ₀ lives: ``"cpu"`` (RAM, own dtype) or ``"disk"`` (a scratch
             file, so extra RAM is one tensor; restores are then bounded by disk speed).
         check_finite: refuse weights holding NaN/inf with a clear error.
-        allow_sharded: FSDP2 ``DTensor`` parameters are moved shard by shard: each rank saves
-            and moves its own shard in place. Elementwise directions (``elementwise = True``:
+        allow_sharded: FSDP2 ``DTensor`` parameters and ZeRO-3 partitions are moved shard by
+            shard: each rank saves and moves its own shard in place. Elementwise directions (``elementwise = True``:
             a shard's slice depends on that shard's values only, like the guard's δ = θₜ − θ₀)
             and layer-normalized random directions (each shard gets its index range of the
             same slice, scaled by θ₀'s norms summed over ranks, so the move does not depend on
             the world size) work, several of them orthogonalized too (a 2D landscape: each
             shard adds its range of the same combination of their Gaussians), and
-            interpolation and LoRA directions (the shard's range of the target's tensor);
-            filter-normalized directions, and surfaces orthogonalized against a non-random
-            direction, are refused (:func:`check_shard_directions`).
+            interpolation and LoRA directions (the shard's range of the target's tensor), also
+            in a surface with random ones (orthogonalized from dot products summed over the
+            ranks); filter-normalized directions are refused (:func:`check_shard_directions`).
 
     Use :meth:`apply` to move to ``θ₀ + Σ cᵢ·dᵢ`` and :meth:`restore` (or leaving the ``with``
     block, also on an exception) to return to θ₀.
@@ -344,6 +344,85 @@ class WeightPerturbation:
             if total != 0:
                 d.add_to(name, flat, total, 1.0, offset=offset, numel=numel)  # type: ignore[attr-defined]
 
+    def _add_mixed(
+        self, name: str, shard: LocalShard, flat: torch.Tensor, coefficients: Sequence[float]
+    ) -> None:
+        """``flat += Σ_j c_j · orthogonalized slice j`` on a shard, for a surface that mixes
+        random directions with interpolation, LoRA or elementwise ones (what
+        :func:`~safety_guard.directions.direction_slices` does to whole slices).
+
+        The orthogonalized slices are combinations of the *base* slices — each random
+        direction's raw Gaussian, each other direction's own slice — found from their Gram
+        matrix over the whole tensor: Gaussian·Gaussian products every rank computes itself,
+        products with another direction's slice as per-shard partial sums, all-reduced (a
+        collective, once per tensor: every rank calls it for the same tensors in order).
+        """
+        gaussian = [isinstance(d, RandomDirection) for d in self.directions]
+        # the shard's range of each other direction's slice (None: none for this tensor)
+        base = [
+            None if g else _shard_slice(d, name, shard)
+            for d, g in zip(self.directions, gaussian, strict=True)
+        ]
+        rows = self._rows.get(name)
+        if rows is None:
+            rows = self._mixed_rows(name, shard, gaussian, base)
+            self._rows[name] = rows
+        for i, d in enumerate(self.directions):
+            total = sum(c * row[i] for c, row in zip(coefficients, rows, strict=True))
+            if total == 0:
+                continue
+            part = base[i]
+            if gaussian[i]:
+                d.add_to(name, flat, total, 1.0, offset=shard.offset, numel=shard.numel)  # type: ignore[attr-defined]
+            elif part is None:
+                continue
+            elif flat.dtype == torch.float32:
+                flat.add_(part.reshape(-1), alpha=float(total))
+            else:
+                flat.copy_(flat.float().add_(part.reshape(-1), alpha=float(total)))
+
+    def _mixed_rows(
+        self,
+        name: str,
+        shard: LocalShard,
+        gaussian: list[bool],
+        base: list[torch.Tensor | None],
+    ) -> list[list[float]]:
+        """The orthogonalized combinations of one tensor's base slices (:meth:`_add_mixed`)."""
+        n = len(self.directions)
+        pairs = [(i, k) for i in range(n) for k in range(i, n)]
+        partial = []
+        for i, k in pairs:
+            if gaussian[i] and gaussian[k]:
+                partial.append(0.0)  # whole-tensor, every rank computes it below
+            elif gaussian[i] or gaussian[k]:
+                rand, other = (i, k) if gaussian[i] else (k, i)
+                values = base[other]
+                partial.append(
+                    self.directions[rand].gaussian_dot_range(  # type: ignore[attr-defined]
+                        name, shard.numel, shard.offset, values
+                    )
+                    if values is not None and values.numel()
+                    else 0.0
+                )
+            else:
+                a, b = base[i], base[k]
+                partial.append(
+                    0.0 if a is None or b is None else float((a.double() * b.double()).sum())
+                )
+        summed = all_reduce_sum(partial)
+        gram = [[0.0] * n for _ in range(n)]
+        for (i, k), v in zip(pairs, summed, strict=True):
+            if gaussian[i] and gaussian[k]:
+                v = self.directions[i].gaussian_dot(self.directions[k], name, shard.numel)  # type: ignore[attr-defined]
+            gram[i][k] = gram[k][i] = v
+        origin_sq = self._origin_sq[name]  # type: ignore[index]
+        scales = [
+            d.scale_for(name, shard.numel, origin_sq) if g else 1.0  # type: ignore[attr-defined]
+            for d, g in zip(self.directions, gaussian, strict=True)
+        ]
+        return gram_schmidt_rows(gram, scales, gaussian)
+
     def _apply_shards(self, coefficients: Sequence[float]) -> None:
         """:meth:`apply` on this rank's FSDP2 shards: elementwise directions from the shard's
         own values, random, interpolation and LoRA ones as the shard's index range of the same
@@ -357,11 +436,16 @@ class WeightPerturbation:
                 if flat.data_ptr() != local.data_ptr():
                     local.copy_(flat.view(local.shape))
                 continue
+            flat = local.view(-1) if local.is_contiguous() else local.reshape(-1).clone()
+            if self.orthogonalize and len(self.directions) > 1:
+                self._add_mixed(name, shard, flat, coefficients)
+                if flat.data_ptr() != local.data_ptr():
+                    local.copy_(flat.view(local.shape))
+                continue
             slices = [
                 _shard_slice(d, name, shard) if c != 0 else None
                 for c, d in zip(coefficients, self.directions, strict=True)
             ]
-            flat = local.view(-1) if local.is_contiguous() else local.reshape(-1).clone()
             for c, d, s in zip(coefficients, self.directions, slices, strict=True):
                 if c == 0:
                     continue

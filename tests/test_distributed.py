@@ -58,7 +58,7 @@ def test_every_rank_takes_the_same_halt_decision(tmp_path, text_tokenizer, lands
     assert len([x for x in lines if x["step"] == halt]) == 1  # written once, by the main process
 
 
-_PORTS = {"full": 29518, "lora": 29521, "zero3": 29523, "zero3-lora": 29524}
+_PORTS = {"full": 29518, "lora": 29521, "zero3": 29526, "zero3-lora": 29527}
 
 
 @pytest.mark.parametrize(
@@ -272,3 +272,24 @@ def test_a_two_rank_landscape_equals_the_one_process_landscape(tmp_path, text_to
     for pf, pg in zip(f, g, strict=True):
         assert {k: pf.get(k) for k in keys} == {k: pg.get(k) for k in keys}
         assert abs(pf["nll"] - pg["nll"]) < 1e-4
+    # a 2D surface with an interpolation axis (the finetuning direction × a random direction,
+    # orthogonalized from dot products summed over the shards): the same surface as one process
+    plane = [o for o in line if not o.startswith("--grid")] + ["--dims", "2", "--grid=0,0.5"]
+    one_plane = subprocess.run(
+        [sys.executable, "-m", "safety_guard", *plane, "--output", str(tmp_path / "one_p.json")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert one_plane.returncode == 0, one_plane.stderr[-3000:]
+    sharded_plane = _torchrun(
+        29528, "-m", "safety_guard", *plane, "--shard", "--output", str(tmp_path / "fsdp_p.json")
+    )
+    assert sharded_plane.returncode == 0, sharded_plane.stderr[-3000:]
+    h = json.loads((tmp_path / "one_p.json").read_text())["surface"]["points"]
+    k = json.loads((tmp_path / "fsdp_p.json").read_text())["surface"]["points"]
+    assert len(h) == len(k) == 4
+    for ph, pk in zip(h, k, strict=True):
+        assert {x: ph.get(x) for x in keys2} == {x: pk.get(x) for x in keys2}
+        assert abs(ph["nll"] - pk["nll"]) < 1e-4

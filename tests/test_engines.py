@@ -97,6 +97,21 @@ def test_fsdp2_refused_by_name_and_moved_shard_by_shard():
             err = float((got - (w0 + 0.4 * s1 - 0.2 * s2)).abs().max())
             print("2D on shards error below 1e-6:", err < 1e-6)
         print("2D restored:", torch.equal(local_shard(dict(model.named_parameters())[key]).tensor, w0))
+        # a surface with an interpolation axis: the random axis orthogonalized against it from
+        # dot products summed over the shards, as direction_slices does on whole tensors
+        from safety_guard.directions import InterpolationDirection
+        other = tiny_llama(vocab_size=64, hidden=32, seed=1)
+        target = {n: p.detach().clone() for n, p in other.named_parameters()}
+        dirs = [InterpolationDirection(target), RandomDirection(seed=2)]
+        with WeightPerturbation(model, dirs, allow_sharded=True) as mv:
+            mv.apply(0.5, 0.3)
+            s1, s2 = direction_slices(dirs, key, w0)
+            got = local_shard(dict(model.named_parameters())[key]).tensor
+            err = float((got - (w0 + 0.5 * s1 + 0.3 * s2)).abs().max())
+            print("interpolation x random on shards error below 1e-6:", err < 1e-6)
+            dot = float((s1 * s2).sum()) / float(s1.norm() * s2.norm())
+            print("orthogonal:", abs(dot) < 1e-5)
+        print("plane restored:", torch.equal(local_shard(dict(model.named_parameters())[key]).tensor, w0))
 
         class Ones:
             elementwise = True
@@ -127,5 +142,7 @@ def test_fsdp2_refused_by_name_and_moved_shard_by_shard():
     assert "FSDP2 / DTensor" in proc.stdout
     assert "2D on shards error below 1e-6: True" in proc.stdout
     assert "2D restored: True" in proc.stdout
+    assert "interpolation x random on shards error below 1e-6: True" in proc.stdout
+    assert "orthogonal: True" in proc.stdout and "plane restored: True" in proc.stdout
     assert "moved by 0.5" in proc.stdout
     assert "restored exactly: True" in proc.stdout
