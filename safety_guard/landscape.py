@@ -852,8 +852,8 @@ def compute_landscape(
         prober = probe
     else:
         prober = SafetyProbe(model, tokenizer, probe or ProbeConfig())
-    # FSDP2 shards are moved rank by rank (layer-normalized random directions, 1D or 2D); other
-    # engines and quantized weights cannot be moved: say so before any work
+    # FSDP2 shards and ZeRO-3 partitions are moved rank by rank (random and interpolation
+    # directions, 1D or 2D); other engines and quantized weights cannot be moved: say so first
     check_engine(model, allow_sharded=True)
     line_specs, random_specs = _direction_specs(config, interpolation)
     if is_sharded_model(model):  # refuse what is not applied per shard yet, before any work
@@ -932,8 +932,19 @@ def record_guard_baseline(
 
 
 def landscape_memory_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters (for reporting memory ratios)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of the model's parameters (for reporting memory ratios): this rank's shards of
+    them under FSDP2 or ZeRO-3 (a ZeRO-3 parameter itself is empty between forwards)."""
+    from .shards import local_shard, reshard
+
+    reshard(model)
+    total = 0
+    for p in model.parameters():
+        try:
+            t = local_shard(p).tensor
+        except ValueError:  # a layout safety-guard does not move: count what the rank holds
+            t = p
+        total += t.numel() * t.element_size()
+    return total
 
 
 __all__ += ["landscape_memory_bytes", "record_guard_baseline"]

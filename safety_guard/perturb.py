@@ -56,14 +56,15 @@ def check_shard_directions(directions: Sequence[Direction], orthogonalize: bool)
             continue
         if not isinstance(d, RandomDirection):
             raise UnsupportedEngineError(
-                f"{type(d).__name__} is not applied per FSDP2 shard (random, interpolation and "
-                "LoRA directions are, and elementwise ones): compute this landscape with the "
-                "model replicated (one process, or DDP under torchrun without sharding)."
+                f"{type(d).__name__} is not applied per shard (FSDP2, ZeRO-3): random, "
+                "interpolation and LoRA directions are, and elementwise ones; compute this "
+                "landscape with the model replicated (one process, or DDP under torchrun without "
+                "sharding)."
             )
         if not d.streamable:
             raise UnsupportedEngineError(
-                "filter-normalized random directions are not applied per FSDP2 shard yet: use "
-                "normalization='layer' (the paper's), or a replicated model."
+                "filter-normalized random directions are not applied per shard (FSDP2, ZeRO-3) "
+                "yet: use normalization='layer' (the paper's), or a replicated model."
             )
 
 
@@ -416,17 +417,17 @@ class WeightPerturbation:
             if gaussian[i] and gaussian[k]:
                 v = self.directions[i].gaussian_dot(self.directions[k], name, shard.numel)  # type: ignore[attr-defined]
             gram[i][k] = gram[k][i] = v
-        origin_sq = self._origin_sq[name]  # type: ignore[index]
         scales = [
-            d.scale_for(name, shard.numel, origin_sq) if g else 1.0  # type: ignore[attr-defined]
+            d.scale_for(name, shard.numel, self._origin_sq[name]) if g else 1.0  # type: ignore[attr-defined,index]
             for d, g in zip(self.directions, gaussian, strict=True)
         ]
         return gram_schmidt_rows(gram, scales, gaussian)
 
     def _apply_shards(self, coefficients: Sequence[float]) -> None:
-        """:meth:`apply` on this rank's FSDP2 shards: elementwise directions from the shard's
-        own values, random, interpolation and LoRA ones as the shard's index range of the same
-        slice (several orthogonalized random ones as that range of their combination)."""
+        """:meth:`apply` on this rank's shards (FSDP2, ZeRO-3): elementwise directions from the
+        shard's own values, random, interpolation and LoRA ones as the shard's index range of
+        the same slice (several orthogonalized random ones as that range of their combination,
+        a mix of random and other ones from dot products summed over the ranks)."""
         for name, shard in self._shards():
             local = shard.tensor
             self._load_origin(name, local)

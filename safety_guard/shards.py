@@ -93,7 +93,7 @@ def _zero3_shard(param: torch.Tensor) -> LocalShard:
 
     part = param.ds_tensor  # type: ignore[attr-defined]
     unsupported = None
-    if getattr(param, "ds_secondary_tensor", None) is not None:
+    if getattr(param, "ds_zero_param_process_group", None) is not None:
         unsupported = "ZeRO++ hierarchical partitioning (zero_hpz_partition_size > 1)"
     elif hasattr(part, "ds_quant_scale"):
         unsupported = "quantized ZeRO-3 weights (zero_quantized_weights)"
@@ -105,6 +105,12 @@ def _zero3_shard(param: torch.Tensor) -> LocalShard:
         )
     group = getattr(param, "ds_process_group", None)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if world != dist.get_world_size():
+        raise ValueError(
+            f"this model's ZeRO-3 partitions span {world} of the {dist.get_world_size()} ranks "
+            "(MiCS or another partition group smaller than the world): safety-guard sums over "
+            "every rank, so it supports partitions across the whole world only."
+        )
     numel = int(param.ds_numel)  # type: ignore[attr-defined]
     size = part.numel()
     if size * world < numel:
@@ -202,10 +208,28 @@ def reshard(model: torch.nn.Module) -> None:
 
 
 def _release_zero3(model: torch.nn.Module) -> None:
-    """Release the gathered copies of ZeRO-3 parameters (the partitions stay authoritative)."""
-    gathered = [
-        p for p in model.parameters() if is_zero3(p) and p.numel() and not p.ds_active_sub_modules
+    """Release the gathered copies of ZeRO-3 parameters (the partitions stay authoritative):
+    all-gathers still in flight (prefetched by DeepSpeed's coordinator) are waited for first."""
+    params = [p for p in model.parameters() if is_zero3(p)]
+    if not params:
+        return
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    for module in model.modules():
+        registry = getattr(module, "ds_inflight_param_registry", None)
+        for param in list(registry or ()):
+            registry.pop(param).wait()  # type: ignore[union-attr]
+    inflight = [p for p in params if p.ds_status == ZeroParamStatus.INFLIGHT]
+    busy = [
+        p for p in params if p.ds_status == ZeroParamStatus.AVAILABLE and p.ds_active_sub_modules
     ]
+    if inflight or busy:
+        raise RuntimeError(
+            "ZeRO-3 parameters are being gathered or used by a forward pass "
+            f"({(inflight or busy)[0].ds_summary()}); safety-guard reads and moves partitions "
+            "between training steps only."
+        )
+    gathered = [p for p in params if p.ds_status == ZeroParamStatus.AVAILABLE]
     if gathered:
         gathered[0].partition(gathered)
 

@@ -227,9 +227,13 @@ def check_engine(
                 continue
             engine = f"FSDP2 / DTensor parameters (fully_shard or tensor parallel; e.g. {name})"
         elif hasattr(param, "ds_id"):  # DeepSpeed marks the parameters it partitions
-            if allow_sharded and hasattr(param, "ds_tensor"):
+            part = getattr(param, "ds_tensor", None)
+            floating = part is not None and part.is_floating_point() and not is_quantized(param)
+            if allow_sharded and floating:
                 continue
             engine = f"DeepSpeed ZeRO-3 (partitioned parameters; e.g. {name})"
+            if part is not None and not floating:
+                engine = f"DeepSpeed ZeRO-3 partitions of quantized weights (e.g. {name})"
         elif hasattr(param, "quant_state") or hasattr(param, "SCB"):
             if allow_quantized and is_quantized(param):
                 continue

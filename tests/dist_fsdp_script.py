@@ -50,8 +50,12 @@ def _shard(model, engine: str):
     config = {
         "train_micro_batch_size_per_gpu": 1,
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1500},
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_allow_untested_optimizer": True,
     }
-    deepspeed.initialize(model=model, config=config)
+    # an optimizer, so that ZeRO-3 keeps its fp32 copy of the trainable partitions
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    deepspeed.initialize(model=model, optimizer=torch.optim.SGD(trainable, lr=0.0), config=config)
     return model
 
 
@@ -124,6 +128,14 @@ def _lora_results(ref, model, out: Path, rank: int, result: dict) -> None:
         assert n_ref == n_sh, (n_ref, n_sh)
         diff = max(diff, float((full_tensor(p_sh) - p_ref.detach()).abs().max()))
     result["final_adapter_diff"] = diff
+    # ZeRO-3: restore_on_halt reached the optimizer's fp32 copy of each partition too
+    fp32_diff = 0.0
+    for _, p_sh in _trained(model, True):
+        optimizer = getattr(p_sh, "_z3_optimizer", None)
+        if optimizer is not None:
+            fp32 = optimizer.get_local_fp32_param(p_sh).reshape(-1)
+            fp32_diff = max(fp32_diff, float((fp32 - p_sh.ds_tensor.float()).abs().max()))
+    result["fp32_copy_diff"] = fp32_diff
     from peft import get_peft_model_state_dict
 
     state = model.state_dict(keep_vars=True)  # the parameters: ZeRO-3 keeps its partitions there

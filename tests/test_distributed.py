@@ -113,6 +113,7 @@ def test_sharded_guard_reads_the_same_numbers_as_the_whole_model(tmp_path, text_
     # last safe adapter, gathered and written by the main process, equals the whole model's
     for r in ranks:
         assert r["final_adapter_diff"] < 1e-6, r["final_adapter_diff"]
+        assert r["fp32_copy_diff"] == 0.0, r["fp32_copy_diff"]  # ZeRO-3's copy: restored too
     saved = ranks[0]["last_safe"]
     assert saved["steps"][0] == saved["steps"][1] and saved["same_keys"] and saved["config"]
     assert saved["diff"] < 1e-6, saved

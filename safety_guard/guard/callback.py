@@ -917,7 +917,9 @@ def _full_adapter(model: nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def _load_adapter(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
     """Load an :func:`_adapter_copy`, or a saved adapter file's tensors, back into the model's
-    parameters, bit-exactly (under FSDP2 each rank takes its shard's range of a whole tensor).
+    parameters, bit-exactly (under FSDP2 and ZeRO-3 each rank takes its shard's range of a whole
+    tensor; ZeRO-3's optimizer also gets it in its fp32 copy of the partition, which the next
+    step and its checkpoints start from).
     """
     current = _adapter_tensors(model)
     missing = sorted(set(current) - set(saved))
@@ -932,6 +934,9 @@ def _load_adapter(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
         if shard.sharded and source.numel() == shard.numel:  # a whole tensor: take our range
             source = source[shard.offset : shard.stop]
         shard.tensor.copy_(source.view(shard.tensor.shape))
+        optimizer = getattr(param, "_z3_optimizer", None)
+        if optimizer is not None:
+            optimizer.set_local_hp_param(param.ds_tensor, param)
 
 
 def _write_adapter(model: nn.Module, adapter: dict[str, torch.Tensor], folder: Path) -> None:

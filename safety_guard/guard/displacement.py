@@ -237,6 +237,7 @@ class FullFinetuneTracker:
         origin: dict[str, torch.Tensor] = {}
         layout: dict[str, tuple[int, int]] = {}
         handles: dict[str, Any] = {}
+        sharded = False
         for name, param in perturbable_parameters(model, selection, allow_sharded=True):
             file = weight_map.get(name) if weight_map is not None else "model.safetensors"
             if file is None:
@@ -245,12 +246,12 @@ class FullFinetuneTracker:
                 handles[file] = safe_open(str(folder / file), framework="pt", device="cpu")
             if name in handles[file].keys():  # noqa: SIM118 (safe_open has no __contains__)
                 shard = local_shard(param)
+                sharded = sharded or shard.sharded
                 full = handles[file].get_tensor(name).to(shard.tensor.dtype).reshape(-1)
                 origin[name] = full[shard.offset : shard.stop].clone().view(shard.tensor.shape)
                 layout[name] = (shard.offset, shard.numel)
         if not origin:
             raise ValueError(f"{folder} holds none of the model's weights; is it the right model?")
-        sharded = any(numel != origin[n].numel() for n, (_, numel) in layout.items())
         return cls(origin, selection, layout if sharded else None)
 
     @torch.no_grad()
