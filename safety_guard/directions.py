@@ -235,17 +235,26 @@ class RandomDirection:
             True
         """
         flat = values.reshape(-1)
-        stop = offset + flat.numel()
         total = 0.0
+        for lo, hi, gaussian in self._range_chunks(name, numel, offset, flat.numel()):
+            part = flat[lo - offset : hi - offset].detach().to("cpu", torch.float64)
+            total += float(gaussian.double().mul_(part).sum())
+        return total
+
+    def _range_chunks(
+        self, name: str, numel: int, offset: int, length: int
+    ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(lo, hi, chunk)``: the raw Gaussian slice of ``name`` at flat indices ``[lo, hi)``,
+        chunk by chunk, over ``[offset, offset + length)`` (the stream before it drawn and
+        dropped)."""
+        stop = offset + length
         for a, b, chunk in self._gaussian_chunks(name, numel):
             if b <= offset:
                 continue
             if a >= stop:
                 break
             lo, hi = max(a, offset), min(b, stop)
-            part = flat[lo - offset : hi - offset].detach().to("cpu", torch.float64)
-            total += float(chunk[lo - a : hi - a].double().mul_(part).sum())
-        return total
+            yield lo, hi, chunk[lo - a : hi - a]
 
     @torch.no_grad()
     def add_to(
@@ -267,14 +276,8 @@ class RandomDirection:
         range is drawn and dropped).
         """
         numel = target.numel() if numel is None else numel
-        stop = offset + target.numel()
-        for a, b, chunk in self._gaussian_chunks(name, numel):
-            if b <= offset:
-                continue
-            if a >= stop:
-                break
-            lo, hi = max(a, offset), min(b, stop)
-            part = chunk[lo - a : hi - a].to(target.device, non_blocking=True).mul_(scale)
+        for lo, hi, gaussian in self._range_chunks(name, numel, offset, target.numel()):
+            part = gaussian.to(target.device, non_blocking=True).mul_(scale)
             view = target[lo - offset : hi - offset]
             if target.dtype == torch.float32:
                 view.add_(part, alpha=float(coefficient))
@@ -521,13 +524,23 @@ class LoraDirection:
         """``{canonical weight name: (A, B, scale, fan_in_fan_out)}``."""
         return self._factors
 
-    def tensor(self, name: str, origin: torch.Tensor) -> torch.Tensor | None:
+    def _factors_on(
+        self, name: str, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, float, bool] | None:
+        """(A, B, scale, fan_in_fan_out) of ``name`` in float32 on ``device`` (None: no LoRA)."""
         entry = self._factors.get(name)
         if entry is None:
             return None
         a, b, scale, fan_in_fan_out = entry
-        a = a.detach().to(origin.device, torch.float32)
-        b = b.detach().to(origin.device, torch.float32)
+        a = a.detach().to(device, torch.float32)
+        b = b.detach().to(device, torch.float32)
+        return a, b, scale, fan_in_fan_out
+
+    def tensor(self, name: str, origin: torch.Tensor) -> torch.Tensor | None:
+        entry = self._factors_on(name, origin.device)
+        if entry is None:
+            return None
+        a, b, scale, fan_in_fan_out = entry
         delta = (b @ a).mul_(scale)
         if fan_in_fan_out:
             delta = delta.T.contiguous()
@@ -544,12 +557,10 @@ class LoraDirection:
         """The flat float32 part of :meth:`tensor` for one FSDP2 shard (elements ``offset`` to
         ``offset + origin.numel()`` of the full update ``scale · B @ A``, made one weight at a
         time from the small factors)."""
-        entry = self._factors.get(name)
+        entry = self._factors_on(name, origin.device)
         if entry is None:
             return None
         a, b, scale, fan_in_fan_out = entry
-        a = a.detach().to(origin.device, torch.float32)
-        b = b.detach().to(origin.device, torch.float32)
         full = (a.shape[1], b.shape[0]) if fan_in_fan_out else (b.shape[0], a.shape[1])
         _check_shape("LoRA update", name, full, shape)
         cols = full[1]

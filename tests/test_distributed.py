@@ -31,6 +31,26 @@ def _torchrun(port: int, *argv: str) -> subprocess.CompletedProcess:
     )
 
 
+def _one_process(*argv: str) -> subprocess.CompletedProcess:
+    """``python -m safety_guard ...`` in one process, on CPU threads of its own."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [sys.executable, "-m", "safety_guard", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+
+
+def _assert_same_points(one: list, other: list, keys: tuple) -> None:
+    """The same points (``keys`` equal, NLL within 1e-4)."""
+    assert len(one) == len(other)
+    for a, b in zip(one, other, strict=True):
+        assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}
+        assert abs(a["nll"] - b["nll"]) < 1e-4
+
+
 @pytest.mark.parametrize("landscape", ["given", "computed", pytest.param("zero3", marks=_ZERO3)])
 def test_every_rank_takes_the_same_halt_decision(tmp_path, text_tokenizer, landscape):
     """With a landscape file, or none (all ranks compute it together at train begin), or under
@@ -184,14 +204,7 @@ def test_a_two_rank_landscape_equals_the_one_process_landscape(tmp_path, text_to
         "6",
         "--quiet",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    one = subprocess.run(
-        [sys.executable, "-m", "safety_guard", *options, "--output", str(tmp_path / "one.json")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    one = _one_process(*options, "--output", str(tmp_path / "one.json"))
     assert one.returncode == 0, one.stderr[-3000:]
     two = _torchrun(29519, "-m", "safety_guard", *options, "--output", str(tmp_path / "two.json"))
     assert two.returncode == 0, two.stderr[-3000:]
@@ -228,13 +241,7 @@ def test_a_two_rank_landscape_equals_the_one_process_landscape(tmp_path, text_to
     surface = [o for o in options if not o.startswith("--grid")]
     surface[surface.index("--num-directions") + 1] = "2"
     surface += ["--dims", "2", "--grid=-0.1,0,0.1"]
-    flat = subprocess.run(
-        [sys.executable, "-m", "safety_guard", *surface, "--output", str(tmp_path / "one2d.json")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    flat = _one_process(*surface, "--output", str(tmp_path / "one2d.json"))
     assert flat.returncode == 0, flat.stderr[-3000:]
     sharded2d = _torchrun(
         29523, "-m", "safety_guard", *surface, "--shard", "--output", str(tmp_path / "fsdp2d.json")
@@ -242,11 +249,9 @@ def test_a_two_rank_landscape_equals_the_one_process_landscape(tmp_path, text_to
     assert sharded2d.returncode == 0, sharded2d.stderr[-3000:]
     d = json.loads((tmp_path / "one2d.json").read_text())["surface"]["points"]
     e = json.loads((tmp_path / "fsdp2d.json").read_text())["surface"]["points"]
-    assert len(d) == len(e) == 9
+    assert len(d) == 9
     keys2 = ("alpha", "beta", *keys[1:])
-    for pd, pe in zip(d, e, strict=True):
-        assert {k: pd.get(k) for k in keys2} == {k: pe.get(k) for k in keys2}
-        assert abs(pd["nll"] - pe["nll"]) < 1e-4
+    _assert_same_points(d, e, keys2)
     # an interpolation landscape towards a finetuned model saved as a sharded checkpoint: each
     # rank reads its range of each target tensor
     target = make_model(vocab_size=len(text_tokenizer), tie=False, seed=1)
@@ -255,13 +260,7 @@ def test_a_two_rank_landscape_equals_the_one_process_landscape(tmp_path, text_to
     line = [o for o in options if not o.startswith("--grid")]
     line += ["--direction", "interpolation", "--target", str(tmp_path / "target")]
     line += ["--grid=0,0.5,1"]
-    one_line = subprocess.run(
-        [sys.executable, "-m", "safety_guard", *line, "--output", str(tmp_path / "one_i.json")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    one_line = _one_process(*line, "--output", str(tmp_path / "one_i.json"))
     assert one_line.returncode == 0, one_line.stderr[-3000:]
     sharded_line = _torchrun(
         29524, "-m", "safety_guard", *line, "--shard", "--output", str(tmp_path / "fsdp_i.json")
@@ -269,20 +268,12 @@ def test_a_two_rank_landscape_equals_the_one_process_landscape(tmp_path, text_to
     assert sharded_line.returncode == 0, sharded_line.stderr[-3000:]
     f = json.loads((tmp_path / "one_i.json").read_text())["directions"][0]["points"]
     g = json.loads((tmp_path / "fsdp_i.json").read_text())["directions"][0]["points"]
-    assert len(f) == len(g) == 3
-    for pf, pg in zip(f, g, strict=True):
-        assert {k: pf.get(k) for k in keys} == {k: pg.get(k) for k in keys}
-        assert abs(pf["nll"] - pg["nll"]) < 1e-4
+    assert len(f) == 3
+    _assert_same_points(f, g, keys)
     # a 2D surface with an interpolation axis (the finetuning direction × a random direction,
     # orthogonalized from dot products summed over the shards): the same surface as one process
     plane = [o for o in line if not o.startswith("--grid")] + ["--dims", "2", "--grid=0,0.5"]
-    one_plane = subprocess.run(
-        [sys.executable, "-m", "safety_guard", *plane, "--output", str(tmp_path / "one_p.json")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    one_plane = _one_process(*plane, "--output", str(tmp_path / "one_p.json"))
     assert one_plane.returncode == 0, one_plane.stderr[-3000:]
     sharded_plane = _torchrun(
         29528, "-m", "safety_guard", *plane, "--shard", "--output", str(tmp_path / "fsdp_p.json")
@@ -290,7 +281,5 @@ def test_a_two_rank_landscape_equals_the_one_process_landscape(tmp_path, text_to
     assert sharded_plane.returncode == 0, sharded_plane.stderr[-3000:]
     h = json.loads((tmp_path / "one_p.json").read_text())["surface"]["points"]
     k = json.loads((tmp_path / "fsdp_p.json").read_text())["surface"]["points"]
-    assert len(h) == len(k) == 4
-    for ph, pk in zip(h, k, strict=True):
-        assert {x: ph.get(x) for x in keys2} == {x: pk.get(x) for x in keys2}
-        assert abs(ph["nll"] - pk["nll"]) < 1e-4
+    assert len(h) == 4
+    _assert_same_points(h, k, keys2)
