@@ -934,17 +934,10 @@ def record_guard_baseline(
 def landscape_memory_bytes(model: nn.Module) -> int:
     """Bytes of the model's parameters (for reporting memory ratios): this rank's shards of
     them under FSDP2 or ZeRO-3 (a ZeRO-3 parameter itself is empty between forwards)."""
-    from .shards import local_shard, reshard
+    from .shards import local_shard
 
-    reshard(model)
-    total = 0
-    for p in model.parameters():
-        try:
-            t = local_shard(p).tensor
-        except ValueError:  # a layout safety-guard does not move: count what the rank holds
-            t = p
-        total += t.numel() * t.element_size()
-    return total
+    shards = (local_shard(p).tensor for p in model.parameters())
+    return sum(t.numel() * t.element_size() for t in shards)
 
 
 __all__ += ["landscape_memory_bytes", "record_guard_baseline"]

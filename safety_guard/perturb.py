@@ -136,8 +136,9 @@ class WeightPerturbation:
             file, so extra RAM is one tensor; restores are then bounded by disk speed).
         check_finite: refuse weights holding NaN/inf with a clear error.
         allow_sharded: FSDP2 ``DTensor`` parameters and ZeRO-3 partitions are moved shard by
-            shard: each rank saves and moves its own shard in place. Elementwise directions (``elementwise = True``:
-            a shard's slice depends on that shard's values only, like the guard's δ = θₜ − θ₀)
+            shard: each rank saves and moves its own shard in place. Elementwise directions
+            (``elementwise = True``: a shard's slice depends on that shard's values only, like
+            the guard's δ = θₜ − θ₀)
             and layer-normalized random directions (each shard gets its index range of the
             same slice, scaled by θ₀'s norms summed over ranks, so the move does not depend on
             the world size) work, several of them orthogonalized too (a 2D landscape: each

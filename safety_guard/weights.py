@@ -202,8 +202,9 @@ def check_engine(
     refused with the engine's name until they are supported.
 
     ``allow_sharded``: FSDP2 parameters (``DTensor``) and ZeRO-3 partitions are allowed — for
-    the code that moves them shard by shard (:mod:`safety_guard.shards`). ``allow_quantized``: bitsandbytes base
-    weights are allowed — for the code that only reads them (:mod:`safety_guard.quantized`).
+    the code that moves them shard by shard (:mod:`safety_guard.shards`). ``allow_quantized``:
+    bitsandbytes base weights are allowed — for the code that only reads them
+    (:mod:`safety_guard.quantized`).
 
     Example:
         >>> check_engine(torch.nn.Linear(2, 2))  # plain floating-point weights: fine
