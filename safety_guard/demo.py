@@ -310,9 +310,7 @@ def describe(result: dict[str, Any]) -> str:
             lines.append(f"  guard let it run ({guard['warn_count']} warning(s))")
         lines.append(
             f"  aligned ASR on the {guard['num_prompts']} probe prompts {guard['aligned_asr']:.1f} %; "
-            f"last probe (step {final.get('step')}): rise {final.get('rise', float('nan')):+.1f} "
-            f"points, {final.get('horizon_rise', float('nan')):+.1f} expected by "
-            f"θ₀ + {final.get('horizon', float('nan')):.2g}·δ"
+            + _last_probe(final)
         )
         lines.append(
             f"  probes {guard['probes']} ({guard['total_probe_seconds']:.0f} s in all); "
@@ -320,6 +318,29 @@ def describe(result: dict[str, Any]) -> str:
         )
     lines.append(f"  held-out ASR (100 prompts) at the end: {result['final_heldout_asr']:.1f} %")
     return "\n".join(lines)
+
+
+def _last_probe(final: dict[str, Any]) -> str:
+    """The last probe in words. A probe that settled its lookahead below the promise did not
+    score the current model (``rise`` is None): the lookahead's rise bounds it.
+
+    Example:
+        >>> _last_probe({"step": 6, "rise": None, "rise_bound": 2.5, "horizon_rise": 2.5,
+        ...              "horizon": 2.0})
+        'last probe (step 6): rise at most +2.5 points (bounded by the lookahead), +2.5 expected by θ₀ + 2·δ'
+        >>> _last_probe({})
+        'no probe'
+    """
+    if not final:
+        return "no probe"
+    if final.get("rise") is not None:
+        now = f"rise {final['rise']:+.1f} points"
+    else:
+        now = f"rise at most {final['rise_bound']:+.1f} points (bounded by the lookahead)"
+    return (
+        f"last probe (step {final['step']}): {now}, {final['horizon_rise']:+.1f} expected by "
+        f"θ₀ + {final['horizon']:.2g}·δ"
+    )
 
 
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:

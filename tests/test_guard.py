@@ -15,6 +15,7 @@ from conftest import make_model
 from guard_helpers import echo_judge, make_landscape, make_trainer
 from transformers import TrainerCallback
 
+from safety_guard.demo import describe
 from safety_guard.guard import FullFinetuneTracker, LoraTracker, ProbeMemo, SafetyGuardCallback
 from safety_guard.guard.displacement import sketch_cosine, sketch_displacement
 from safety_guard.landscape import LandscapeMismatchError
@@ -72,6 +73,20 @@ def test_halts_when_the_finetune_changes_the_refusals_and_logs(tmp_path, text_to
     assert lines[-1]["status"] == "halt"
     assert [x["step"] for x in lines] == sorted({x["step"] for x in lines})
     assert (folder / "trajectory.png").exists() and (folder / "summary.json").exists()
+    text = describe(_demo_result(guard, trainer))
+    assert f"guard HALTED at step {guard.halt_step}" in text
+    assert f"rise {final['rise']:+.1f} points" in text
+
+
+def _demo_result(guard, trainer):
+    """What ``safety_guard.demo.run_finetune`` reports of a guarded run."""
+    return {
+        "run": {"kind": "tiny", "method": "full", "learning_rate": 0.01, "max_steps": 30},
+        "steps": trainer.state.global_step,
+        "seconds": 1.0,
+        "guard": guard.summary(),
+        "final_heldout_asr": 0.0,
+    }
 
 
 def test_keeps_training_while_the_refusals_hold(tmp_path, text_tokenizer):
@@ -92,6 +107,10 @@ def test_keeps_training_while_the_refusals_hold(tmp_path, text_tokenizer):
     assert all(p["nll"] is None for r in probes[1:] for p in r["points"].values())
     # without attach(), metrics still reach the log history
     assert any("safety/lookahead_2x_rise" in h for h in trainer.state.log_history)
+    # the demo's report of such a run (the last probe did not score the current model)
+    text = describe(_demo_result(guard, trainer))
+    assert "guard let it run (0 warning(s))" in text
+    assert f"last probe (step {probes[-1]['step']}): rise at most" in text
 
 
 def _snapshot(model, text_tokenizer):
