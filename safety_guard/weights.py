@@ -219,7 +219,10 @@ def check_engine(
         DTensor = ()
     engine = None
     if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
-        engine = "FSDP (FullyShardedDataParallel, flat sharded parameters)"
+        engine = (
+            "FSDP (FullyShardedDataParallel, flat sharded parameters); FSDP2 is supported: "
+            "`fsdp_version: 2` in accelerate's FSDP config, or torch's fully_shard"
+        )
     for name, param in model.named_parameters():
         if engine is not None:
             break
@@ -248,8 +251,7 @@ def check_engine(
     if engine is not None:
         raise UnsupportedEngineError(
             f"safety-guard cannot move or measure this model's weights yet: {engine}. Supported: "
-            f"{SUPPORTED_ENGINES}. Train with DDP, or compute the landscape on one process and "
-            "guard a LoRA finetune with unquantized base weights."
+            f"{SUPPORTED_ENGINES}."
         )
 
 

@@ -61,9 +61,53 @@ def test_quantized_base_weights_are_refused_by_name():
         check_engine(marked)
 
 
+def test_fsdp1_refused_by_name_on_cpu():
+    """FSDP (1) wraps on CPU with ``device_id=torch.device("cpu")`` (without it torch 2.13 asks for
+    an accelerator): the engine, the landscape's weight moves and the guard's tracker refuse it
+    by name, with the supported engines, instead of reading its flat parameters as weights."""
+    script = textwrap.dedent(
+        """
+        import tempfile, warnings, torch, torch.distributed as dist
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from safety_guard.guard.displacement import make_tracker
+        from safety_guard.testing import tiny_llama
+        from safety_guard.weights import UnsupportedEngineError, check_engine, perturbable_parameters
+        dist.init_process_group(
+            "gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # world size 1: FSDP switches to NO_SHARD
+            model = FullyShardedDataParallel(
+                tiny_llama(vocab_size=64, hidden=32, seed=0), device_id=torch.device("cpu")
+            )
+        model(torch.tensor([[1, 2, 3]]))  # it runs
+        for what, call in [
+            ("check_engine", lambda: check_engine(model)),
+            ("perturbable_parameters", lambda: perturbable_parameters(model, allow_sharded=True)),
+            ("make_tracker", lambda: make_tracker(model)),
+        ]:
+            try:
+                call()
+                print(what, "accepted")
+            except UnsupportedEngineError as err:
+                print(what, "refused:", err)
+        dist.destroy_process_group()
+        """
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for what in ("check_engine", "perturbable_parameters", "make_tracker"):
+        assert f"{what} refused: safety-guard cannot move" in proc.stdout, proc.stdout
+    assert proc.stdout.count("FSDP (FullyShardedDataParallel, flat sharded parameters)") == 3
+    assert proc.stdout.count("FSDP2 is supported: `fsdp_version: 2`") == 3
+    assert "accepted" not in proc.stdout
+
+
 def test_fsdp2_refused_by_name_and_moved_shard_by_shard():
-    """fully_shard on one CPU process (gloo), in a subprocess. (FSDP1 needs an accelerator in
-    torch 2.13: "FSDP needs a non-CPU accelerator device"; its check is an isinstance test.)"""
+    """fully_shard on one CPU process (gloo), in a subprocess."""
     script = textwrap.dedent(
         """
         import os, tempfile, torch, torch.distributed as dist
