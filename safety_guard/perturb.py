@@ -138,10 +138,9 @@ class WeightPerturbation:
         allow_sharded: FSDP2 ``DTensor`` parameters and ZeRO-3 partitions are moved shard by
             shard: each rank saves and moves its own shard in place. Elementwise directions
             (``elementwise = True``: a shard's slice depends on that shard's values only, like
-            the guard's δ = θₜ − θ₀)
-            and layer-normalized random directions (each shard gets its index range of the
-            same slice, scaled by θ₀'s norms summed over ranks, so the move does not depend on
-            the world size) work, several of them orthogonalized too (a 2D landscape: each
+            the guard's δ = θₜ − θ₀) and layer-normalized random directions (each shard gets
+            its index range of the same slice, scaled by θ₀'s norms summed over ranks, so the
+            move does not depend on the world size) work, several of them orthogonalized too (a 2D landscape: each
             shard adds its range of the same combination of their Gaussians), and
             interpolation and LoRA directions (the shard's range of the target's tensor), also
             in a surface with random ones (orthogonalized from dot products summed over the

@@ -61,6 +61,17 @@ def test_quantized_base_weights_are_refused_by_name():
         check_engine(marked)
 
 
+def _run_script(script: str) -> subprocess.CompletedProcess:
+    """Run ``script`` in a fresh Python process (its own process group, one CPU thread); fail
+    the test with its stderr if it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def test_fsdp1_refused_by_name_on_cpu():
     """FSDP (1) wraps on CPU with ``device_id=torch.device("cpu")`` (without it torch 2.13 asks for
     an accelerator): the engine, the landscape's weight moves and the guard's tracker refuse it
@@ -94,11 +105,7 @@ def test_fsdp1_refused_by_name_on_cpu():
         dist.destroy_process_group()
         """
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run_script(script)
     for what in ("check_engine", "perturbable_parameters", "make_tracker"):
         assert f"{what} refused: safety-guard cannot move" in proc.stdout, proc.stdout
     assert proc.stdout.count("FSDP (FullyShardedDataParallel, flat sharded parameters)") == 3
@@ -177,11 +184,7 @@ def test_fsdp2_refused_by_name_and_moved_shard_by_shard():
         dist.destroy_process_group()
         """
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run_script(script)
     assert "fsdp2 refused: safety-guard cannot move" in proc.stdout
     assert "FSDP2 / DTensor" in proc.stdout
     assert "2D on shards error below 1e-6: True" in proc.stdout
