@@ -29,23 +29,6 @@ import torch.nn.functional as F
 
 
 @contextlib.contextmanager
-def _scaled(model: Any, multiple: float) -> Iterator[None]:
-    from peft.tuners.lora.layer import Linear
-
-    saved = []
-    for module in model.modules():
-        if isinstance(module, Linear):
-            for adapter in module.active_adapters:
-                saved.append((module, adapter, module.scaling[adapter]))
-                module.scaling[adapter] *= multiple
-    try:
-        yield
-    finally:
-        for module, adapter, value in saved:
-            module.scaling[adapter] = value
-
-
-@contextlib.contextmanager
 def _merged(model: Any, multiple: float) -> Iterator[None]:
     from peft.tuners.lora.layer import Linear
 
@@ -76,6 +59,7 @@ def _merged(model: Any, multiple: float) -> Iterator[None]:
 def main() -> None:
     from peft import LoraConfig, get_peft_model
 
+    from safety_guard.guard.displacement import LoraTracker
     from safety_guard.prompts import load_prompts
     from safety_guard.testbed import load_testbed
 
@@ -114,7 +98,7 @@ def main() -> None:
         return time.perf_counter() - start
 
     variants = {
-        "adapter ×2 (the guard)": lambda: _scaled(model, 2.0),
+        "adapter ×2 (the guard)": lambda: LoraTracker(model).along(model, 2.0),
         "merged ×2": lambda: _merged(model, 2.0),
         "no adapter (base model)": model.disable_adapter,
     }
