@@ -16,7 +16,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["all_gather_objects", "all_reduce_max", "all_reduce_sum", "barrier", "rank_and_world"]
+__all__ = [
+    "all_gather_objects",
+    "all_reduce_bits",
+    "all_reduce_max",
+    "all_reduce_sum",
+    "barrier",
+    "rank_and_world",
+]
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -26,16 +33,36 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def _collective_device(device: torch.device | None) -> torch.device:
+    """Where the default process group's backend reduces tensors (NCCL: CUDA only)."""
+    if torch.distributed.get_backend() == "nccl":
+        cuda = device is not None and device.type == "cuda"
+        return device if cuda else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _reduce(values: list[float], op: Any, device: torch.device | None) -> list[float]:
     if rank_and_world()[1] == 1:
         return values
-    dev = torch.device("cpu")
-    if torch.distributed.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
-        cuda = device is not None and device.type == "cuda"
-        dev = device if cuda else torch.device("cuda", torch.cuda.current_device())
-    tensor = torch.tensor(values, dtype=torch.float64, device=dev)
+    tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device(device))
     torch.distributed.all_reduce(tensor, op=op)
     return tensor.tolist()
+
+
+def all_reduce_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The byte-wise sum over ranks of ``tensor``, where every element is nonzero on at most one
+    rank (each rank fills its own range, zeros elsewhere): the gathered tensor, bit for bit
+    (``-0.0`` and NaN payloads included), on ``tensor``'s device. A collective.
+
+    Example:
+        >>> all_reduce_bits(torch.tensor([-0.0, 1.5])).tolist()
+        [-0.0, 1.5]
+    """
+    if rank_and_world()[1] == 1:
+        return tensor
+    raw = tensor.contiguous().reshape(-1).view(torch.uint8).to(_collective_device(tensor.device))
+    torch.distributed.all_reduce(raw, op=torch.distributed.ReduceOp.SUM)
+    return raw.to(tensor.device).view(tensor.dtype).view(tensor.shape)
 
 
 def all_reduce_sum(values: list[float], device: torch.device | None = None) -> list[float]:

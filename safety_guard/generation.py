@@ -187,12 +187,19 @@ def left_padded(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
 
 @contextlib.contextmanager
 def _unsharded_root(model: nn.Module, sharded: bool) -> Iterator[None]:
-    """The outermost FSDP2 module of ``model`` unsharded inside the block (a collective)."""
+    """The outermost FSDP2 module or FSDP (1) unit of ``model`` unsharded inside the block (a
+    collective): ``generate`` enters below it, so its own parameters (embeddings, head) would
+    stay sharded."""
     root = None
-    if sharded:  # (FSDP2 shards imply a torch built with distributed)
-        from torch.distributed.fsdp import FSDPModule
+    if sharded:  # (sharded weights imply a torch built with distributed)
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
         root = next((m for m in model.modules() if isinstance(m, FSDPModule)), None)
+        fsdp1 = next((m for m in model.modules() if isinstance(m, FullyShardedDataParallel)), None)
+        if fsdp1 is not None:  # the inner units gather their own in their forwards
+            with FullyShardedDataParallel.summon_full_params(fsdp1, recurse=False, writeback=False):
+                yield
+            return
     if root is None:
         yield
         return
@@ -233,12 +240,12 @@ def generate_responses(
         batch_size: prompts per ``generate`` call (sorted by length to limit padding).
         stop_when_decided: ``fn(partial_response) -> bool``; a sequence stops once it is True.
         progress: called with the number of prompts finished after each batch.
-        synced: every rank generates the same batches on a sharded model (FSDP2), each forward
+        synced: every rank generates the same batches on a sharded model (FSDP2, FSDP), each forward
             a collective: ``generate(synced_gpus=True)`` keeps every rank stepping until all
             are done, so none waits alone, and the outermost FSDP2 module is unsharded around
             the call (``generate`` runs the inner model's forward, e.g. under a ``PeftModel``,
             so the root's own forward hooks, which gather its embeddings and head, never run).
-            ``None``: whether ``model`` has FSDP2 shards (a scan of its parameters).
+            ``None``: whether ``model`` has sharded weights (a scan of its parameters).
     """
     if not prompts:
         raise ValueError("generate_responses() got no prompts.")

@@ -30,12 +30,13 @@ def is_quantized(param: torch.Tensor) -> bool:
 
 def dense_shape(param: torch.Tensor) -> torch.Size:
     """The shape of the weight ``param`` stands for (its packed shape differs for 4-bit; a
-    ZeRO-3 parameter is empty outside its module's forward)."""
+    ZeRO-3 parameter is empty outside its module's forward, an FSDP shard is 1-D)."""
     state = getattr(param, "quant_state", None)
     if state is not None:
         return torch.Size(state.shape)
-    ds_shape = getattr(param, "ds_shape", None)
-    return torch.Size(ds_shape) if ds_shape is not None else param.shape
+    from .shards import full_shape
+
+    return full_shape(param)
 
 
 def dense_numel(param: torch.Tensor) -> int:

@@ -1,15 +1,17 @@
-"""Shard-local views of parameters sharded by FSDP2 (``fully_shard``: ``DTensor`` on dim 0) or
-partitioned by DeepSpeed ZeRO-3.
+"""Shard-local views of parameters sharded by FSDP2 (``fully_shard``: ``DTensor`` on dim 0), by
+FSDP (``FullyShardedDataParallel`` with ``use_orig_params=True``) or partitioned by DeepSpeed
+ZeRO-3.
 
 The guard's moves are elementwise in parameter space (θ₀ + s·δ), so a rank can keep θ₀ for its
 own shard only and move its shard in place; norms and sampled values are per-shard partial
 results summed over ranks. :func:`local_shard` says which slice of the full (flattened) tensor a
 rank holds: FSDP2 splits dim 0 in ``ceil(rows / world)``-row chunks, ZeRO-3 the flattened tensor
-(padded to a multiple of the world size) in equal partitions, so either shard is one contiguous
-range of the row-major flattening. A ZeRO-3 parameter is empty outside its module's forward, so
-it always reads as sharded (also on one rank); :func:`reshard` releases the gathered copies
-ZeRO-3 keeps (its *persistent* small parameters), so that the next forward gathers what was
-written to the partitions.
+(padded to a multiple of the world size) in equal partitions, FSDP the concatenation of a unit's
+flattened parameters (its flat parameter), so each original parameter's part of a rank's shard is
+one contiguous range of its row-major flattening too. A ZeRO-3 parameter is empty outside its
+module's forward, so it always reads as sharded (also on one rank); :func:`reshard` releases the
+gathered copies ZeRO-3 keeps (its *persistent* small parameters) and puts FSDP units back in their
+sharded state, so that the next forward gathers what was written to the shards.
 
 Example:
     >>> import torch
@@ -23,13 +25,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .distributed import all_reduce_sum
+from .distributed import all_reduce_bits, all_reduce_sum
 
 __all__ = [
     "LocalShard",
+    "fsdp1_problem",
+    "full_shape",
     "full_tensor",
     "is_sharded",
     "is_sharded_model",
@@ -44,6 +49,13 @@ __all__ = [
 
 #: Elements per chunk of the float64 sums (a few MiB of temporaries, not a tensor's worth).
 _CHUNK = 1 << 20
+
+#: The attribute :func:`reshard` sets on each original parameter of an FSDP (1) unit: its place
+#: in the unit's flat parameter (FSDP keeps no way back from a parameter to its unit).
+_FSDP1_SLOT = "_safety_guard_fsdp1_slot"
+
+#: FSDP (1) sharding strategies whose shards span the whole world (or that do not shard).
+_FSDP1_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
 
 
 def _dtensor_type() -> type | tuple[()]:
@@ -124,6 +136,147 @@ def _zero3_shard(param: torch.Tensor) -> LocalShard:
     return LocalShard(part.detach().narrow(0, 0, held), start, numel, shape, True)
 
 
+@dataclass(frozen=True)
+class _Fsdp1Slot:
+    """Where an FSDP (1) original parameter lives: its unit's ``FlatParamHandle`` and its index
+    in the unit's flat parameter."""
+
+    handle: Any
+    index: int
+
+
+def _fsdp1_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The FSDP (1) units in ``model`` (``FullyShardedDataParallel`` modules)."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return []
+    return [m for m in model.modules() if isinstance(m, FullyShardedDataParallel)]
+
+
+def fsdp1_problem(model: torch.nn.Module) -> str | None:
+    """Why safety-guard cannot move the parameters of this FSDP (1) model, naming the setting
+    to change (``None``: it can, or ``model`` has no FSDP unit).
+
+    Supported: ``use_orig_params=True`` (in accelerate's config ``fsdp_use_orig_params: true``)
+    with ``FULL_SHARD``, ``SHARD_GRAD_OP`` or ``NO_SHARD`` over the whole world.
+    """
+    import torch.distributed as dist
+
+    for unit in _fsdp1_units(model):
+        if not getattr(unit, "_use_orig_params", False):
+            return (
+                "FSDP (FullyShardedDataParallel) with use_orig_params=False, whose parameters "
+                "are flattened into one per unit; set `fsdp_use_orig_params: true` in "
+                "accelerate's FSDP config (use_orig_params=True), or use FSDP2 "
+                "(`fsdp_version: 2`)"
+            )
+        strategy = getattr(unit.sharding_strategy, "name", str(unit.sharding_strategy))
+        if strategy not in _FSDP1_STRATEGIES:
+            return (
+                f"FSDP with sharding strategy {strategy} (shards within a group of ranks, "
+                f"replicas across groups); use one of {', '.join(_FSDP1_STRATEGIES)}, or FSDP2"
+            )
+        group = getattr(unit, "process_group", None)
+        if strategy != "NO_SHARD" and dist.get_world_size(group) != dist.get_world_size():
+            return (
+                f"FSDP units sharded across {dist.get_world_size(group)} of the "
+                f"{dist.get_world_size()} ranks (a custom process group); safety-guard sums over "
+                "every rank, so it supports shards across the whole world only"
+            )
+        handle = getattr(unit, "_handle", None)
+        flat = getattr(handle, "flat_param", None)
+        if handle is not None and not all(
+            hasattr(flat, a) for a in ("_params", "_shapes", "_shard_param_infos")
+        ):
+            return (
+                f"FSDP of torch {torch.__version__}, whose flat parameters do not expose the "
+                "layout safety-guard reads (_params, _shapes, _shard_param_infos: read on torch "
+                "2.13); use FSDP2 (`fsdp_version: 2`)"
+            )
+    return None
+
+
+def _reshard_fsdp1(model: torch.nn.Module) -> None:
+    """Put every FSDP (1) unit in its sharded state and mark its original parameters with their
+    :class:`_Fsdp1Slot` (no collective).
+
+    FSDP does not free the root unit's gathered flat parameter after a forward (its backward
+    comes next): with gradients enabled its parameters stay views of that copy, and either way
+    the next forward uses the copy instead of gathering the shards, so what was written to the
+    shards would not be seen. Freeing it makes the next forward gather them.
+    """
+    units = [u for u in _fsdp1_units(model) if getattr(u, "_handle", None) is not None]
+    if not units:
+        return
+    problem = fsdp1_problem(model)
+    if problem is not None:
+        from .weights import UnsupportedEngineError
+
+        raise UnsupportedEngineError.naming(problem)
+    from torch.distributed.fsdp._flat_param import HandleTrainingState
+
+    for unit in units:
+        handle = unit._handle
+        if handle._training_state != HandleTrainingState.IDLE:
+            raise RuntimeError(
+                f"an FSDP unit is in its {handle._training_state.name} state; safety-guard "
+                "reads and moves shards between training steps only."
+            )
+        # before the first forward (FSDP's lazy init) nothing was gathered
+        initialized = hasattr(handle.flat_param, "_full_param_padded")
+        if handle.uses_sharded_strategy and initialized and not handle.needs_unshard():
+            # gathered, or back on its shard with the gathered copy kept (the root after a
+            # forward): free it, so that the next forward gathers the shards again
+            handle.reshard(True)
+            handle.post_reshard()
+            handle._prefetched = False
+        # (a tied weight is one parameter object, listed once: FSDP keeps the originals)
+        for index, param in enumerate(handle.flat_param._params):
+            setattr(param, _FSDP1_SLOT, _Fsdp1Slot(handle, index))
+
+
+def _fsdp1_shard(param: torch.Tensor) -> LocalShard:
+    """This rank's part of an FSDP (1) original parameter (a 1-D view of its unit's flat shard)."""
+    slot = getattr(param, _FSDP1_SLOT, None)
+    if slot is None:
+        raise RuntimeError(
+            "an FSDP parameter was read before safety_guard.shards.reshard(model) located it in "
+            "its unit's flat parameter; call reshard(model) first."
+        )
+    handle, flat = slot.handle, slot.handle.flat_param
+    shape = torch.Size(flat._shapes[slot.index])
+    local = param.detach()
+    if not handle.uses_sharded_strategy:  # NO_SHARD: whole views of the flat parameter
+        return LocalShard(local, 0, shape.numel(), shape, False)
+    info = flat._shard_param_infos[slot.index]
+    held = info.numel_in_shard if info.in_shard else 0
+    if not handle.is_sharded(flat) or local.numel() != held:
+        raise RuntimeError(
+            f"an FSDP parameter of shape {tuple(shape)} holds {local.numel()} elements where its "
+            f"shard has {held}: its unit was gathered after safety_guard.shards.reshard(model); "
+            "call it again before reading shards."
+        )
+    offset = info.intra_param_start_idx if info.in_shard else 0
+    return LocalShard(local.reshape(-1), offset, shape.numel(), shape, True)
+
+
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """The shape of the whole tensor ``param`` is (a part of): its global shape for an FSDP2
+    ``DTensor``, a ZeRO-3 partition or an FSDP (1) shard (after :func:`reshard`).
+
+    Example:
+        >>> full_shape(torch.ones(3, 2))
+        torch.Size([3, 2])
+    """
+    ds_shape = getattr(param, "ds_shape", None)
+    if ds_shape is not None:
+        return torch.Size(ds_shape)
+    if getattr(param, _FSDP1_SLOT, None) is not None:
+        return _fsdp1_shard(param).shape
+    return param.shape
+
+
 def local_shard(param: torch.Tensor) -> LocalShard:
     """This rank's shard of ``param`` (the whole tensor when it is not a sharded ``DTensor`` or
     a ZeRO-3 partition).
@@ -134,6 +287,8 @@ def local_shard(param: torch.Tensor) -> LocalShard:
     """
     if is_zero3(param):
         return _zero3_shard(param)
+    if getattr(param, "_fsdp_flattened", False):  # FSDP (1) marks the parameters it flattened
+        return _fsdp1_shard(param)
     dtensor = _dtensor_type()
     data = param.data if isinstance(param, torch.nn.Parameter) else param
     if not isinstance(param, dtensor) and not isinstance(data, dtensor):
@@ -164,9 +319,9 @@ def local_shard(param: torch.Tensor) -> LocalShard:
 
 
 def full_tensor(param: torch.Tensor) -> torch.Tensor:
-    """The whole (detached) tensor: gathered from every rank when it is an FSDP2 ``DTensor`` or a
-    ZeRO-3 partition (a collective: every rank must call it for the same tensors in the same
-    order).
+    """The whole (detached) tensor: gathered from every rank when it is an FSDP2 ``DTensor``, a
+    ZeRO-3 partition or an FSDP (1) shard (a collective: every rank must call it for the same
+    tensors in the same order). Bit for bit: an FSDP shard is gathered as raw bytes.
 
     Example:
         >>> full_tensor(torch.ones(2)).tolist()
@@ -177,6 +332,13 @@ def full_tensor(param: torch.Tensor) -> torch.Tensor:
 
         with deepspeed.zero.GatheredParameters([param]):
             return param.data.detach().clone()
+    if getattr(param, "_fsdp_flattened", False):
+        shard = _fsdp1_shard(param)
+        if not shard.sharded:
+            return shard.tensor.view(shard.shape)
+        whole = torch.zeros(shard.numel, dtype=shard.tensor.dtype, device=shard.tensor.device)
+        whole[shard.offset : shard.stop] = shard.tensor
+        return all_reduce_bits(whole).view(shard.shape)  # one rank holds each element
     dtensor = _dtensor_type()
     data = param.data if isinstance(param, torch.nn.Parameter) else param
     if isinstance(param, dtensor):
@@ -187,8 +349,8 @@ def full_tensor(param: torch.Tensor) -> torch.Tensor:
 
 
 def reshard(model: torch.nn.Module) -> None:
-    """Put every FSDP2 module of ``model`` in its sharded state, and release every gathered
-    ZeRO-3 parameter (no collective).
+    """Put every FSDP2 module and FSDP (1) unit of ``model`` in its sharded state, and release
+    every gathered ZeRO-3 parameter (no collective).
 
     FSDP2 registers the *unsharded* parameters on a module after its forward when it does not
     reshard after forward (the root module, by default), and the sharded ``DTensor`` ones
@@ -198,6 +360,7 @@ def reshard(model: torch.nn.Module) -> None:
     wrote, never a stale unsharded copy.
     """
     _release_zero3(model)
+    _reshard_fsdp1(model)
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch built without distributed

@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_NORM_CLASS_PATTERN",
     "ParameterSelection",
     "UnsupportedEngineError",
+    "canonical_name",
     "check_engine",
     "check_finite",
     "compare_fingerprints",
@@ -102,6 +103,25 @@ def _tuner_layer_types() -> tuple[type, ...]:
     return (BaseTunerLayer, ModulesToSaveWrapper)
 
 
+#: Module names FSDP (1) and activation checkpointing insert between a module and its children.
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def canonical_name(name: str) -> str:
+    """``name`` without the module names that wrappers insert in it (FSDP's
+    ``_fsdp_wrapped_module``, activation checkpointing's ``_checkpoint_wrapped_module``,
+    ``torch.compile``'s ``_orig_mod``): the name the parameter or module has in the plain model.
+
+    Example:
+        >>> canonical_name("layers.0._fsdp_wrapped_module._checkpoint_wrapped_module.mlp.weight")
+        'layers.0.mlp.weight'
+    """
+    for prefix in _WRAPPER_PREFIXES:
+        if prefix in name:
+            name = name.replace(prefix, "")
+    return name
+
+
 def named_canonical_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """Yield ``(canonical_name, parameter)`` for the model's *base* weights.
 
@@ -132,7 +152,7 @@ def named_canonical_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Param
             if name.startswith(old):
                 name = new + name[len(old) :]
                 break
-        yield name, param
+        yield canonical_name(name), param
 
 
 @dataclass
@@ -182,13 +202,22 @@ class ParameterSelection:
 #: What safety-guard moves and measures today (see :func:`check_engine`).
 SUPPORTED_ENGINES = (
     "one process, DDP or DataParallel (torchrun / accelerate launch with DDP), torch.compile, "
-    "FSDP2 (fully_shard) and DeepSpeed ZeRO-3 for the guard, full finetuning or PEFT adapters "
+    "FSDP2 (fully_shard), FSDP (FullyShardedDataParallel with use_orig_params=True, "
+    "FULL_SHARD, SHARD_GRAD_OP or NO_SHARD) and DeepSpeed ZeRO-3 for the guard, full finetuning or PEFT adapters "
     "on floating-point or bitsandbytes-quantized (QLoRA) base weights"
 )
 
 
 class UnsupportedEngineError(ValueError):
     """The model's weights are sharded or quantized in a way safety-guard cannot move yet."""
+
+    @classmethod
+    def naming(cls, engine: str) -> UnsupportedEngineError:
+        """The error for ``engine``, with the supported engines."""
+        return cls(
+            f"safety-guard cannot move or measure this model's weights yet: {engine}. Supported: "
+            f"{SUPPORTED_ENGINES}."
+        )
 
 
 def check_engine(
@@ -201,8 +230,8 @@ def check_engine(
     computed on them would be a wrong number (an empty ZeRO-3 parameter reads 0), so they are
     refused with the engine's name until they are supported.
 
-    ``allow_sharded``: FSDP2 parameters (``DTensor``) and ZeRO-3 partitions are allowed — for
-    the code that moves them shard by shard (:mod:`safety_guard.shards`). ``allow_quantized``:
+    ``allow_sharded``: FSDP2 parameters (``DTensor``), FSDP (1) parameters (``use_orig_params``)
+    and ZeRO-3 partitions are allowed — for the code that moves them shard by shard (:mod:`safety_guard.shards`). ``allow_quantized``:
     bitsandbytes base weights are allowed — for the code that only reads them
     (:mod:`safety_guard.quantized`).
 
@@ -219,10 +248,13 @@ def check_engine(
         DTensor = ()
     engine = None
     if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
-        engine = (
-            "FSDP (FullyShardedDataParallel, flat sharded parameters); FSDP2 is supported: "
-            "`fsdp_version: 2` in accelerate's FSDP config, or torch's fully_shard"
-        )
+        from .shards import fsdp1_problem
+
+        engine = fsdp1_problem(model)
+        if engine is None and not allow_sharded:
+            engine = (
+                "FSDP (FullyShardedDataParallel; its shards are moved by shard-aware code only)"
+            )
     for name, param in model.named_parameters():
         if engine is not None:
             break
@@ -249,10 +281,7 @@ def check_engine(
         elif not param.is_floating_point():
             engine = f"quantized base weights ({name} is {str(param.dtype).removeprefix('torch.')})"
     if engine is not None:
-        raise UnsupportedEngineError(
-            f"safety-guard cannot move or measure this model's weights yet: {engine}. Supported: "
-            f"{SUPPORTED_ENGINES}."
-        )
+        raise UnsupportedEngineError.naming(engine)
 
 
 def perturbable_parameters(
@@ -265,7 +294,8 @@ def perturbable_parameters(
     """The ``(canonical_name, parameter)`` pairs a random direction moves, in model order.
 
     Raises :class:`UnsupportedEngineError` for sharded or quantized weights (:func:`check_engine`;
-    ``allow_sharded``: FSDP2 ``DTensor`` parameters are returned, for shard-aware callers;
+    ``allow_sharded``: sharded parameters (FSDP2, FSDP, ZeRO-3) are returned, for shard-aware
+    callers;
     ``allow_quantized``: bitsandbytes base weights are returned, for callers that only read them
     through :func:`~safety_guard.quantized.dense_weight`).
     """

@@ -1,9 +1,11 @@
 """Run by test_distributed.py under torchrun: 2 ranks, gloo, a tiny model sharded by FSDP2.
 
-``dist_fsdp_script.py OUT TOKENIZER [full|lora|computed|zero3|zero3-lora|zero3-computed]``: full finetuning, or
-a LoRA adapter on the sharded model (the factors sharded too), or no landscape given (computed
-at train begin); ``zero3*``: the model partitioned by DeepSpeed ZeRO-3 instead of FSDP2 (its
-small parameters persistent, gathered between forwards, the others partitioned).
+``dist_fsdp_script.py OUT TOKENIZER MODE``, MODE one of ``full``, ``lora``, ``computed``, each
+alone or after ``zero3-`` or ``fsdp1-`` (``zero3`` and ``fsdp1`` alone: full finetuning): full
+finetuning, or a LoRA adapter on the sharded model (the factors sharded too), or no landscape
+given (computed at train begin); ``zero3*``: the model partitioned by DeepSpeed ZeRO-3 instead
+of FSDP2 (its small parameters persistent, gathered between forwards, the others partitioned);
+``fsdp1*``: wrapped by FSDP (1) (``use_orig_params=True``, a unit per decoder layer).
 
 Each rank holds an unsharded reference copy of the same model next to the sharded one, applies
 the same finetuning updates to both (the sharded one gets its slice of each update), and drives a
@@ -31,7 +33,12 @@ from safety_guard.guard import SafetyGuardCallback
 from safety_guard.guard.displacement import FullFinetuneTracker
 from safety_guard.prompts import load_prompts
 from safety_guard.shards import full_tensor, local_shard, reshard, shard_model
-from safety_guard.weights import compare_fingerprints, model_fingerprint, perturbable_parameters
+from safety_guard.weights import (
+    canonical_name,
+    compare_fingerprints,
+    model_fingerprint,
+    perturbable_parameters,
+)
 
 
 class _Args:
@@ -40,9 +47,24 @@ class _Args:
 
 
 def _shard(model, engine: str):
-    """FSDP2 (``fully_shard`` per decoder layer, then the root), or DeepSpeed ZeRO-3 on CPU."""
+    """FSDP2 (``fully_shard`` per decoder layer, then the root), FSDP (a unit per decoder layer,
+    then the root, as accelerate's ``TRANSFORMER_BASED_WRAP``) or DeepSpeed ZeRO-3, on CPU.
+    Returns the model to train (FSDP wraps it)."""
     if engine == "fsdp2":
         return shard_model(model)
+    if engine == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        from safety_guard.scoring import _layer_modules
+
+        layers = {type(m) for m in _layer_modules(model)}
+        return FullyShardedDataParallel(
+            model,
+            auto_wrap_policy=ModuleWrapPolicy(layers),
+            device_id=torch.device("cpu"),  # (without it torch asks for an accelerator)
+            use_orig_params=True,
+        )
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
@@ -60,8 +82,8 @@ def _shard(model, engine: str):
 
 
 def _trained(model, lora: bool):
-    if lora:  # the LoRA factors
-        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if lora:  # the LoRA factors (named as in the plain model: FSDP inserts its wrapper's name)
+        return [(canonical_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
     return perturbable_parameters(model, allow_sharded=True)
 
 
@@ -107,6 +129,8 @@ def _random_direction_results(ref, model, result: dict) -> None:
         slice_diff = 0.0
         for (_, p_ref), (_, p_sh) in pairs:
             shard = local_shard(p_sh)
+            if not shard.tensor.numel():  # FSDP: a parameter can lie wholly on another rank
+                continue
             want = p_ref.detach().reshape(-1)[shard.offset : shard.stop]
             slice_diff = max(slice_diff, float((shard.tensor.reshape(-1) - want).abs().max()))
     result["random_direction"] = {
@@ -117,6 +141,23 @@ def _random_direction_results(ref, model, result: dict) -> None:
             for (_, (_, p)), b in zip(pairs, before, strict=True)
         ),
     }
+
+
+def _tied_results(vocab: int, result: dict) -> None:
+    """Tied embeddings under FSDP (sharded, one flat parameter holding the tie's two uses): read
+    once (the plain model's names and fingerprint), moved once."""
+    ref = make_model(vocab_size=vocab, tie=True)
+    model = _shard(make_model(vocab_size=vocab, tie=True), "fsdp1")
+    model(input_ids=torch.tensor([[1, 2]]))  # (FSDP sets its views up at the first forward)
+    tied: dict = {
+        "names_equal": [n for n, _ in perturbable_parameters(ref)]
+        == [n for n, _ in perturbable_parameters(model, allow_sharded=True)],
+        "fingerprint_problems": compare_fingerprints(
+            model_fingerprint(ref), model_fingerprint(model)
+        ),
+    }
+    _random_direction_results(ref, model, tied)
+    result["tied"] = tied
 
 
 def _lora_results(ref, model, out: Path, rank: int, result: dict) -> None:
@@ -136,10 +177,12 @@ def _lora_results(ref, model, out: Path, rank: int, result: dict) -> None:
             fp32 = optimizer.get_local_fp32_param(p_sh).reshape(-1)
             fp32_diff = max(fp32_diff, float((fp32 - p_sh.ds_tensor.float()).abs().max()))
     result["fp32_copy_diff"] = fp32_diff
-    from peft import get_peft_model_state_dict
+    from peft import PeftModel, get_peft_model_state_dict
 
-    state = model.state_dict(keep_vars=True)  # the parameters: ZeRO-3 keeps its partitions there
-    current = {k: full_tensor(v) for k, v in get_peft_model_state_dict(model, state).items()}
+    peft = model if isinstance(model, PeftModel) else model.module  # (FSDP wraps the PeftModel)
+    params = dict(peft.named_parameters())  # (ZeRO-3: the partitions)
+    adapter = get_peft_model_state_dict(peft, params)
+    current = {canonical_name(k): full_tensor(v) for k, v in adapter.items()}
     if rank == 0:
         from safetensors.torch import load_file
 
@@ -193,15 +236,15 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(sys.argv[2])
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    mode = sys.argv[3] if len(sys.argv) > 3 else "full"
+    engine = next((e for e in ("zero3", "fsdp1") if mode.startswith(e)), "fsdp2")
     ref = make_model(vocab_size=len(tokenizer), tie=False)
     model = make_model(vocab_size=len(tokenizer), tie=False)
     land = make_landscape(ref)
     prompts = list(load_prompts("builtin:harmful:probe", limit=8))
     judge = echo_judge(ref, tokenizer, prompts)
-    mode = sys.argv[3] if len(sys.argv) > 3 else "full"
-    engine = "zero3" if mode.startswith("zero3") else "fsdp2"
     if mode.endswith("computed"):
-        _shard(model, engine)
+        model = _shard(model, engine)
         _computed_landscapes(ref, model, tokenizer, judge, out, rank)
         return
     lora = mode.endswith("lora")
@@ -213,7 +256,7 @@ def main() -> None:
         ref = get_peft_model(ref, config)
         torch.manual_seed(0)
         model = get_peft_model(model, config)
-    _shard(model, engine)
+    model = _shard(model, engine)
     result: dict = {"rank": rank}
     result["fingerprint_problems"] = compare_fingerprints(
         land.data["model"]["fingerprint"], model_fingerprint(model)
@@ -284,6 +327,8 @@ def main() -> None:
         _lora_results(ref, model, out, rank, result)
     else:
         _random_direction_results(ref, model, result)
+    if mode == "fsdp1":
+        _tied_results(len(tokenizer), result)
     result["decisions"] = {
         k: [
             (r["step"], r["event"], r.get("status"), r.get("rise"), r.get("horizon_rise"))

@@ -78,7 +78,14 @@ def test_every_rank_takes_the_same_halt_decision(tmp_path, text_tokenizer, lands
     assert len([x for x in lines if x["step"] == halt]) == 1  # written once, by the main process
 
 
-_PORTS = {"full": 29518, "lora": 29521, "zero3": 29526, "zero3-lora": 29527}
+_PORTS = {
+    "full": 29518,
+    "lora": 29521,
+    "zero3": 29526,
+    "zero3-lora": 29527,
+    "fsdp1": 29531,
+    "fsdp1-lora": 29532,
+}
 
 
 @pytest.mark.parametrize(
@@ -86,12 +93,14 @@ _PORTS = {"full": 29518, "lora": 29521, "zero3": 29526, "zero3-lora": 29527}
     [
         "full",
         "lora",
+        "fsdp1",
+        "fsdp1-lora",
         pytest.param("zero3", marks=_ZERO3),
         pytest.param("zero3-lora", marks=_ZERO3),
     ],
 )
 def test_sharded_guard_reads_the_same_numbers_as_the_whole_model(tmp_path, text_tokenizer, mode):
-    """FSDP2 (fully_shard) or DeepSpeed ZeRO-3 on 2 CPU ranks, full finetuning or a LoRA
+    """FSDP2 (fully_shard), FSDP (1) or DeepSpeed ZeRO-3 on 2 CPU ranks, full finetuning or a LoRA
     adapter: the guard on the shards equals the guard on the whole model (same finetune),
     restores its shards bit for bit, and both ranks decide the same."""
     text_tokenizer.save_pretrained(tmp_path / "tok")
@@ -128,6 +137,12 @@ def test_sharded_guard_reads_the_same_numbers_as_the_whole_model(tmp_path, text_
             moved = r["random_direction"]
             assert moved["slice_diff"] < 1e-6 and moved["logits_diff"] < 1e-4, moved
             assert moved["restored"], moved
+            if mode == "fsdp1":  # tied embeddings: read once, moved once, as on the whole model
+                tied = r["tied"]
+                assert tied["names_equal"] and tied["fingerprint_problems"] == [], tied
+                moved = tied["random_direction"]
+                assert moved["slice_diff"] < 1e-6 and moved["logits_diff"] < 1e-4, moved
+                assert moved["restored"], moved
         return
     # LoRA: the sharded adapter ends equal to the whole one (restored alike on a halt), and the
     # last safe adapter, gathered and written by the main process, equals the whole model's
@@ -143,18 +158,20 @@ def test_sharded_guard_reads_the_same_numbers_as_the_whole_model(tmp_path, text_
     assert saved["model_vs_saved"] == 0.0, saved
 
 
-@pytest.mark.parametrize("mode", ["computed", pytest.param("zero3-computed", marks=_ZERO3)])
+@pytest.mark.parametrize(
+    "mode", ["computed", "fsdp1-computed", pytest.param("zero3-computed", marks=_ZERO3)]
+)
 def test_a_sharded_guard_without_a_landscape_computes_it_with_every_rank(
     tmp_path, text_tokenizer, mode
 ):
-    """landscape=None on FSDP2 shards or ZeRO-3 partitions: the ranks compute it together at
+    """landscape=None on FSDP2 or FSDP shards or ZeRO-3 partitions: the ranks compute it together at
     train begin (each moves its shards, every prompt in lockstep), the same landscape as the
     guard on the whole model; the main process writes it."""
     text_tokenizer.save_pretrained(tmp_path / "tok")
     out = tmp_path / "run"
     out.mkdir()
     script = Path(__file__).with_name("dist_fsdp_script.py")
-    port = 29522 if mode == "computed" else 29525
+    port = {"computed": 29522, "zero3-computed": 29525, "fsdp1-computed": 29533}[mode]
     proc = _torchrun(port, str(script), str(out), str(tmp_path / "tok"), mode)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]

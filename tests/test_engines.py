@@ -72,45 +72,77 @@ def _run_script(script: str) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_fsdp1_refused_by_name_on_cpu():
+def test_fsdp1_flat_parameters_refused_by_name_orig_params_read_as_the_plain_model():
     """FSDP (1) wraps on CPU with ``device_id=torch.device("cpu")`` (without it torch 2.13 asks for
-    an accelerator): the engine, the landscape's weight moves and the guard's tracker refuse it
-    by name, with the supported engines, instead of reading its flat parameters as weights."""
+    an accelerator). With ``use_orig_params=False`` only flat parameters are left: the engine
+    check, the landscape's weight moves and the guard's tracker refuse it by name, saying which
+    setting to change. With ``use_orig_params=True`` the shard-aware code reads the model as the
+    plain one: the same parameter names (FSDP's wrapper names removed, the tied embedding once)
+    and fingerprint; code that is not shard-aware still refuses it. (A tie on 2 ranks:
+    tests/test_distributed.py.)"""
     script = textwrap.dedent(
         """
         import tempfile, warnings, torch, torch.distributed as dist
         from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
         from safety_guard.guard.displacement import make_tracker
+        from safety_guard.scoring import _layer_modules
         from safety_guard.testing import tiny_llama
-        from safety_guard.weights import UnsupportedEngineError, check_engine, perturbable_parameters
+        from safety_guard.weights import (
+            UnsupportedEngineError, check_engine, compare_fingerprints, model_fingerprint,
+            perturbable_parameters,
+        )
         dist.init_process_group(
             "gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1
         )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # world size 1: FSDP switches to NO_SHARD
-            model = FullyShardedDataParallel(
-                tiny_llama(vocab_size=64, hidden=32, seed=0), device_id=torch.device("cpu")
-            )
-        model(torch.tensor([[1, 2, 3]]))  # it runs
+        def wrap(orig_params):
+            model = tiny_llama(vocab_size=64, hidden=32, seed=0, tie=True)
+            layers = {type(m) for m in _layer_modules(model)}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # world size 1: FSDP switches to NO_SHARD
+                return FullyShardedDataParallel(
+                    model, auto_wrap_policy=ModuleWrapPolicy(layers),
+                    device_id=torch.device("cpu"), use_orig_params=orig_params,
+                )
+        flat = wrap(False)
+        flat(torch.tensor([[1, 2, 3]]))  # it runs
         for what, call in [
-            ("check_engine", lambda: check_engine(model)),
-            ("perturbable_parameters", lambda: perturbable_parameters(model, allow_sharded=True)),
-            ("make_tracker", lambda: make_tracker(model)),
+            ("check_engine", lambda: check_engine(flat)),
+            ("perturbable_parameters", lambda: perturbable_parameters(flat, allow_sharded=True)),
+            ("make_tracker", lambda: make_tracker(flat)),
         ]:
             try:
                 call()
                 print(what, "accepted")
             except UnsupportedEngineError as err:
                 print(what, "refused:", err)
+        plain = tiny_llama(vocab_size=64, hidden=32, seed=0, tie=True)
+        wrapped = wrap(True)
+        wrapped(torch.tensor([[1, 2, 3]]))
+        names = [n for n, _ in perturbable_parameters(wrapped, allow_sharded=True)]
+        print("same names", names == [n for n, _ in perturbable_parameters(plain)], len(names))
+        problems = compare_fingerprints(model_fingerprint(plain), model_fingerprint(wrapped))
+        print("fingerprint problems", problems)
+        print("tracker", type(make_tracker(wrapped)).__name__)
+        try:
+            check_engine(wrapped)
+            print("plain check accepted")
+        except UnsupportedEngineError as err:
+            print("plain check refused:", err)
         dist.destroy_process_group()
         """
     )
     proc = _run_script(script)
+    out = proc.stdout
     for what in ("check_engine", "perturbable_parameters", "make_tracker"):
-        assert f"{what} refused: safety-guard cannot move" in proc.stdout, proc.stdout
-    assert proc.stdout.count("FSDP (FullyShardedDataParallel, flat sharded parameters)") == 3
-    assert proc.stdout.count("FSDP2 is supported: `fsdp_version: 2`") == 3
-    assert "accepted" not in proc.stdout
+        assert f"{what} refused: safety-guard cannot move" in out, out
+    assert out.count("FSDP (FullyShardedDataParallel) with use_orig_params=False") == 3, out
+    assert out.count("set `fsdp_use_orig_params: true`") == 3, out
+    assert "accepted" not in out, out
+    assert "same names True" in out, out
+    assert "fingerprint problems []" in out, out
+    assert "tracker FullFinetuneTracker" in out, out
+    assert "plain check refused: safety-guard cannot move" in out, out
 
 
 def test_fsdp2_refused_by_name_and_moved_shard_by_shard():

@@ -26,12 +26,15 @@ Cases: ``lora`` and ``full`` (one process, no sharding), ``fsdp2-full`` and ``fs
 (``fully_shard`` per decoder layer, then the root), ``qlora`` (bitsandbytes 4-bit NF4 base, LoRA
 r 16), ``zero3-full`` and ``zero3-lora`` (DeepSpeed ZeRO-3, ``deepspeed.initialize``: its fp32
 master weights make AdamW's states too big for one GPU at 7B, so the full case trains with SGD;
-the step time is DeepSpeed's ``engine.backward``/``engine.step``).
+the step time is DeepSpeed's ``engine.backward``/``engine.step``); not run unless asked,
+``fsdp1-full`` and ``fsdp1-lora`` (FSDP (1), ``use_orig_params=True``, a unit per decoder layer;
+on one GPU FSDP switches to ``NO_SHARD``, so they shard only with ``--nproc`` ≥ 2).
 
     python benchmarks/gpu/engines.py                 # on a GPU machine: the table, ~6 min
     python benchmarks/gpu/engines.py --tiny          # a dry run anywhere (CPU: a tiny model)
     python benchmarks/gpu/engines.py --tiny --nproc 2   # FSDP2, ZeRO-3 on 2 CPU processes (gloo)
     python benchmarks/gpu/engines.py --cases lora fsdp2-full
+    python benchmarks/gpu/engines.py --tiny --nproc 2 --cases fsdp1-full fsdp1-lora
 
 Writes ``benchmarks/results/gpu_engines[_tiny].md`` and ``.json``.
 """
@@ -50,6 +53,9 @@ from pathlib import Path
 from typing import Any
 
 CASES = ("lora", "full", "fsdp2-lora", "fsdp2-full", "qlora", "zero3-full", "zero3-lora")
+#: Not run by default: on one GPU FSDP (1) switches to NO_SHARD, so they shard with --nproc ≥ 2.
+EXTRA_CASES = ("fsdp1-full", "fsdp1-lora")
+SHARDED = ("fsdp2", "fsdp1", "zero3")
 SHAPES = {
     "7b": {"hidden": 4096, "num_layers": 32, "intermediate": 11008, "heads": 32, "kv_heads": 32},
     "tiny": {"hidden": 128, "num_layers": 2, "intermediate": 256, "heads": 4, "kv_heads": 2},
@@ -148,7 +154,7 @@ def run_case(case: str, shape: str) -> dict[str, Any]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     tokenizer = tiny_tokenizer()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    lora = case in ("lora", "fsdp2-lora", "qlora", "zero3-lora")
+    lora = case == "qlora" or case.endswith("lora")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -159,12 +165,14 @@ def run_case(case: str, shape: str) -> dict[str, Any]:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=16, target_modules="all-linear"))
+    params = sum(p.numel() for p in model.parameters())  # (before sharding: whole tensors)
+    row["parameters (M)"] = round(params / 1e6, 1)
     if case.startswith("fsdp2"):
         shard_model(model)
+    if case.startswith("fsdp1"):
+        model = _fsdp1(model, device)
     engine = _zero3(model, lora, dtype) if zero3 else None
     row["build s"] = round(time.perf_counter() - start, 1)
-    params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    row["parameters (M)"] = round(params / 1e6, 1)
 
     prompts = list(load_prompts("builtin:harmful:probe"))
     judge = _own_judge(model, tokenizer, prompts)
@@ -237,6 +245,22 @@ def run_case(case: str, shape: str) -> dict[str, Any]:
     return row
 
 
+def _fsdp1(model: Any, device: Any) -> Any:
+    """FSDP (1), a unit per decoder layer then the root (accelerate's TRANSFORMER_BASED_WRAP),
+    ``use_orig_params=True``."""
+    import torch
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from safety_guard.scoring import _layer_modules
+
+    layers = {type(m) for m in _layer_modules(model)}
+    device_id = device if device.type == "cuda" else torch.device("cpu")
+    return FullyShardedDataParallel(
+        model, auto_wrap_policy=ModuleWrapPolicy(layers), device_id=device_id, use_orig_params=True
+    )
+
+
 def _zero3(model: Any, lora: bool, dtype: Any) -> Any:
     """``deepspeed.initialize`` with ZeRO-3 (batch 4, bf16 on a GPU): the engine; the guard
     works on ``model``, whose parameters are now partitions. AdamW for LoRA, SGD for the whole
@@ -301,16 +325,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    every = CASES + EXTRA_CASES
+    parser.add_argument(
+        "--cases", nargs="+", choices=every, default=list(CASES), help=f"Default: {CASES}."
+    )
     parser.add_argument("--tiny", action="store_true", help="A tiny model (a dry run, any CPU).")
-    parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)  # the child process
+    parser.add_argument("--case", choices=every, help=argparse.SUPPRESS)  # the child process
     parser.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=float, default=150.0, help="Seconds per case.")
     parser.add_argument(
         "--nproc",
         type=int,
         default=1,
-        help="Processes for the FSDP2 and ZeRO-3 cases (one per GPU; on a CPU, gloo processes).",
+        help="Processes for the FSDP and ZeRO-3 cases (one per GPU; on a CPU, gloo processes).",
     )
     args = parser.parse_args()
     shape = "tiny" if args.tiny else "7b"
@@ -318,6 +345,11 @@ def main() -> None:
         row = run_case(args.case, shape)
         if int(os.environ.get("RANK", "0")) == 0:
             args.result_file.write_text(json.dumps(row))
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # (a process group left to the interpreter's exit can abort)
+            dist.barrier()
+            dist.destroy_process_group()
         return
     rows = []
     for case in args.cases:
@@ -329,7 +361,7 @@ def main() -> None:
             "torch.distributed.run",
             "--standalone",
             "--nproc_per_node",
-            str(args.nproc if case.startswith(("fsdp2", "zero3")) else 1),
+            str(args.nproc if case.startswith(SHARDED) else 1),
             str(Path(__file__).resolve()),
             "--case",
             case,

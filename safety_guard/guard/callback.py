@@ -71,6 +71,7 @@ from ..judges import Judge
 from ..landscape import Landscape, LandscapeConfig, LandscapeFileError, compute_landscape
 from ..probe import ProbeConfig
 from ..shards import full_tensor, is_sharded_model, local_shard, reshard
+from ..weights import canonical_name
 from .cadence import ProbeMemo, next_sentinel_step, probe_due, sentinel_due, sentinel_prompts
 from .config import GuardConfig
 from .confirmation import Evidence, decide_probe
@@ -367,7 +368,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             from ..weights import UnsupportedEngineError
 
             raise UnsupportedEngineError(
-                "SafetyGuardCallback on sharded weights (FSDP2 fully_shard, DeepSpeed ZeRO-3) "
+                "SafetyGuardCallback on sharded weights (FSDP2, FSDP, DeepSpeed ZeRO-3) "
                 "does not support yet: " + "; ".join(problems) + "."
             )
 
@@ -891,13 +892,16 @@ def _trainable_finite(model: nn.Module) -> bool:
 
 def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA adapter's tensors, keyed as in ``adapter_model.safetensors``: the parameters
-    themselves (DTensors under FSDP2, ZeRO-3 parameters with their partitions; resharded
-    first)."""
+    themselves (DTensors under FSDP2, ZeRO-3 parameters with their partitions, 1-D shards under
+    FSDP; resharded first). Read from ``named_parameters``, not ``state_dict``: FSDP's state-dict
+    hooks would gather every weight of the model."""
     from peft import get_peft_model_state_dict
 
     reshard(model)
     peft_model = _peft_model(model)
-    return get_peft_model_state_dict(peft_model, state_dict=peft_model.state_dict(keep_vars=True))
+    # (PEFT finds the adapter's keys from the module names, FSDP's wrapper names included)
+    tensors = get_peft_model_state_dict(peft_model, state_dict=dict(peft_model.named_parameters()))
+    return {canonical_name(k): v for k, v in tensors.items()}
 
 
 def _adapter_copy(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -54,7 +54,12 @@ from ..shards import (
     squared_distance,
     values_at,
 )
-from ..weights import ParameterSelection, perturbable_parameters, unwrap_model
+from ..weights import (
+    ParameterSelection,
+    canonical_name,
+    perturbable_parameters,
+    unwrap_model,
+)
 
 __all__ = [
     "SKETCH_SIZE",
@@ -359,7 +364,9 @@ class LoraTracker:
 
         root = unwrap_model(model)
         if self._layer_cache is None or self._layer_cache[0] is not root:
-            layers = [(n, m) for n, m in root.named_modules() if isinstance(m, LoraLayer)]
+            layers = [
+                (canonical_name(n), m) for n, m in root.named_modules() if isinstance(m, LoraLayer)
+            ]
             self._layer_cache = (root, layers)
         return self._layer_cache[1]
 
