@@ -143,6 +143,34 @@ def _random_direction_results(ref, model, result: dict) -> None:
     }
 
 
+def _train_step_results(ref, model, lora: bool, result: dict) -> None:
+    """A real training step after the guard's probes (forward, backward, SGD): the same loss and
+    the same updated weights as the whole model's, so no forward used a gathered copy of moved
+    weights that FSDP had kept (each rank feeds the same batch: the averaged gradient is the
+    whole model's)."""
+    ids = torch.tensor([[5, 9, 13, 21, 34, 55, 89]])
+    losses = {}
+    for key, m in (("ref", ref), ("fsdp", model)):
+        trainable = [p for p in m.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(trainable, lr=0.05)
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses[key] = float(loss)
+    reshard(model)
+    diff = 0.0
+    for (name, p_ref), (name_sh, p_sh) in zip(
+        _trained(ref, lora), _trained(model, lora), strict=True
+    ):
+        assert name == name_sh, (name, name_sh)
+        shard = local_shard(p_sh)
+        want = p_ref.detach().reshape(-1)[shard.offset : shard.stop]
+        if shard.tensor.numel():
+            diff = max(diff, float((shard.tensor.reshape(-1) - want).abs().max()))
+    result["train_step"] = {"loss": [losses["ref"], losses["fsdp"]], "weights_diff": diff}
+
+
 def _tied_results(vocab: int, result: dict) -> None:
     """Tied embeddings under FSDP (sharded, one flat parameter holding the tie's two uses): read
     once (the plain model's names and fingerprint), moved once."""
@@ -323,6 +351,8 @@ def main() -> None:
             }
         )
     result["checks"] = checks
+    if engine != "zero3":  # (ZeRO-3 trains through its engine)
+        _train_step_results(ref, model, lora, result)
     if lora:
         _lora_results(ref, model, out, rank, result)
     else:

@@ -132,6 +132,10 @@ def test_sharded_guard_reads_the_same_numbers_as_the_whole_model(tmp_path, text_
                 assert (x is None and y is None) or abs(x - y) < 1e-6, (a, b)
         assert any(d[1] == "probe" for d in fsdp_d)
     assert ranks[0]["decisions"] == ranks[1]["decisions"]
+    for r in ranks:  # a real training step after the probes: the whole model's loss and update
+        if not mode.startswith("zero3"):
+            loss_ref, loss_fsdp = r["train_step"]["loss"]
+            assert abs(loss_ref - loss_fsdp) < 1e-5 and r["train_step"]["weights_diff"] < 1e-6, r
     if not mode.endswith("lora"):
         for r in ranks:  # a random landscape direction moves each shard by its range of it
             moved = r["random_direction"]
