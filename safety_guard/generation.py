@@ -185,21 +185,35 @@ def left_padded(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return ids, mask
 
 
+def _fsdp1_root(model: nn.Module) -> nn.Module | None:
+    """The outermost FSDP (1) unit of ``model``, or None."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return next((m for m in model.modules() if isinstance(m, FullyShardedDataParallel)), None)
+
+
 @contextlib.contextmanager
 def _unsharded_root(model: nn.Module, sharded: bool) -> Iterator[None]:
     """The outermost FSDP2 module or FSDP (1) unit of ``model`` unsharded inside the block (a
-    collective): ``generate`` enters below it, so its own parameters (embeddings, head) would
-    stay sharded."""
+    collective when ``sharded``): ``generate`` enters below it, so its own parameters
+    (embeddings, head) would stay sharded.
+
+    An FSDP (1) root is entered even when it does not shard (``NO_SHARD``, one rank): it must be
+    initialized before its inner units run (``generate`` would run them first, and the first to
+    run would take itself for the root); then nothing is gathered, and no rank waits.
+    """
+    fsdp1 = _fsdp1_root(model)
+    if fsdp1 is not None:  # the inner units gather their own in their forwards
+        with type(fsdp1).summon_full_params(fsdp1, recurse=False, writeback=False):
+            yield
+        return
     root = None
     if sharded:  # (sharded weights imply a torch built with distributed)
-        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+        from torch.distributed.fsdp import FSDPModule
 
         root = next((m for m in model.modules() if isinstance(m, FSDPModule)), None)
-        fsdp1 = next((m for m in model.modules() if isinstance(m, FullyShardedDataParallel)), None)
-        if fsdp1 is not None:  # the inner units gather their own in their forwards
-            with FullyShardedDataParallel.summon_full_params(fsdp1, recurse=False, writeback=False):
-                yield
-            return
     if root is None:
         yield
         return

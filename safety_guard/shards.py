@@ -34,6 +34,7 @@ from .distributed import all_reduce_bits, all_reduce_sum
 __all__ = [
     "LocalShard",
     "fsdp1_problem",
+    "fsdp1_shards",
     "full_shape",
     "full_tensor",
     "is_sharded",
@@ -195,6 +196,12 @@ def fsdp1_problem(model: torch.nn.Module) -> str | None:
                 "2.13); use FSDP2 (`fsdp_version: 2`)"
             )
     return None
+
+
+def fsdp1_shards(model: torch.nn.Module) -> bool:
+    """Whether an FSDP (1) unit of ``model`` shards its parameters (``NO_SHARD``, which FSDP also
+    picks on one rank, leaves whole tensors: plain code reads them right)."""
+    return any(getattr(u.sharding_strategy, "name", "") != "NO_SHARD" for u in _fsdp1_units(model))
 
 
 def _reshard_fsdp1(model: torch.nn.Module) -> None:

@@ -248,10 +248,10 @@ def check_engine(
         DTensor = ()
     engine = None
     if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
-        from .shards import fsdp1_problem
+        from .shards import fsdp1_problem, fsdp1_shards
 
         engine = fsdp1_problem(model)
-        if engine is None and not allow_sharded:
+        if engine is None and not allow_sharded and fsdp1_shards(model):
             engine = (
                 "FSDP (FullyShardedDataParallel; its shards are moved by shard-aware code only)"
             )

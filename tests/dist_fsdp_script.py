@@ -5,7 +5,8 @@ alone or after ``zero3-`` or ``fsdp1-`` (``zero3`` and ``fsdp1`` alone: full fin
 finetuning, or a LoRA adapter on the sharded model (the factors sharded too), or no landscape
 given (computed at train begin); ``zero3*``: the model partitioned by DeepSpeed ZeRO-3 instead
 of FSDP2 (its small parameters persistent, gathered between forwards, the others partitioned);
-``fsdp1*``: wrapped by FSDP (1) (``use_orig_params=True``, a unit per decoder layer).
+``fsdp1*``: wrapped by FSDP (1) (``use_orig_params=True``, a unit per decoder layer;
+``fsdp1-noshard``: its ``NO_SHARD`` strategy, whole tensors on every rank, as on one rank).
 
 Each rank holds an unsharded reference copy of the same model next to the sharded one, applies
 the same finetuning updates to both (the sharded one gets its slice of each update), and drives a
@@ -34,7 +35,9 @@ from safety_guard.guard.displacement import FullFinetuneTracker
 from safety_guard.prompts import load_prompts
 from safety_guard.shards import full_tensor, local_shard, reshard, shard_model
 from safety_guard.weights import (
+    UnsupportedEngineError,
     canonical_name,
+    check_engine,
     compare_fingerprints,
     model_fingerprint,
     perturbable_parameters,
@@ -46,14 +49,14 @@ class _Args:
         self.output_dir = output_dir
 
 
-def _shard(model, engine: str):
+def _shard(model, engine: str, no_shard: bool = False):
     """FSDP2 (``fully_shard`` per decoder layer, then the root), FSDP (a unit per decoder layer,
     then the root, as accelerate's ``TRANSFORMER_BASED_WRAP``) or DeepSpeed ZeRO-3, on CPU.
     Returns the model to train (FSDP wraps it)."""
     if engine == "fsdp2":
         return shard_model(model)
     if engine == "fsdp1":
-        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
         from safety_guard.scoring import _layer_modules
@@ -64,6 +67,7 @@ def _shard(model, engine: str):
             auto_wrap_policy=ModuleWrapPolicy(layers),
             device_id=torch.device("cpu"),  # (without it torch asks for an accelerator)
             use_orig_params=True,
+            sharding_strategy=ShardingStrategy.NO_SHARD if no_shard else None,
         )
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -284,8 +288,13 @@ def main() -> None:
         ref = get_peft_model(ref, config)
         torch.manual_seed(0)
         model = get_peft_model(model, config)
-    model = _shard(model, engine)
+    model = _shard(model, engine, no_shard=mode == "fsdp1-noshard")
     result: dict = {"rank": rank}
+    try:  # code that is not shard-aware refuses shards (FSDP's NO_SHARD leaves none)
+        check_engine(model)
+        result["plain_check"] = "accepted"
+    except UnsupportedEngineError:
+        result["plain_check"] = "refused"
     result["fingerprint_problems"] = compare_fingerprints(
         land.data["model"]["fingerprint"], model_fingerprint(model)
     )
@@ -351,14 +360,14 @@ def main() -> None:
             }
         )
     result["checks"] = checks
-    if engine != "zero3":  # (ZeRO-3 trains through its engine)
-        _train_step_results(ref, model, lora, result)
     if lora:
         _lora_results(ref, model, out, rank, result)
     else:
         _random_direction_results(ref, model, result)
     if mode == "fsdp1":
         _tied_results(len(tokenizer), result)
+    if engine != "zero3":  # last: it trains both models (ZeRO-3 trains through its engine)
+        _train_step_results(ref, model, lora, result)
     result["decisions"] = {
         k: [
             (r["step"], r["event"], r.get("status"), r.get("rise"), r.get("horizon_rise"))

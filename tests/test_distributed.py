@@ -85,6 +85,7 @@ _PORTS = {
     "zero3-lora": 29527,
     "fsdp1": 29531,
     "fsdp1-lora": 29532,
+    "fsdp1-noshard": 29534,
 }
 
 
@@ -95,6 +96,7 @@ _PORTS = {
         "lora",
         "fsdp1",
         "fsdp1-lora",
+        "fsdp1-noshard",
         pytest.param("zero3", marks=_ZERO3),
         pytest.param("zero3-lora", marks=_ZERO3),
     ],
@@ -110,13 +112,15 @@ def test_sharded_guard_reads_the_same_numbers_as_the_whole_model(tmp_path, text_
     proc = _torchrun(_PORTS[mode], str(script), str(out), str(tmp_path / "tok"), mode)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # FSDP's NO_SHARD (what it picks on one rank) keeps whole tensors: read as DDP, prompts split
+    sharded = mode != "fsdp1-noshard"
     for r in ranks:
-        assert r["sharded"] and r["fingerprint_problems"] == []
+        assert r["sharded"] == sharded and r["fingerprint_problems"] == []
+        assert r["plain_check"] == ("refused" if sharded else "accepted"), r["plain_check"]
         # every rank scores every prompt on the shards (forwards are collectives under FSDP2)
-        assert r["split_prompts"] == {"ref": True, "fsdp": False}
-        if not mode.endswith(
-            "lora"
-        ):  # θ₀ kept for the rank's shard only: about half of the whole model's
+        assert r["split_prompts"] == {"ref": True, "fsdp": not sharded}
+        if sharded and not mode.endswith("lora"):
+            # θ₀ kept for the rank's shard only: about half of the whole model's
             assert r["origin_bytes"]["fsdp"] < 0.6 * r["origin_bytes"]["ref"]
         for c in r["checks"]:
             assert c["restored"], c  # the probes left every shard as it was, bit for bit
