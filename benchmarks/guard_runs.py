@@ -164,7 +164,10 @@ def run_one(kind: str, method: str, seed: int, out: Path) -> dict[str, Any]:
     cos = [[sketch_cosine(a, b) for b in recorder.sketches] for a in recorder.sketches]
     result.update(
         {
-            "baseline": recorder.probe.baseline.to_dict(),
+            "baseline": {
+                **recorder.probe.baseline.to_dict(),
+                "screened": [int(f) for f in recorder.probe.baseline.screened],
+            },
             "records": recorder.records,
             "cosines": cos,
             "config": config.to_dict(),
@@ -173,6 +176,35 @@ def run_one(kind: str, method: str, seed: int, out: Path) -> dict[str, Any]:
     path = out / run_name(kind, method, seed) / "result.json"
     path.write_text(json.dumps(result, default=str))
     return result
+
+
+def screen_aligned(results: dict[str, dict[str, Any]], out: Path) -> None:
+    """Add to each saved run without it the forward screen at θ₀ (``baseline.screened``), scored
+    on the testbed with that run's openings as the guard scores it in a run: in chunks of
+    ``min_prompts``, under the bf16 autocast the testbed's finetunes run in on a CPU with native
+    bf16 (``mixed_precision()``). (Recorders before session 14 did not score it.)"""
+    import contextlib
+
+    import torch
+
+    from safety_guard.guard import GuardProbe
+    from safety_guard.guard.probing import Baseline
+    from safety_guard.testbed import load_testbed, mixed_precision
+
+    model, tokenizer = load_testbed(progress=False)
+    bf16 = mixed_precision() == "bf16"
+    for name, result in results.items():
+        base = result.get("baseline")
+        if base is None or "screened" in base:
+            continue
+        probe = GuardProbe(model, tokenizer, GuardConfig())
+        probe.load_baseline(Baseline.from_dict(base))
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            probe.prepare(model, probe.num_prompts)
+        base["screened"] = [int(f) for f in probe.baseline.screened]
+        (out / name / "result.json").write_text(json.dumps(result, default=str))
+        flagged = [i for i, f in enumerate(base["screened"]) if f and base["token_ids"][i]]
+        print(f"{name}: screened at θ₀; flagged with an opening: {flagged}", flush=True)
 
 
 # -- replay ---------------------------------------------------------------------------------------
@@ -190,11 +222,21 @@ def _scored(flagged: list[bool], aligned_flagged: list[bool], config: GuardConfi
     return n
 
 
+def _aligned_flagged(baseline: dict[str, Any]) -> list[bool]:
+    """The screen's flags at θ₀: no refusal opening, or flagged by the screen at θ₀ itself
+    (``screened``: recorded, or added by ``--screen-aligned``; absent: the rule before session 14,
+    which compared the screen with the openings only)."""
+    screened = baseline.get("screened")
+    if screened is None:
+        return [ids is None for ids in baseline["token_ids"]]
+    return [ids is None or bool(f) for ids, f in zip(baseline["token_ids"], screened, strict=True)]
+
+
 def _evidence(
     rec: dict[str, Any], s: float, baseline: dict[str, Any], config: GuardConfig, cap: int
 ) -> Evidence:
     """The evidence the guard would have had at multiple ``s`` of one recorded step."""
-    aligned_flagged = [ids is None for ids in baseline["token_ids"]]
+    aligned_flagged = _aligned_flagged(baseline)
     p = rec["points"][f"{s:g}"]
     flagged_all = [bool(f) for f in p["flagged"]]
     n = _scored(flagged_all, aligned_flagged, config, cap)
@@ -205,24 +247,25 @@ def _evidence(
 
 def _decide(
     rec: dict[str, Any], baseline: dict[str, Any], h: float, config: GuardConfig, cap: int
-) -> Settled:
-    """The guard's decision at one recorded step (the callback's own rule, recorded verdicts)."""
+) -> tuple[Settled, int]:
+    """The guard's decision at one recorded step (the callback's own rule, recorded verdicts),
+    and the prompt-states it scored (prompts summed over the states measured)."""
     unsafe = {s: set(p["confirmed_unsafe"]) for s, p in rec["points"].items()}
 
     def confirm(s: float, indices: list[int]) -> dict[int, bool]:
         return {i: i in unsafe[f"{s:g}"] for i in indices}
 
-    settled, _ = decide_probe(
+    settled, evidence = decide_probe(
         lambda s: _evidence(rec, s, baseline, config, cap),
         list(config.lookahead),
         baseline["unsafe"],
-        [ids is None for ids in baseline["token_ids"]],
+        _aligned_flagged(baseline),
         h,
         config,
         confirm,
         config.batch_size,
     )
-    return settled
+    return settled, sum(len(ev.flagged) for ev in evidence.values())
 
 
 def _sentinels(
@@ -240,13 +283,17 @@ def _sentinels(
 
 
 def replay(
-    result: dict[str, Any], config: GuardConfig, num_prompts: int | None = None
+    result: dict[str, Any], config: GuardConfig, num_prompts: int | None = None, paired: bool = True
 ) -> dict[str, Any]:
-    """The guard's cadence and decisions of ``config`` replayed on a run's records."""
+    """The guard's cadence and decisions of ``config`` replayed on a run's records (``paired``:
+    each prompt's screen compared with the screen at θ₀, when the run has it; else with the
+    openings only, the rule before session 14)."""
     records = result["records"]
     steps = [r["step"] for r in records]
     max_steps = result["run"]["max_steps"]
-    baseline = result["baseline"]
+    baseline = dict(result["baseline"])
+    if not paired:
+        baseline.pop("screened", None)
     cap = num_prompts or len(baseline["unsafe"])
 
     def displacement(step: int) -> float:
@@ -303,7 +350,7 @@ def replay(
         rec = records[j]
         step = rec["step"]
         h = horizon(max_steps - step, config, step, rec["displacement"], growth)
-        settled = _decide(rec, baseline, h, config, cap)
+        settled, scored = _decide(rec, baseline, h, config, cap)
         decision = settled.decision
         probes.append(
             {
@@ -312,6 +359,7 @@ def replay(
                 "exact": not settled.forward,
                 "confirmed": settled.confirmed,
                 "horizon_rise": decision.horizon_rise,
+                "scored": scored,
             }
         )
         stake = promise_at_stake(decision, h, config)
@@ -344,11 +392,15 @@ def classify(curve: list[list[float]]) -> tuple[str, int | None, int | None]:
 
 
 def row(
-    name: str, result: dict[str, Any], config: GuardConfig, num_prompts: int | None = None
+    name: str,
+    result: dict[str, Any],
+    config: GuardConfig,
+    num_prompts: int | None = None,
+    paired: bool = True,
 ) -> dict[str, Any]:
     curve = result["curve"]
     cls, over20, over10 = classify(curve)
-    rep = replay(result, config, num_prompts)
+    rep = replay(result, config, num_prompts, paired)
     halt = rep["halt"]
     peak = max(a for _, a in curve) - curve[0][1]
     if cls == "must halt":
@@ -378,8 +430,35 @@ def row(
         "sentinels": rep["sentinels"],
         "confirmed probes": sum(p["exact"] for p in rep["probes"]),
         "judged prompts": sum(p["confirmed"] for p in rep["probes"]),
+        "prompt-states scored": sum(p["scored"] for p in rep["probes"]),
         "goal": "PASS" if ok else "FAIL",
     }
+
+
+def _pairing(
+    names: list[str], results: dict[str, dict[str, Any]], config: GuardConfig
+) -> list[dict[str, Any]]:
+    """``GuardConfig()`` replayed with each prompt's screen compared with the screen at θ₀
+    (paired, the guard since session 14) and with the openings only (before): decisions and
+    cost, summed over the runs."""
+    keys = ("first warn", "halt step", "goal")
+    rows = []
+    both = {p: [row(n, results[n], config, paired=p) for n in names] for p in (False, True)}
+    for paired, label in ((False, "openings only (before)"), (True, "screen at θ₀ (paired)")):
+        rs = both[paired]
+        rows.append(
+            {
+                "aligned flags": label,
+                "pass": f"{sum(r['goal'] == 'PASS' for r in rs)}/{len(rs)}",
+                "runs whose warn, halt or goal differ": sum(
+                    any(a[k] != b[k] for k in keys) for a, b in zip(both[False], rs, strict=True)
+                ),
+                "probes": sum(r["probes"] for r in rs),
+                "prompt-states scored": sum(r["prompt-states scored"] for r in rs),
+                "judged prompts": sum(r["judged prompts"] for r in rs),
+            }
+        )
+    return rows
 
 
 def main() -> None:
@@ -400,6 +479,11 @@ def main() -> None:
     parser.add_argument(
         "--sweep", action="store_true", help="Also replay a grid of max_asr_rise × confidence_z."
     )
+    parser.add_argument(
+        "--screen-aligned",
+        action="store_true",
+        help="Score the forward screen at θ₀ for saved runs recorded without it, then replay.",
+    )
     args = parser.parse_args()
     out = args.output_dir
     results: dict[str, dict[str, Any]] = {}
@@ -413,6 +497,8 @@ def main() -> None:
                 elif not args.replay and seed in args.seeds:
                     results[name] = run_one(kind, method, seed, out)
                     print(f"{name}: done", flush=True)
+    if args.screen_aligned:
+        screen_aligned(results, out)
     config = GuardConfig()
     for label, suffix, seeds in (
         ("calibration (seed 0)", "", (0,)),
@@ -459,6 +545,8 @@ def main() -> None:
                     }
                 )
             text += "\n### Sweep\n\n" + markdown_table(sweep) + "\n"
+            text += "\n### The screen against itself at θ₀, or against the openings only\n\n"
+            text += markdown_table(_pairing(names, results, config)) + "\n"
         print(text)
         (out.parent / f"{out.name}{suffix}.md").write_text(text)
         (out.parent / f"{out.name}{suffix}.json").write_text(json.dumps(rows, indent=1))

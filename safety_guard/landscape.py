@@ -924,7 +924,7 @@ def record_guard_baseline(
     probe = GuardProbe(model, tokenizer, GuardConfig(system_prompt=system_prompt), judge)
     if probe.probe.lockstep:  # sharded: the guard measures its own, in lockstep
         return
-    probe.prepare(model, probe.num_prompts)
+    probe.prepare(model, probe.num_prompts, screen=False)  # (each run screens in its numerics)
     probe.prepare_capability(model)
     land.data["guard_baseline"] = probe.baseline.to_dict()
     if output is not None and rank_and_world()[0] == 0:

@@ -357,6 +357,50 @@ def test_a_screen_that_missed_unsafe_answers_on_the_landscape_falls_back_to_gene
     assert guard.records[-1]["exact"]  # every prompt judged by generation
 
 
+def test_the_screen_is_compared_with_itself_at_the_aligned_weights(text_tokenizer):
+    """A prompt whose opening the forward screen does not confirm at θ₀ (screen and greedy
+    generation disagree where two tokens are nearly tied: 5 of the testbed's 200 prompts under
+    bf16 autocast) is flagged at θ₀ by the screen itself, so it is no rise: at θ₀ the paired
+    estimate reads 0 and the state is settled. (Compared with the openings only, as before, the
+    same state reads a rise.)"""
+    from safety_guard.guard import GuardConfig, GuardProbe
+    from safety_guard.guard.confirmation import estimate_evidence
+    from safety_guard.guard.probing import Baseline
+
+    model = make_model(vocab_size=len(text_tokenizer), tie=False)
+    prompts = list(load_prompts(PROBE))
+    judge = echo_judge(model, text_tokenizer, prompts)
+    config = GuardConfig(max_new_tokens=6)
+    probe = GuardProbe(model, text_tokenizer, config, judge=judge)
+    base = probe.prepare(model, config.min_prompts)
+    assert base.ready == config.min_prompts and not any(base.screened)  # fp32: they agree
+    # openings that are not what the model says at θ₀, as a file's might be for another
+    # numerics: the most common opening given to the prompts whose greedy answer starts with a
+    # token no other opening starts with (so the screen cannot follow another opening either)
+    data = base.to_dict()
+    assert "screened" not in data  # a saved baseline is screened again by the run reading it
+    firsts = [ids[0] for ids in data["token_ids"] if ids]
+    tampered = [i for i, ids in enumerate(data["token_ids"]) if ids and firsts.count(ids[0]) < 3]
+    common = max(data["token_ids"], key=data["token_ids"].count)
+    assert 0 < len(tampered) < 10 and common is not None
+    for i in tampered:
+        data["token_ids"][i] = list(common)
+    again = GuardProbe(model, text_tokenizer, config, judge=judge)
+    again.load_baseline(Baseline.from_dict(data))
+    assert again.baseline.ready == 0
+    again.prepare(model, config.min_prompts)  # the screen at θ₀ only: openings are there
+    screened = [i for i, f in enumerate(again.baseline.screened) if f]
+    assert screened == tampered
+    state = again.measure(model)
+    assert [i for i, f in enumerate(state.flagged) if f] == tampered
+    evidence = again.evidence(state)
+    paired = estimate_evidence(evidence, again.baseline.unsafe, again.baseline.flagged, None)
+    openings_only = [ids is None for ids in again.baseline.token_ids]
+    unpaired = estimate_evidence(evidence, again.baseline.unsafe, openings_only, None)
+    assert paired.rise == 0.0 and again.settled(state)
+    assert unpaired.rise == pytest.approx(100 * len(tampered) / config.min_prompts)
+
+
 def test_the_landscape_carries_the_guard_baseline_and_a_matching_guard_reuses_it(
     tmp_path, text_tokenizer, monkeypatch
 ):

@@ -305,9 +305,9 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             self._restore_records(state.global_step)
         if self.probe.baseline is None and not resumed:
             self._reuse_landscape_baseline(model)
-        if self.probe.baseline is None:
-            with self.tracker.along(model, 0.0) if resumed else contextlib.nullcontext():
-                self.probe.prepare(model, self.config.min_prompts)
+        # the first prompts' openings (unless reused) and the screen at θ₀, in this run's numerics
+        with self.tracker.along(model, 0.0) if resumed else contextlib.nullcontext():
+            self.probe.prepare(model, self.config.min_prompts)
         if lora and self.last_safe_step is None:
             self._safe_adapter = _adapter_copy(model)  # θ₀ itself is the first safe adapter
         elif lora:
@@ -869,7 +869,7 @@ class _AlignedFlags(Sequence[bool]):
         self.baseline = baseline
 
     def __len__(self) -> int:
-        return self.baseline.prepared
+        return self.baseline.ready
 
     def __getitem__(self, index: Any) -> Any:
         return self.baseline.flagged[index]

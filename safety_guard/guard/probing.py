@@ -6,9 +6,11 @@ module adds what the guard needs on top:
 
 * a **baseline** measured on the aligned weights with the guard's own prompts, template, system
   prompt and dtype: each prompt's refusal opening and the judge's verdict on its greedy answer,
-  and the capability NLL (:meth:`GuardProbe.prepare`). Openings are prepared in chunks, when a
-  probe first needs them — or the whole baseline is read from the landscape file, where
-  :func:`~safety_guard.landscape.record_guard_baseline` recorded it with the same settings;
+  the forward screen's own flags at θ₀ (in this run's numerics: a state is compared with them,
+  prompt by prompt), and the capability NLL (:meth:`GuardProbe.prepare`). Openings are prepared
+  in chunks, when a probe first needs them — or read from the landscape file, where
+  :func:`~safety_guard.landscape.record_guard_baseline` recorded them with the same settings
+  (screened by this run, as they are first needed);
 * **states** scored in chunks of ``GuardConfig.min_prompts`` prompts, in the prompt set's order,
   for as long as the ASR rise could still reach the promise: a state that flags none of the first
   30 prompts stops there, one that flags some is scored further (:meth:`GuardProbe.measure`).
@@ -83,15 +85,31 @@ class Baseline:
     nll: float | None
     reference_answers: list[str] | None
     settings: dict[str, Any]
+    #: The forward screen's own flags at θ₀, scored in this run (its numerics: dtype, autocast,
+    #: batches; never saved: a file's baseline is screened again by the run that reads it).
+    screened: list[bool] = field(default_factory=list)
 
     @property
     def prepared(self) -> int:
+        """Prompts with their opening (or its absence) and verdict at θ₀."""
         return len(self.token_ids)
 
     @property
+    def ready(self) -> int:
+        """Prompts prepared and screened at θ₀: the ones a state can be compared on."""
+        return min(self.prepared, len(self.screened))
+
+    @property
     def flagged(self) -> list[bool]:
-        """The forward screen at θ₀: a prompt without a refusal opening is flagged."""
-        return [ids is None for ids in self.token_ids]
+        """The forward screen at θ₀, for the :attr:`ready` prompts: flagged when it has no
+        refusal opening, or when the screen flags it at θ₀ itself. The screen and greedy
+        generation can disagree on a prompt whose two best next tokens are nearly tied (bf16
+        autocast on the testbed: 1–9 of 200 prompts flagged one step after θ₀); comparing the
+        screen with itself keeps such prompts from counting as a rise."""
+        return [
+            ids is None or screen
+            for ids, screen in zip(self.token_ids, self.screened[: self.prepared], strict=False)
+        ]
 
     @property
     def asr(self) -> float:
@@ -204,8 +222,9 @@ class GuardProbe:
 
     # -- baseline ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def prepare(self, model: nn.Module, upto: int) -> Baseline:
-        """Measure the aligned model (call at θ₀) for the first ``upto`` prompts.
+    def prepare(self, model: nn.Module, upto: int, screen: bool = True) -> Baseline:
+        """Measure the aligned model (call at θ₀) for the first ``upto`` prompts: their refusal
+        openings and verdicts, then (``screen``) the forward screen's flags at θ₀ itself.
 
         Each rank answers its share of the prompts; the shares are gathered. The capability
         references are prepared apart, when first needed (:meth:`prepare_capability`).
@@ -220,6 +239,8 @@ class GuardProbe:
         base = self.baseline
         start, stop = base.prepared, min(upto, self.num_prompts)
         if stop <= start:
+            if screen:
+                self._screen(model, stop)
             return base
         mine = list(range(start + rank, stop, world))
         local = (
@@ -245,7 +266,28 @@ class GuardProbe:
         base.responses += responses
         base.unsafe += unsafe
         self._sync_openings()
+        if screen:
+            self._screen(model, stop)
         return base
+
+    def _screen(self, model: nn.Module, upto: int) -> None:
+        """The forward screen at θ₀ (call at the aligned weights) for the prepared prompts up to
+        ``upto``, in the chunks a state is scored in (the same batches: the same numerics)."""
+        base = self.baseline
+        stop = min(upto, base.prepared)
+        begin = len(base.screened)
+        if stop <= begin:
+            return
+        if self.config.signal == "generate":  # states are judged by generation, not screened
+            base.screened += [False] * (stop - begin)
+            return
+        state = StateMeasure(margins=[math.nan] * begin, flagged=[False] * begin)
+        chunk, first = self.config.min_prompts, begin
+        while first < stop:
+            end = min(first - first % chunk + chunk, stop)
+            self._score_chunk(model, state, first, end)
+            first = end
+        base.screened += state.flagged[begin:stop]
 
     @property
     def has_capability(self) -> bool:
@@ -338,7 +380,7 @@ class GuardProbe:
             full or state.scored == 0 or not self.enough(state)
         ):
             stop = min(state.scored + chunk, self.num_prompts)
-            if stop > self.baseline.prepared:
+            if stop > self.baseline.ready:
                 state.wants = stop
                 break
             self._score_chunk(model, state, state.scored, stop)
@@ -370,7 +412,7 @@ class GuardProbe:
                 state = self.measure(model, resume=state, full=full, capability=False)
             if state.wants is None:
                 break
-            with at(0.0):  # more openings, from the aligned model
+            with at(0.0):  # more openings (and their screen), from the aligned model
                 self.prepare(model, state.wants)
         if not self.settled(state):
             if not self.has_capability:
