@@ -185,15 +185,6 @@ def left_padded(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return ids, mask
 
 
-def _fsdp1_root(model: nn.Module) -> nn.Module | None:
-    """The outermost FSDP (1) unit of ``model``, or None."""
-    if not torch.distributed.is_available():
-        return None
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    return next((m for m in model.modules() if isinstance(m, FullyShardedDataParallel)), None)
-
-
 @contextlib.contextmanager
 def _unsharded_root(model: nn.Module, sharded: bool) -> Iterator[None]:
     """The outermost FSDP2 module or FSDP (1) unit of ``model`` unsharded inside the block (a
@@ -204,9 +195,11 @@ def _unsharded_root(model: nn.Module, sharded: bool) -> Iterator[None]:
     initialized before its inner units run (``generate`` would run them first, and the first to
     run would take itself for the root); then nothing is gathered, and no rank waits.
     """
-    fsdp1 = _fsdp1_root(model)
-    if fsdp1 is not None:  # the inner units gather their own in their forwards
-        with type(fsdp1).summon_full_params(fsdp1, recurse=False, writeback=False):
+    from .shards import fsdp1_units
+
+    units = fsdp1_units(model)
+    if units:  # the outermost; the inner units gather their own in their forwards
+        with type(units[0]).summon_full_params(units[0], recurse=False, writeback=False):
             yield
         return
     root = None

@@ -23,7 +23,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ __all__ = [
     "LocalShard",
     "fsdp1_problem",
     "fsdp1_shards",
+    "fsdp1_units",
     "full_shape",
     "full_tensor",
     "is_sharded",
@@ -146,8 +147,8 @@ class _Fsdp1Slot:
     index: int
 
 
-def _fsdp1_units(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The FSDP (1) units in ``model`` (``FullyShardedDataParallel`` modules)."""
+def fsdp1_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The FSDP (1) units in ``model`` (``FullyShardedDataParallel`` modules), outermost first."""
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
     except ImportError:  # pragma: no cover - torch built without distributed
@@ -155,16 +156,16 @@ def _fsdp1_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, FullyShardedDataParallel)]
 
 
-def fsdp1_problem(model: torch.nn.Module) -> str | None:
-    """Why safety-guard cannot move the parameters of this FSDP (1) model, naming the setting
-    to change (``None``: it can, or ``model`` has no FSDP unit).
+def fsdp1_problem(units: Sequence[torch.nn.Module]) -> str | None:
+    """Why safety-guard cannot move the parameters of these FSDP (1) units (:func:`fsdp1_units`
+    of a model), naming the setting to change (``None``: it can, or there is none).
 
     Supported: ``use_orig_params=True`` (in accelerate's config ``fsdp_use_orig_params: true``)
     with ``FULL_SHARD``, ``SHARD_GRAD_OP`` or ``NO_SHARD`` over the whole world.
     """
     import torch.distributed as dist
 
-    for unit in _fsdp1_units(model):
+    for unit in units:
         if not getattr(unit, "_use_orig_params", False):
             return (
                 "FSDP (FullyShardedDataParallel) with use_orig_params=False, whose parameters "
@@ -198,10 +199,10 @@ def fsdp1_problem(model: torch.nn.Module) -> str | None:
     return None
 
 
-def fsdp1_shards(model: torch.nn.Module) -> bool:
-    """Whether an FSDP (1) unit of ``model`` shards its parameters (``NO_SHARD``, which FSDP also
+def fsdp1_shards(units: Sequence[torch.nn.Module]) -> bool:
+    """Whether one of these FSDP (1) units shards its parameters (``NO_SHARD``, which FSDP also
     picks on one rank, leaves whole tensors: plain code reads them right)."""
-    return any(getattr(u.sharding_strategy, "name", "") != "NO_SHARD" for u in _fsdp1_units(model))
+    return any(getattr(u.sharding_strategy, "name", "") != "NO_SHARD" for u in units)
 
 
 def _reshard_fsdp1(model: torch.nn.Module) -> None:
@@ -213,10 +214,10 @@ def _reshard_fsdp1(model: torch.nn.Module) -> None:
     the next forward uses the copy instead of gathering the shards, so what was written to the
     shards would not be seen. Freeing it makes the next forward gather them.
     """
-    units = [u for u in _fsdp1_units(model) if getattr(u, "_handle", None) is not None]
-    if not units:
+    units = fsdp1_units(model)
+    if not any(getattr(u, "_handle", None) is not None for u in units):
         return
-    problem = fsdp1_problem(model)
+    problem = fsdp1_problem(units)
     if problem is not None:
         from .weights import UnsupportedEngineError
 
@@ -225,6 +226,8 @@ def _reshard_fsdp1(model: torch.nn.Module) -> None:
 
     for unit in units:
         handle = unit._handle
+        if handle is None:  # a unit without parameters of its own
+            continue
         if handle._training_state != HandleTrainingState.IDLE:
             raise RuntimeError(
                 f"an FSDP unit is in its {handle._training_state.name} state; safety-guard "
@@ -241,6 +244,11 @@ def _reshard_fsdp1(model: torch.nn.Module) -> None:
         # (a tied weight is one parameter object, listed once: FSDP keeps the originals)
         for index, param in enumerate(handle.flat_param._params):
             setattr(param, _FSDP1_SLOT, _Fsdp1Slot(handle, index))
+
+
+def _is_fsdp1(param: torch.Tensor) -> bool:
+    """Whether ``param`` is an original parameter FSDP (1) flattened into a unit's flat one."""
+    return getattr(param, "_fsdp_flattened", False)
 
 
 def _fsdp1_shard(param: torch.Tensor) -> LocalShard:
@@ -294,7 +302,7 @@ def local_shard(param: torch.Tensor) -> LocalShard:
     """
     if is_zero3(param):
         return _zero3_shard(param)
-    if getattr(param, "_fsdp_flattened", False):  # FSDP (1) marks the parameters it flattened
+    if _is_fsdp1(param):
         return _fsdp1_shard(param)
     dtensor = _dtensor_type()
     data = param.data if isinstance(param, torch.nn.Parameter) else param
@@ -339,7 +347,7 @@ def full_tensor(param: torch.Tensor) -> torch.Tensor:
 
         with deepspeed.zero.GatheredParameters([param]):
             return param.data.detach().clone()
-    if getattr(param, "_fsdp_flattened", False):
+    if _is_fsdp1(param):
         shard = _fsdp1_shard(param)
         if not shard.sharded:
             return shard.tensor.view(shard.shape)

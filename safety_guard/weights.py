@@ -27,6 +27,7 @@ from torch import nn
 
 from .distributed import all_reduce_sum
 from .quantized import dense_numel, dense_weight, is_quantized
+from .shards import fsdp1_problem, fsdp1_shards, fsdp1_units
 
 __all__ = [
     "DEFAULT_NORM_CLASS_PATTERN",
@@ -203,8 +204,9 @@ class ParameterSelection:
 SUPPORTED_ENGINES = (
     "one process, DDP or DataParallel (torchrun / accelerate launch with DDP), torch.compile, "
     "FSDP2 (fully_shard), FSDP (FullyShardedDataParallel with use_orig_params=True, "
-    "FULL_SHARD, SHARD_GRAD_OP or NO_SHARD) and DeepSpeed ZeRO-3 for the guard, full finetuning or PEFT adapters "
-    "on floating-point or bitsandbytes-quantized (QLoRA) base weights"
+    "FULL_SHARD, SHARD_GRAD_OP or NO_SHARD) and DeepSpeed ZeRO-3 for the guard, full "
+    "finetuning or PEFT adapters on floating-point or bitsandbytes-quantized (QLoRA) base "
+    "weights"
 )
 
 
@@ -231,27 +233,22 @@ def check_engine(
     refused with the engine's name until they are supported.
 
     ``allow_sharded``: FSDP2 parameters (``DTensor``), FSDP (1) parameters (``use_orig_params``)
-    and ZeRO-3 partitions are allowed — for the code that moves them shard by shard (:mod:`safety_guard.shards`). ``allow_quantized``:
-    bitsandbytes base weights are allowed — for the code that only reads them
-    (:mod:`safety_guard.quantized`).
+    and ZeRO-3 partitions are allowed — for the code that moves them shard by shard
+    (:mod:`safety_guard.shards`). ``allow_quantized``: bitsandbytes base weights are allowed —
+    for the code that only reads them (:mod:`safety_guard.quantized`).
 
     Example:
         >>> check_engine(torch.nn.Linear(2, 2))  # plain floating-point weights: fine
     """
     try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # pragma: no cover - torch built without distributed
-        FullyShardedDataParallel = ()
-    try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover
         DTensor = ()
     engine = None
-    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
-        from .shards import fsdp1_problem, fsdp1_shards
-
-        engine = fsdp1_problem(model)
-        if engine is None and not allow_sharded and fsdp1_shards(model):
+    units = fsdp1_units(model)
+    if units:
+        engine = fsdp1_problem(units)
+        if engine is None and not allow_sharded and fsdp1_shards(units):
             engine = (
                 "FSDP (FullyShardedDataParallel; its shards are moved by shard-aware code only)"
             )
@@ -295,9 +292,8 @@ def perturbable_parameters(
 
     Raises :class:`UnsupportedEngineError` for sharded or quantized weights (:func:`check_engine`;
     ``allow_sharded``: sharded parameters (FSDP2, FSDP, ZeRO-3) are returned, for shard-aware
-    callers;
-    ``allow_quantized``: bitsandbytes base weights are returned, for callers that only read them
-    through :func:`~safety_guard.quantized.dense_weight`).
+    callers; ``allow_quantized``: bitsandbytes base weights are returned, for callers that only
+    read them through :func:`~safety_guard.quantized.dense_weight`).
     """
     if allow_sharded:  # FSDP2: the shards, not a stale unsharded copy (see shards.reshard)
         from .shards import reshard

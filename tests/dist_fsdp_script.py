@@ -106,6 +106,18 @@ def _finetune_step(ref, model, step: int, lora: bool = False) -> None:
             shard.tensor.view(-1).add_(update.reshape(-1)[shard.offset : shard.stop])
 
 
+def _slice_diff(pairs) -> float:
+    """Largest |shard − the whole tensor's slice at the shard's range| over (whole, sharded)
+    parameter pairs (FSDP: a parameter can lie wholly on another rank, its shard empty)."""
+    diff = 0.0
+    for p_ref, p_sh in pairs:
+        shard = local_shard(p_sh)
+        if shard.tensor.numel():
+            want = p_ref.detach().reshape(-1)[shard.offset : shard.stop]
+            diff = max(diff, float((shard.tensor.reshape(-1) - want).abs().max()))
+    return diff
+
+
 def _random_direction_results(ref, model, result: dict) -> None:
     """A landscape's random direction on the shards: each rank gets its range of the slice."""
     from safety_guard.directions import RandomDirection
@@ -130,13 +142,7 @@ def _random_direction_results(ref, model, result: dict) -> None:
             logits_diff = float(
                 (ref(input_ids=ids).logits - model(input_ids=ids).logits).abs().max()
             )
-        slice_diff = 0.0
-        for (_, p_ref), (_, p_sh) in pairs:
-            shard = local_shard(p_sh)
-            if not shard.tensor.numel():  # FSDP: a parameter can lie wholly on another rank
-                continue
-            want = p_ref.detach().reshape(-1)[shard.offset : shard.stop]
-            slice_diff = max(slice_diff, float((shard.tensor.reshape(-1) - want).abs().max()))
+        slice_diff = _slice_diff((p_ref, p_sh) for (_, p_ref), (_, p_sh) in pairs)
     result["random_direction"] = {
         "slice_diff": slice_diff,
         "logits_diff": logits_diff,
@@ -163,15 +169,9 @@ def _train_step_results(ref, model, lora: bool, result: dict) -> None:
         optimizer.zero_grad(set_to_none=True)
         losses[key] = float(loss)
     reshard(model)
-    diff = 0.0
-    for (name, p_ref), (name_sh, p_sh) in zip(
-        _trained(ref, lora), _trained(model, lora), strict=True
-    ):
-        assert name == name_sh, (name, name_sh)
-        shard = local_shard(p_sh)
-        want = p_ref.detach().reshape(-1)[shard.offset : shard.stop]
-        if shard.tensor.numel():
-            diff = max(diff, float((shard.tensor.reshape(-1) - want).abs().max()))
+    pairs = list(zip(_trained(ref, lora), _trained(model, lora), strict=True))
+    assert all(name == name_sh for (name, _), (name_sh, _) in pairs)
+    diff = _slice_diff((p_ref, p_sh) for (_, p_ref), (_, p_sh) in pairs)
     result["train_step"] = {"loss": [losses["ref"], losses["fsdp"]], "weights_diff": diff}
 
 

@@ -108,7 +108,7 @@ class Baseline:
         screen with itself keeps such prompts from counting as a rise."""
         return [
             ids is None or screen
-            for ids, screen in zip(self.token_ids, self.screened[: self.prepared], strict=False)
+            for ids, screen in zip(self.token_ids, self.screened, strict=False)
         ]
 
     @property
