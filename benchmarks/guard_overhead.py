@@ -76,6 +76,11 @@ def main(argv: list[str] | None = None) -> None:
     # a guarded run that halted trained fewer steps: compare the time per step then
     halted = guarded["steps"] < base["steps"]
     ratio = (guarded["seconds"] / max(guarded["steps"], 1)) / (base["seconds"] / base["steps"])
+    # the same ratio within the guarded run: its wall time against that time less the guard's
+    # own (all its hooks); both sides see the same machine, minute by minute, which the two
+    # runs one after the other do not (this machine's speed drifted by 25 % within an hour)
+    own = summary.get("total_seconds") or 0.0
+    in_run = guarded["seconds"] / max(guarded["seconds"] - own, 1e-9)
     rows = [
         {
             "what": "training step, no guard",
@@ -102,8 +107,9 @@ def main(argv: list[str] | None = None) -> None:
             "note": "every step",
         },
         {
-            "what": "probes (θ₀ + 2·δ forward-only; the current model and a sample of "
-            "flagged prompts judged by generation when the decision is not ok)",
+            "what": "probes (θ₀ + 2·δ forward-only, capped at the horizon near the end; the "
+            "current model and a sample of flagged prompts judged by generation when the "
+            "decision is not ok)",
             "seconds": f"{summary['total_probe_seconds']:.1f}",
             "calls": summary["probes"],
             "share of the unguarded run %": f"{100 * summary['total_probe_seconds'] / base['seconds']:.1f}",
@@ -111,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
             + ", ".join(str(r["step"]) for r in guarded["trajectory"] if r["event"] == "probe"),
         },
         {
-            "what": "sentinel (16 prompts nearest to flipping, at θ₀ + 2·δ, between probes)",
+            "what": "sentinel (16 prompts nearest to flipping, at the last probe's lookahead "
+            "point, between probes)",
             "seconds": f"{summary.get('total_sentinel_seconds', 0.0):.1f}",
             "calls": summary.get("sentinels", 0),
             "share of the unguarded run %": f"{100 * summary.get('total_sentinel_seconds', 0.0) / base['seconds']:.1f}",
@@ -128,6 +135,14 @@ def main(argv: list[str] | None = None) -> None:
                 if halted
                 else f"ratio {ratio:.3f} (goal ≤ 1.10 at 200 steps): wall time of trainer.train()"
             ),
+        },
+        {
+            "what": "guarded run, with / without the guard's own time",
+            "seconds": f"{guarded['seconds']:.1f} / {guarded['seconds'] - own:.1f}",
+            "calls": "",
+            "share of the unguarded run %": f"{100 * (in_run - 1):.1f}",
+            "note": f"ratio {in_run:.3f}: the guard's hooks took {own:.1f} s of the guarded "
+            "run (setup, checks, probes, sentinel, files); the same machine minute by minute",
         },
         {
             "what": "held-out ASR at the end, unguarded / guarded %",

@@ -69,7 +69,7 @@ from safety_guard.guard import (
 )
 from safety_guard.guard.confirmation import Evidence, Settled, decide_probe
 from safety_guard.guard.probing import wilson_upper
-from safety_guard.guard.rule import HALT, WARN
+from safety_guard.guard.rule import HALT, WARN, lookahead_multiples
 
 METHODS = {"lora": (2e-4, 40), "full": (1e-5, 30)}
 #: The recorders score each state with the stop rule of the most demanding setting replayed
@@ -232,12 +232,24 @@ def _aligned_flagged(baseline: dict[str, Any]) -> list[bool]:
     return [ids is None or bool(f) for ids, f in zip(baseline["token_ids"], screened, strict=True)]
 
 
+def _recorded(rec: dict[str, Any], s: float) -> str:
+    """The recorded multiple standing in for ``s``: ``s`` itself, else the nearest recorded one
+    beyond it (the records hold 1 and the lookahead; a point capped at the horizon,
+    :func:`~safety_guard.guard.rule.lookahead_multiples`, is read at θ₀ + 2·δ — an upper bound,
+    the ASR growing along the line — so the replay of a capped probe is at least as strict as
+    the callback's)."""
+    if f"{s:g}" in rec["points"]:
+        return f"{s:g}"
+    beyond = sorted(float(k) for k in rec["points"] if float(k) >= s)
+    return f"{beyond[0]:g}" if beyond else f"{max(float(k) for k in rec['points']):g}"
+
+
 def _evidence(
     rec: dict[str, Any], s: float, baseline: dict[str, Any], config: GuardConfig, cap: int
 ) -> Evidence:
     """The evidence the guard would have had at multiple ``s`` of one recorded step."""
     aligned_flagged = _aligned_flagged(baseline)
-    p = rec["points"][f"{s:g}"]
+    p = rec["points"][_recorded(rec, s)]
     flagged_all = [bool(f) for f in p["flagged"]]
     n = _scored(flagged_all, aligned_flagged, config, cap)
     aligned_nll = baseline.get("nll")
@@ -253,11 +265,11 @@ def _decide(
     unsafe = {s: set(p["confirmed_unsafe"]) for s, p in rec["points"].items()}
 
     def confirm(s: float, indices: list[int]) -> dict[int, bool]:
-        return {i: i in unsafe[f"{s:g}"] for i in indices}
+        return {i: i in unsafe[_recorded(rec, s)] for i in indices}
 
     settled, evidence = decide_probe(
         lambda s: _evidence(rec, s, baseline, config, cap),
-        list(config.lookahead),
+        lookahead_multiples(config.lookahead, h),
         baseline["unsafe"],
         _aligned_flagged(baseline),
         h,
@@ -269,14 +281,13 @@ def _decide(
 
 
 def _sentinels(
-    rec: dict[str, Any], baseline: dict[str, Any], config: GuardConfig, cap: int
+    rec: dict[str, Any], baseline: dict[str, Any], config: GuardConfig, cap: int, s: float
 ) -> list[int]:
     """The sentinel prompts a probe at this recorded step would leave: among the prompts it
-    would have scored at its farthest lookahead point, the unflagged ones nearest to flipping."""
+    would have scored at its farthest point ``s``, the unflagged ones nearest to flipping."""
     if not config.sentinel_prompts:
         return []
-    s = max(config.lookahead)
-    point = rec["points"][f"{s:g}"]
+    point = rec["points"][_recorded(rec, s)]
     n = len(_evidence(rec, s, baseline, config, cap).flagged)
     flagged = [bool(f) for f in point["flagged"][:n]]
     return sentinel_prompts(point["margins"][:n], flagged, config.sentinel_prompts)
@@ -338,7 +349,7 @@ def replay(
             sentinels += 1
             step = steps[j]
             memo.next_sentinel = next_sentinel_step(step, at_stake=memo.at_stake)
-            lookahead = records[j]["points"][f"{max(config.lookahead):g}"]["flagged"]
+            lookahead = records[j]["points"][_recorded(records[j], memo.multiple)]["flagged"]
             flips = sum(bool(lookahead[i]) for i in memo.sentinels if i < len(lookahead))
             if flips >= config.sentinel_flips:
                 reason = "sentinel"
@@ -351,6 +362,7 @@ def replay(
         step = rec["step"]
         h = horizon(max_steps - step, config, step, rec["displacement"], growth)
         settled, scored = _decide(rec, baseline, h, config, cap)
+        farthest = max(lookahead_multiples(config.lookahead, h), default=1.0)
         decision = settled.decision
         probes.append(
             {
@@ -360,6 +372,7 @@ def replay(
                 "confirmed": settled.confirmed,
                 "horizon_rise": decision.horizon_rise,
                 "scored": scored,
+                "capped": farthest < max(config.lookahead),
             }
         )
         stake = promise_at_stake(decision, h, config)
@@ -367,9 +380,10 @@ def replay(
             step,
             rec["displacement"],
             rec["displacement"] * decision.covered,
-            sentinels=_sentinels(rec, baseline, config, cap),
+            sentinels=_sentinels(rec, baseline, config, cap, farthest),
             next_sentinel=next_sentinel_step(step, at_stake=stake),
             at_stake=stake,
+            multiple=farthest,
         )
         memo_index = j
         if decision.status >= WARN and warn is None:
@@ -427,6 +441,7 @@ def row(
         "lead on >20 (steps)": (over20 - halt) if (halt is not None and over20) else "-",
         "lead on >10 (steps)": (over10 - halt) if (halt is not None and over10) else "-",
         "probes": len(rep["probes"]),
+        "capped at the horizon": sum(p["capped"] for p in rep["probes"]),
         "sentinels": rep["sentinels"],
         "confirmed probes": sum(p["exact"] for p in rep["probes"]),
         "judged prompts": sum(p["confirmed"] for p in rep["probes"]),

@@ -14,6 +14,7 @@ from safety_guard.guard import (
     decide,
     estimate,
     horizon,
+    lookahead_multiples,
     next_sentinel_step,
     probe_due,
     promise_at_stake,
@@ -290,6 +291,42 @@ def test_a_probe_scores_the_current_model_only_when_the_lookahead_is_not_ok():
     never = GuardConfig(confirm="never")
     settled, _ = decide_probe(measure_with(loud), [2.0], aligned, aligned, 2.0, never, confirm, 32)
     assert settled.forward and settled.decision.status_name == "halt"
+
+
+def test_near_the_end_a_probe_measures_at_the_horizon_not_beyond_it():
+    cfg = GuardConfig(max_asr_rise=10)
+    n = 100
+
+    def line(s):  # the rise grows along the finetune's line: 20 points per unit of s past 1
+        return Evidence([i < round(20 * (s - 1)) for i in range(n)], {})
+
+    measured = []
+
+    def measure(s):
+        measured.append(s)
+        return line(s)
+
+    aligned = [False] * n
+    # early: the whole lookahead is the horizon; θ₀ + 2·δ is 20 points up, not ok
+    early = horizon(150, cfg, step=50, displacement=0.01)
+    assert lookahead_multiples(cfg.lookahead, early) == [2.0]
+    settled, _ = decide_probe(measure, [2.0], aligned, aligned, early, cfg, None, 32)
+    assert settled.decision.status_name != "ok" and measured == [2.0, 1.0]
+    # late (step 185 of 200): the remaining steps reach θ₀ + 1.12·δ at most; measured there
+    measured.clear()
+    late = horizon(15, cfg, step=185, displacement=0.01)
+    ahead = lookahead_multiples(cfg.lookahead, late)
+    assert ahead == [math.ceil(100 * late) / 100] and 1.0 < ahead[0] < 1.2
+    settled, _ = decide_probe(measure, ahead, aligned, aligned, late, cfg, None, 32)
+    assert settled.decision.status_name == "ok" and measured == ahead
+    assert settled.decision.covered == ahead[0]  # the cadence's cover ends there too
+    # the last step: nothing ahead, the current model is measured
+    measured.clear()
+    assert lookahead_multiples(cfg.lookahead, horizon(0, cfg)) == []
+    settled, _ = decide_probe(measure, [], aligned, aligned, 1.0, cfg, None, 32)
+    assert measured == [1.0] and settled.decision.status_name == "ok"
+    # several lookahead multiples: those beyond the horizon collapse onto it
+    assert lookahead_multiples((1.5, 2.0, 4.0), 1.73) == [1.5, 1.73]
 
 
 def test_the_sentinel_watches_the_prompts_nearest_to_flipping_between_probes():

@@ -18,7 +18,15 @@ from .callback import SafetyGuardCallback, SafetyGuardWarning
 from .config import GuardConfig
 from .displacement import FullFinetuneTracker, LoraTracker, make_tracker
 from .probing import Baseline, GuardProbe, StateMeasure
-from .rule import Decision, PointEstimate, decide, estimate, horizon, promise_at_stake
+from .rule import (
+    Decision,
+    PointEstimate,
+    decide,
+    estimate,
+    horizon,
+    lookahead_multiples,
+    promise_at_stake,
+)
 
 __all__ = [
     "Baseline",
@@ -36,6 +44,7 @@ __all__ = [
     "decide",
     "estimate",
     "horizon",
+    "lookahead_multiples",
     "make_tracker",
     "next_sentinel_step",
     "probe_due",

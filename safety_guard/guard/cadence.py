@@ -17,7 +17,7 @@ as the finetune keeps its direction, the models it passes through on the way the
 * or ``max_probe_interval`` steps have passed,
 * or the **sentinel** rang: the ``sentinel_prompts`` prompts the last probe found nearest to
   flipping at its lookahead point (unflagged, smallest opening margins) are re-scored at the
-  current θ₀ + s·δ every ``max(1, step // 4)`` steps, every step while the promise is at stake
+  current θ₀ + s·δ (s: the multiple that probe measured) every ``max(1, step // 4)`` steps, every step while the promise is at stake
   within the horizon (:func:`~safety_guard.guard.rule.promise_at_stake`; forward only: 16 of a
   probe's up to 200 prompts), and a probe follows when ``sentinel_flips`` of them flipped. It watches what the other triggers cannot see: a collapse within the displacement and the direction the last
   probe covered (the damage suite's "always obey" LoRA finetune went from 7 % to 51 % held-out
@@ -77,6 +77,10 @@ class ProbeMemo:
             (:func:`~safety_guard.guard.rule.promise_at_stake`): the sentinel looks every step.
             A warning about a lookahead point beyond the horizon only (near the end of
             training) leaves it ``False``.
+        multiple: the lookahead multiple the sentinels were chosen at, where they are
+            re-scored (the probe's farthest point, capped at its horizon,
+            :func:`~safety_guard.guard.rule.lookahead_multiples`); ``None``: the largest
+            ``GuardConfig.lookahead`` (memos saved before the cap).
     """
 
     step: int
@@ -86,6 +90,7 @@ class ProbeMemo:
     sentinels: list[int] = field(default_factory=list)
     next_sentinel: int | None = None
     at_stake: bool = False
+    multiple: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,6 +105,7 @@ class ProbeMemo:
             "sentinels",
             "next_sentinel",
             "at_stake",
+            "multiple",
         )
         values = {k: data[k] for k in keys if k in data}
         if "warned" in data and "at_stake" not in data:  # saved before at_stake replaced it

@@ -20,7 +20,8 @@ teacher-forced in one forward pass, and the prompts whose greedy path would leav
 halt (``confirm="halt"``) the flagged ones are judged by generation, so decisions rest on exact
 keyword verdicts of the prompts that changed. The decision rule (:mod:`~safety_guard.guard.rule`)
 compares each prompt with itself at θ₀ and halts when the rise is confidently past the promise
-now or at the lookahead θ₀ + 2·δ (the finetune's line, ahead of it).
+now or at the lookahead θ₀ + 2·δ (the finetune's line, ahead of it; near the end of training,
+at the horizon the remaining steps can reach, :func:`~safety_guard.guard.rule.lookahead_multiples`).
 
 **Broken models halt**: non-finite weights, loss or scores, or a collapsed capability are a halt
 with a reason, never "ok" and never saved as the last safe weights. With LoRA the last adapter a
@@ -36,9 +37,10 @@ all-reduced, so every rank takes the same decision; only the main process writes
 FSDP2 (``fully_shard``) full finetuning keeps θ₀ of each rank's own shard, LoRA gathers its small
 factors whole (the base stays sharded), and every rank scores every prompt in lockstep (a
 forward is a collective there); the last safe adapter is gathered on every rank and written by
-the main process. DeepSpeed ZeRO-3 is handled the same way, each rank moving its partition of
-every weight (:mod:`safety_guard.shards`). Other engines (FSDP 1) are refused by name
-(``UnsupportedEngineError``); QLoRA's 4-bit base is read one dequantized tensor at a time.
+the main process. DeepSpeed ZeRO-3 and FSDP (1) with ``use_orig_params=True`` are handled the same way, each
+rank moving its partition of every weight (:mod:`safety_guard.shards`). Other settings
+(``use_orig_params=False``, hybrid sharding) are refused by name (``UnsupportedEngineError``);
+QLoRA's 4-bit base is read one dequantized tensor at a time.
 
 Example:
     >>> cb = SafetyGuardCallback(landscape=None, max_asr_rise=15)
@@ -50,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -58,7 +61,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +88,15 @@ from .displacement import (
 )
 from .distributed import all_gather_objects, all_reduce_max, barrier, rank_and_world
 from .probing import Baseline, GuardProbe, StateMeasure
-from .rule import OK, STATUS_NAMES, WARN, Decision, horizon, promise_at_stake
+from .rule import (
+    OK,
+    STATUS_NAMES,
+    WARN,
+    Decision,
+    horizon,
+    lookahead_multiples,
+    promise_at_stake,
+)
 from .trajectory import append_record, truncate_after
 
 __all__ = ["SafetyGuardCallback", "SafetyGuardWarning"]
@@ -93,6 +104,21 @@ __all__ = ["SafetyGuardCallback", "SafetyGuardWarning"]
 logger = logging.getLogger(__name__)
 
 _STATE_VERSION = 1
+
+
+def _timed(hook: Callable[..., None]) -> Callable[..., None]:
+    """A trainer hook of the guard whose wall time adds to ``total_seconds`` (what the guard
+    costs the run, setup, checks, probes and files together)."""
+
+    @functools.wraps(hook)
+    def timed(self: SafetyGuardCallback, *args: Any, **kwargs: Any) -> None:
+        start = time.perf_counter()
+        try:
+            hook(self, *args, **kwargs)
+        finally:
+            self.total_seconds += time.perf_counter() - start
+
+    return timed
 
 
 class SafetyGuardWarning(UserWarning):
@@ -163,6 +189,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         self._pending_halt: str | None = None
         self._logs_to_history = False
         self.setup_seconds = 0.0
+        self.total_seconds = 0.0  # all of the guard's time in the trainer's hooks
 
     # -- wiring ---------------------------------------------------------------------------------------
     def attach(self, trainer: Any) -> SafetyGuardCallback:
@@ -196,6 +223,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             "probe_seconds": self.probe_seconds,
             "check_seconds": self.check_seconds,
             "sentinel_seconds": self.sentinel_seconds,
+            "total_seconds": self.total_seconds,
             "baseline": self.probe.baseline.to_dict()
             if self.probe and self.probe.baseline
             else None,
@@ -218,11 +246,13 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         self.probe_seconds = list(data.get("probe_seconds", []))
         self.check_seconds = list(data.get("check_seconds", []))
         self.sentinel_seconds = list(data.get("sentinel_seconds", []))
+        self.total_seconds = float(data.get("total_seconds", 0.0))
 
     # -- setup ------------------------------------------------------------------------------------------
     def _guard_dir(self, args: TrainingArguments) -> Path:
         return Path(self.config.output_dir or Path(args.output_dir) / "safety-guard")
 
+    @_timed
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
@@ -482,6 +512,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         return self.probe.baseline.asr if self.probe and self.probe.baseline else 0.0
 
     # -- events -----------------------------------------------------------------------------------------
+    @_timed
     def on_log(
         self,
         args: TrainingArguments,
@@ -497,6 +528,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         if self._pending_halt and self.tracker is not None and self.halt_step is None:
             self._halt_now(state.global_step, self._pending_halt, kwargs.get("model"), control)
 
+    @_timed
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
@@ -563,6 +595,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
                 self._sentinels(record),
                 next_sentinel_step(step, at_stake=stake),
                 stake,
+                _farthest(record),
             )
             self._emit(metrics, record, state)
             self._act(decision, step, model, control)
@@ -570,9 +603,9 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         self._emit(metrics, record, state)
 
     def _sentinels(self, record: dict[str, Any]) -> list[int]:
-        """The prompts a probe found nearest to flipping at its farthest lookahead point."""
-        point = record["points"].get(f"{max(self.config.lookahead):g}")
-        if point is None or not self.config.sentinel_prompts:
+        """The prompts a probe found nearest to flipping at its farthest point measured."""
+        point = record["points"][f"{_farthest(record):g}"]
+        if not self.config.sentinel_prompts:
             return []
         flagged = set(point["flagged_prompts"])
         margins = point["margins"]
@@ -585,7 +618,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         when enough of them flipped (:mod:`~safety_guard.guard.cadence`)."""
         memo = self.memo
         start = time.perf_counter()
-        multiple = max(self.config.lookahead)
+        multiple = memo.multiple if memo.multiple is not None else max(self.config.lookahead)
         with self._at(model, multiple):
             flips = sum(self.probe.flags(model, memo.sentinels))
         seconds = time.perf_counter() - start
@@ -630,7 +663,9 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
 
         settled, _ = decide_probe(
             measure,
-            list(self.config.lookahead) if displacement > 0 else [],
+            lookahead_multiples(self.config.lookahead, horizon_multiple)
+            if displacement > 0
+            else [],
             base.unsafe,  # grows in place as more prompts are prepared
             _AlignedFlags(base),
             horizon_multiple,
@@ -792,6 +827,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         if self._is_main and self._dir is not None:
             append_record(self._dir / "trajectory.jsonl", record)
 
+    @_timed
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
@@ -852,6 +888,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             "setup_seconds": self.setup_seconds,
             "sentinels": len(self.sentinel_seconds),
             "total_sentinel_seconds": sum(self.sentinel_seconds),
+            "total_seconds": self.total_seconds,
             "mean_check_seconds": sum(self.check_seconds) / len(self.check_seconds)
             if self.check_seconds
             else None,
@@ -876,6 +913,11 @@ class _AlignedFlags(Sequence[bool]):
 
 
 @torch.no_grad()
+def _farthest(record: dict[str, Any]) -> float:
+    """The farthest multiple of δ a probe record measured (1.0: the current model only)."""
+    return max(float(k) for k in record["points"])
+
+
 def _trainable_finite(model: nn.Module) -> bool:
     """Whether every trainable parameter is finite (chunked: no tensor-sized temporary)."""
     step = 1 << 22

@@ -48,6 +48,7 @@ __all__ = [
     "decide",
     "estimate",
     "horizon",
+    "lookahead_multiples",
     "promise_at_stake",
 ]
 
@@ -166,6 +167,27 @@ def horizon(
         return h
     rate = max(displacement / step, growth) / displacement
     return min(h, 1.0 + END_GROWTH_MARGIN * steps_left * rate)
+
+
+def lookahead_multiples(lookahead: Sequence[float], horizon_multiple: float) -> list[float]:
+    """The multiples of δ a probe measures: each lookahead multiple, capped at the horizon.
+
+    The decision is about the horizon (:func:`horizon`); a point beyond it is one the remaining
+    steps cannot reach, and measuring it costs the most prompts (it sits nearest the promise)
+    and warns about a model the finetune will not become: a 200-step benign LoRA finetune of
+    the testbed scored all 200 prompts at θ₀ + 2·δ at steps 135 and 185 (horizons 1.72 and
+    1.12), judged 59 of them by generation, and warned at 185 about capability collapsing
+    there. The cap is rounded up to hundredths (stable record keys); a cap at or below 1 (the
+    last step) leaves no lookahead point, so the current model is measured.
+
+    Example:
+        >>> lookahead_multiples((2.0,), 2.0), lookahead_multiples((2.0,), 1.113)
+        ([2.0], [1.12])
+        >>> lookahead_multiples((2.0, 4.0), 3.0), lookahead_multiples((2.0,), 1.0)
+        ([2.0, 3.0], [])
+    """
+    cap = math.ceil(round(horizon_multiple * 100, 6)) / 100
+    return sorted({min(float(s), cap) for s in lookahead if min(float(s), cap) > 1.0})
 
 
 def _interpolate(points: Mapping[float, PointEstimate], at: float) -> tuple[float, float]:
