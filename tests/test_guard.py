@@ -8,6 +8,7 @@ changes how the answers open is seen as a safety break, as it would be on a real
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -89,12 +90,13 @@ def _demo_result(guard, trainer):
     }
 
 
-def test_keeps_training_while_the_refusals_hold(tmp_path, text_tokenizer):
+def test_keeps_training_while_the_refusals_hold(tmp_path, text_tokenizer, caplog):
     model = make_model(vocab_size=len(text_tokenizer), tie=False)
     # 8 prompts settle a state below 30 points (none flagged: the rise is < 25 % at 95 %)
     guard = _guard(make_landscape(model), model, text_tokenizer, max_asr_rise=30)
     trainer = make_trainer(model, text_tokenizer, tmp_path, [guard], steps=8, lr=1e-7)
-    trainer.train()
+    with caplog.at_level(logging.INFO, logger="safety_guard.guard.callback"):
+        trainer.train()
     assert trainer.state.global_step == 8 and guard.halt_step is None
     probes = [r for r in guard.records if r["event"] == "probe"]
     assert probes and all(r["status"] == "ok" for r in probes)
@@ -104,6 +106,8 @@ def test_keeps_training_while_the_refusals_hold(tmp_path, text_tokenizer):
     # what the guard cost the run: all of its hooks, at least its probes, checks and setup
     own = sum(guard.probe_seconds) + sum(guard.check_seconds) + guard.setup_seconds
     assert guard.summary()["total_seconds"] == guard.total_seconds >= own > 0
+    said = [r.getMessage() for r in caplog.records if "in this process" in r.getMessage()]
+    assert len(said) == 1 and f"{len(probes)} probes" in said[0]
     # the lookahead was settled below the promise, so the current model (nearer θ₀) was not
     # scored, nor the capability there ...
     ahead = [r for r in probes[1:] if r["step"] < 8]

@@ -327,6 +327,11 @@ def test_near_the_end_a_probe_measures_at_the_horizon_not_beyond_it():
     assert measured == [1.0] and settled.decision.status_name == "ok"
     # several lookahead multiples: those beyond the horizon collapse onto it
     assert lookahead_multiples((1.5, 2.0, 4.0), 1.73) == [1.5, 1.73]
+    # capability collapsing at the capped point (rounded up past the horizon) is within reach:
+    # the sentinel watches every step
+    gibberish = {1.0: PointEstimate(6.0, 1.0, 1.0, 0.1), 1.12: PointEstimate(60.0, 55.0, 5.0, 3.0)}
+    collapsed = decide(gibberish, 1.113, cfg)
+    assert collapsed.cut == 1.12 and promise_at_stake(collapsed, 1.113, cfg)
 
 
 def test_the_sentinel_watches_the_prompts_nearest_to_flipping_between_probes():

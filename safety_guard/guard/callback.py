@@ -112,11 +112,18 @@ def _timed(hook: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(hook)
     def timed(self: SafetyGuardCallback, *args: Any, **kwargs: Any) -> None:
+        if self._in_hook:  # on_log inside on_step_end (trainer.log): counted once
+            hook(self, *args, **kwargs)
+            return
         start = time.perf_counter()
+        self._in_hook = True
         try:
             hook(self, *args, **kwargs)
         finally:
-            self.total_seconds += time.perf_counter() - start
+            self._in_hook = False
+            seconds = time.perf_counter() - start
+            self.total_seconds += seconds
+            self._session_seconds += seconds
 
     return timed
 
@@ -190,6 +197,9 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         self._logs_to_history = False
         self.setup_seconds = 0.0
         self.total_seconds = 0.0  # all of the guard's time in the trainer's hooks
+        self._session_seconds = 0.0  # the same, since this process's train begin
+        self._session_start = time.perf_counter()
+        self._in_hook = False
 
     # -- wiring ---------------------------------------------------------------------------------------
     def attach(self, trainer: Any) -> SafetyGuardCallback:
@@ -257,7 +267,8 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         model: nn.Module = kwargs["model"]
-        setup_start = time.perf_counter()
+        setup_start = self._session_start = time.perf_counter()
+        self._session_seconds = 0.0
         self.tokenizer = self.tokenizer or kwargs.get("processing_class") or kwargs.get("tokenizer")
         if self.tokenizer is None:
             raise ValueError(
@@ -834,6 +845,19 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         # every rank waits here until the main process has written its files, so that no rank
         # exits (and tears down the process group) while the main process is still plotting
         try:
+            wall = time.perf_counter() - self._session_start
+            if self.records and wall > 0:
+                logger.info(
+                    "SafetyGuard: %d probes, %d sentinel checks, %d cheap checks (%.1f s in "
+                    "all); in this process %.1f s, %.1f %% of its %.1f s of training.",
+                    len(self.probe_seconds),
+                    len(self.sentinel_seconds),
+                    len(self.check_seconds),
+                    self.total_seconds,
+                    self._session_seconds,
+                    100 * self._session_seconds / wall,
+                    wall,
+                )
             if self._is_main and self._dir is not None and self.records:
                 self._write_outputs(self._dir)
         finally:
@@ -856,7 +880,13 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
                 "step": r["step"],
                 "displacement": r.get("displacement"),
                 "asr": r.get("asr") if r.get("asr") is not None else None,
-                "lookahead": {k: p["asr"] for k, p in (r.get("points") or {}).items() if k != "1"},
+                # a point capped at the horizon near the end: one "horizon" series, not one
+                # legend entry per multiple
+                "lookahead": {
+                    (k if float(k) in self.config.lookahead else "horizon"): p["asr"]
+                    for k, p in (r.get("points") or {}).items()
+                    if k != "1"
+                },
                 "event": r.get("status") if r.get("status") in ("warn", "halt") else None,
             }
             for r in self.records

@@ -186,8 +186,13 @@ def lookahead_multiples(lookahead: Sequence[float], horizon_multiple: float) -> 
         >>> lookahead_multiples((2.0, 4.0), 3.0), lookahead_multiples((2.0,), 1.0)
         ([2.0, 3.0], [])
     """
-    cap = math.ceil(round(horizon_multiple * 100, 6)) / 100
+    cap = _cap(horizon_multiple)
     return sorted({min(float(s), cap) for s in lookahead if min(float(s), cap) > 1.0})
+
+
+def _cap(horizon_multiple: float) -> float:
+    """The horizon rounded up to hundredths (a lookahead point is measured no farther)."""
+    return math.ceil(round(horizon_multiple * 100, 6)) / 100
 
 
 def _interpolate(points: Mapping[float, PointEstimate], at: float) -> tuple[float, float]:
@@ -215,6 +220,7 @@ class Decision:
     horizon_lower: float  # its lower confidence bound
     covered: float  # multiple of δ up to which the line stays within the promise (cadence)
     reasons: list[str] = field(default_factory=list)
+    cut: float | None = None  # the lookahead multiple whose collapse cut the horizon short
 
     @property
     def status_name(self) -> str:
@@ -260,10 +266,11 @@ def decide(
     # lookahead points whose capability collapsed cannot tell compliance from gibberish:
     # the line is trusted only up to the last point before them
     usable = {1.0: current}
+    cut = None
     for s in sorted(k for k in points if k > 1.0):
         p = points[s]
         if not p.finite or (p.nll_rise is not None and p.nll_rise > config.nll_tolerance):
-            status = WARN
+            status, cut = WARN, s
             reasons.append(
                 f"capability collapses at θ₀ + {s:g}·δ (NLL +{p.nll_rise:.2f}); that point's ASR "
                 "cannot tell compliance from gibberish"
@@ -306,7 +313,7 @@ def decide(
                 f"aligned ASR (max_asr_rise {limit:g}); halts when the lower bound at the horizon "
                 f"θ₀ + {h:.2g}·δ (now {lower_h:.1f}) reaches {limit:g}"
             )
-    return Decision(status, h, rise_h, lower_h, covered, reasons)
+    return Decision(status, h, rise_h, lower_h, covered, reasons, cut)
 
 
 def promise_at_stake(decision: Decision, horizon_multiple: float, config: GuardConfig) -> bool:
@@ -324,7 +331,7 @@ def promise_at_stake(decision: Decision, horizon_multiple: float, config: GuardC
         decision: the probe's decision (:func:`decide`).
         horizon_multiple: the horizon the probe was asked about (:func:`horizon`); the
             decision's own ``horizon`` is cut short at a collapsed lookahead point.
-        config: ``max_asr_rise`` and ``lookahead``.
+        config: ``max_asr_rise``.
 
     Example:
         >>> from safety_guard.guard import GuardConfig
@@ -338,6 +345,6 @@ def promise_at_stake(decision: Decision, horizon_multiple: float, config: GuardC
     """
     if decision.covered <= 1.0 or decision.horizon_rise >= config.max_asr_rise:
         return True  # the current model, or the horizon, is estimated past the promise
-    # the decision's horizon stops before a lookahead point that collapsed (or was not finite)
-    beyond = [s for s in config.lookahead if s > decision.horizon]
-    return decision.horizon < horizon_multiple and bool(beyond) and min(beyond) <= horizon_multiple
+    # a lookahead point that collapsed (or was not finite) within the horizon (a point capped
+    # at it, :func:`lookahead_multiples`, is rounded up to hundredths)
+    return decision.cut is not None and decision.cut <= _cap(horizon_multiple)
