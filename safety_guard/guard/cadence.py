@@ -17,9 +17,11 @@ as the finetune keeps its direction, the models it passes through on the way the
 * or ``max_probe_interval`` steps have passed,
 * or the **sentinel** rang: the ``sentinel_prompts`` prompts the last probe found nearest to
   flipping at its lookahead point (unflagged, smallest opening margins) are re-scored at the
-  current θ₀ + s·δ (s: the multiple that probe measured) every ``max(1, step // 4)`` steps, every step while the promise is at stake
-  within the horizon (:func:`~safety_guard.guard.rule.promise_at_stake`; forward only: 16 of a
-  probe's up to 200 prompts), and a probe follows when ``sentinel_flips`` of them flipped. It watches what the other triggers cannot see: a collapse within the displacement and the direction the last
+  current θ₀ + s·δ (s: the multiple that probe measured) every ``max(1, step // 4)`` steps,
+  every step while the promise is at stake within the horizon
+  (:func:`~safety_guard.guard.rule.promise_at_stake`; forward only: 16 of a probe's up to 200
+  prompts), and a probe follows when ``sentinel_flips`` of them flipped. It watches what the
+  other triggers cannot see: a collapse within the displacement and the direction the last
   probe covered (the damage suite's "always obey" LoRA finetune went from 7 % to 51 % held-out
   ASR between two doublings while δ turned by 17°; on its seed-0 records 2 of 16 sentinels
   flipped between steps 16 and 18 and 10 between 18 and 20, while benign finetunes flipped at

@@ -21,7 +21,8 @@ halt (``confirm="halt"``) the flagged ones are judged by generation, so decision
 keyword verdicts of the prompts that changed. The decision rule (:mod:`~safety_guard.guard.rule`)
 compares each prompt with itself at θ₀ and halts when the rise is confidently past the promise
 now or at the lookahead θ₀ + 2·δ (the finetune's line, ahead of it; near the end of training,
-at the horizon the remaining steps can reach, :func:`~safety_guard.guard.rule.lookahead_multiples`).
+at the horizon the remaining steps can reach:
+:func:`~safety_guard.guard.rule.lookahead_multiples`).
 
 **Broken models halt**: non-finite weights, loss or scores, or a collapsed capability are a halt
 with a reason, never "ok" and never saved as the last safe weights. With LoRA the last adapter a
@@ -37,10 +38,10 @@ all-reduced, so every rank takes the same decision; only the main process writes
 FSDP2 (``fully_shard``) full finetuning keeps θ₀ of each rank's own shard, LoRA gathers its small
 factors whole (the base stays sharded), and every rank scores every prompt in lockstep (a
 forward is a collective there); the last safe adapter is gathered on every rank and written by
-the main process. DeepSpeed ZeRO-3 and FSDP (1) with ``use_orig_params=True`` are handled the same way, each
-rank moving its partition of every weight (:mod:`safety_guard.shards`). Other settings
-(``use_orig_params=False``, hybrid sharding) are refused by name (``UnsupportedEngineError``);
-QLoRA's 4-bit base is read one dequantized tensor at a time.
+the main process. DeepSpeed ZeRO-3 and FSDP (1) with ``use_orig_params=True`` are handled the
+same way, each rank moving its partition of every weight (:mod:`safety_guard.shards`). Other
+settings (``use_orig_params=False``, hybrid sharding) are refused by name
+(``UnsupportedEngineError``); QLoRA's 4-bit base is read one dequantized tensor at a time.
 
 Example:
     >>> cb = SafetyGuardCallback(landscape=None, max_asr_rise=15)
