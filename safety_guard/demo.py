@@ -312,9 +312,14 @@ def describe(result: dict[str, Any]) -> str:
             f"  aligned ASR on the {guard['num_prompts']} probe prompts {guard['aligned_asr']:.1f} %; "
             + _last_probe(final)
         )
+        cost = (
+            f"; the guard took {guard['total_seconds']:.0f} s of the run"
+            if guard.get("total_seconds")
+            else ""
+        )
         lines.append(
             f"  probes {guard['probes']} ({guard['total_probe_seconds']:.0f} s in all); "
-            f"cheap check {1000 * (guard['mean_check_seconds'] or 0):.0f} ms"
+            f"cheap check {1000 * (guard['mean_check_seconds'] or 0):.0f} ms{cost}"
         )
     lines.append(f"  held-out ASR (100 prompts) at the end: {result['final_heldout_asr']:.1f} %")
     return "\n".join(lines)

@@ -125,6 +125,7 @@ def test_keeps_training_while_the_refusals_hold(tmp_path, text_tokenizer, caplog
     final = probes[-1]  # the last step's probe scores the current model itself
     now = "rise at most" if final["rise"] is None else f"rise {final['rise']:+.1f} points"
     assert f"last probe (step {final['step']}): {now}" in text
+    assert f"the guard took {guard.total_seconds:.0f} s of the run" in text
 
 
 def _snapshot(model, text_tokenizer):
