@@ -35,6 +35,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--method", choices=["lora", "full"], default="lora")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument(
+        "--lr", type=float, default=None, help="Peak learning rate (default: 2e-4 LoRA, 1e-5 full)."
+    )
+    parser.add_argument(
+        "--lr-scheduler",
+        default="constant",
+        help="The Trainer's lr_scheduler_type (constant, linear, cosine, ...).",
+    )
+    parser.add_argument("--warmup-ratio", type=float, default=0.0)
+    parser.add_argument(
         "--landscape",
         type=Path,
         default=Path(__file__).resolve().parent / "results" / "testbed_landscape.json",
@@ -52,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_testbed(progress=False)
     land = testbed_landscape(args.landscape, model, tokenizer)
     del model
-    lr = 2e-4 if args.method == "lora" else 1e-5
+    lr = args.lr or (2e-4 if args.method == "lora" else 1e-5)
     config = GuardConfig()
     results = {}
     with tempfile.TemporaryDirectory(prefix="sg-overhead-") as tmp:
@@ -62,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
                 method=args.method,
                 learning_rate=lr,
                 max_steps=args.steps,
+                lr_scheduler_type=args.lr_scheduler,
+                warmup_ratio=args.warmup_ratio,
                 guarded=guarded,
                 guard=config,
             )
@@ -157,19 +168,23 @@ def main(argv: list[str] | None = None) -> None:
     info = machine_info()
     header = (
         f"## Guard overhead: testbed {args.method} finetune, {args.steps} steps, `GuardConfig()`\n\n"
-        f"Benign data, lr {lr:g}, batch 4, `GuardConfig()` defaults. Machine: {info['nproc']} "
-        f"CPUs ({info['cpu']}), torch {info['torch']}.\n\nCommand: `python "
-        f"benchmarks/guard_overhead.py --method {args.method} --steps {args.steps}`"
+        f"Benign data, lr {lr:g} ({args.lr_scheduler}, warmup ratio {args.warmup_ratio:g}), "
+        f"batch 4, `GuardConfig()` defaults. Machine: {info['nproc']} CPUs ({info['cpu']}), "
+        f"torch {info['torch']}.\n\nCommand: `python benchmarks/guard_overhead.py "
+        f"{' '.join(argv if argv is not None else sys.argv[1:])}`"
     )
     footer = (
         "Share of the unguarded run = the guard's time / the unguarded run's wall time. The "
         "guarded run's own steps may differ slightly in time (noise of a shared machine)."
     )
-    trajectory = args.output_dir / f"guard_overhead_{args.method}_{args.steps}.trajectory.jsonl"
+    name = f"guard_overhead_{args.method}_{args.steps}"
+    if args.lr_scheduler != "constant" or args.warmup_ratio or args.lr:
+        name += f"_{args.lr_scheduler}_lr{lr:g}" + (
+            f"_warmup{args.warmup_ratio:g}" if args.warmup_ratio else ""
+        )
+    trajectory = args.output_dir / f"{name}.trajectory.jsonl"
     trajectory.write_text("".join(json.dumps(r) + "\n" for r in guarded["trajectory"]))
-    text = write_table(
-        rows, args.output_dir, f"guard_overhead_{args.method}_{args.steps}", header, footer
-    )
+    text = write_table(rows, args.output_dir, name, header, footer)
     print(text)
 
 

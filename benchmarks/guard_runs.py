@@ -65,6 +65,7 @@ from _common import markdown_table
 from safety_guard.demo import KINDS
 from safety_guard.guard import (
     GuardConfig,
+    LrSchedule,
     ProbeMemo,
     horizon,
     next_sentinel_step,
@@ -89,9 +90,16 @@ EVERY = 5
 STOP_DAMAGE = 20.0
 
 
-def run_name(kind: str, method: str, seed: int) -> str:
-    lr, _ = METHODS[method]
-    return f"{kind}-{method}-{lr:g}-seed{seed}"
+def run_name(
+    kind: str, method: str, seed: int, scheduler: str = "constant", steps: int | None = None
+) -> str:
+    """``harmful-lora-0.0002-seed0``; a schedule other than constant, or other steps than the
+    suite's, are named too (``benign-lora-0.0002-linear-200-seed0``)."""
+    lr, default_steps = METHODS[method]
+    extra = "" if scheduler == "constant" else f"-{scheduler}"
+    if steps is not None and steps != default_steps:
+        extra += f"-{steps}"
+    return f"{kind}-{method}-{lr:g}{extra}-seed{seed}"
 
 
 def record_steps(max_steps: int) -> list[int]:
@@ -101,16 +109,25 @@ def record_steps(max_steps: int) -> list[int]:
 # -- recording ------------------------------------------------------------------------------------
 
 
-def run_one(kind: str, method: str, seed: int, out: Path) -> dict[str, Any]:
-    """Train one run of the suite with the recorders; returns (and saves) its result."""
+def run_one(
+    kind: str,
+    method: str,
+    seed: int,
+    out: Path,
+    scheduler: str = "constant",
+    steps: int | None = None,
+) -> dict[str, Any]:
+    """Train one run of the suite with the recorders; returns (and saves) its result (with the
+    run's learning-rate multipliers, which the replay's horizon counts in)."""
     import torch
     from transformers import TrainerCallback
 
     from safety_guard.demo import FinetuneRun, run_finetune
-    from safety_guard.guard import GuardProbe
+    from safety_guard.guard import GuardProbe, LrSchedule
     from safety_guard.guard.displacement import make_tracker, sketch_cosine
 
-    lr, steps = METHODS[method]
+    lr, default_steps = METHODS[method]
+    steps = steps or default_steps
     config = GuardConfig()
     recording = dataclasses.replace(config, max_asr_rise=RECORD_LIMIT)
     schedule = set(record_steps(steps))
@@ -123,6 +140,7 @@ def run_one(kind: str, method: str, seed: int, out: Path) -> dict[str, Any]:
             self.sketches: list[torch.Tensor] = []
 
         def on_train_begin(self, args, state, control, model=None, processing_class=None, **kw):  # type: ignore[no-untyped-def]
+            self.schedule = LrSchedule.from_scheduler(kw.get("lr_scheduler"), state.max_steps)
             self.tracker = make_tracker(model)
             self.probe = GuardProbe(model, processing_class, recording)
             self.probe.prepare(model, recording.min_prompts)
@@ -160,12 +178,13 @@ def run_one(kind: str, method: str, seed: int, out: Path) -> dict[str, Any]:
         method=method,
         learning_rate=lr,
         max_steps=steps,
+        lr_scheduler_type=scheduler,
         guarded=False,
         eval_every=EVERY,
         stop_damage=STOP_DAMAGE,
         seed=seed,
     )
-    name = run_name(kind, method, seed)
+    name = run_name(kind, method, seed, scheduler, steps)
     result = run_finetune(run, out / name, None, progress=False, callbacks=[recorder])
     cos = [[sketch_cosine(a, b) for b in recorder.sketches] for a in recorder.sketches]
     result.update(
@@ -177,9 +196,10 @@ def run_one(kind: str, method: str, seed: int, out: Path) -> dict[str, Any]:
             "records": recorder.records,
             "cosines": cos,
             "config": config.to_dict(),
+            "schedule": recorder.schedule.to_dict() if recorder.schedule else None,
         }
     )
-    path = out / run_name(kind, method, seed) / "result.json"
+    path = out / name / "result.json"
     path.write_text(json.dumps(result, default=str))
     return result
 
@@ -308,6 +328,8 @@ def replay(
     records = result["records"]
     steps = [r["step"] for r in records]
     max_steps = result["run"]["max_steps"]
+    # runs recorded before schedules were saved used a constant learning rate: steps count
+    schedule = LrSchedule.from_dict(result["schedule"]) if result.get("schedule") else None
     baseline = dict(result["baseline"])
     if not paired:
         baseline.pop("screened", None)
@@ -366,7 +388,7 @@ def replay(
             break
         rec = records[j]
         step = rec["step"]
-        h = horizon(max_steps - step, config, step, rec["displacement"], growth)
+        h = horizon(max_steps - step, config, step, rec["displacement"], growth, schedule)
         settled, scored = _decide(rec, baseline, h, config, cap)
         farthest = max(lookahead_multiples(config.lookahead, h), default=1.0)
         decision = settled.decision
@@ -490,6 +512,15 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument(
+        "--lr-scheduler",
+        default="constant",
+        help="The runs' learning-rate schedule (constant, linear, cosine, ...); the replay's "
+        "horizon counts the learning rate each run has left.",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="Steps per run (default: the suite's 40 / 30)."
+    )
+    parser.add_argument(
         "--output-dir",
         type=Path,
         default=Path(__file__).resolve().parent / "results" / "guard_damage",
@@ -511,12 +542,12 @@ def main() -> None:
     for seed in (0, 1, 2):
         for method in args.methods:
             for kind in args.kinds:
-                name = run_name(kind, method, seed)
+                name = run_name(kind, method, seed, args.lr_scheduler, args.steps)
                 path = out / name / "result.json"
                 if path.exists():
                     results[name] = json.loads(path.read_text())
                 elif not args.replay and seed in args.seeds:
-                    results[name] = run_one(kind, method, seed, out)
+                    results[name] = run_one(kind, method, seed, out, args.lr_scheduler, args.steps)
                     print(f"{name}: done", flush=True)
     if args.screen_aligned:
         screen_aligned(results, out)

@@ -7,9 +7,8 @@ Needs the testbed extra (TRL, and the testbed's GGUF loader): pip install "safet
     python examples/sft_lora_guarded.py --model ./my-chat-model --landscape landscape.json
 
 Without --landscape the guard computes a small landscape of the aligned model at train begin.
-The guard is attached with ``attach(trainer)`` so that its ``safety/*`` metrics reach the
-trainer's loggers; ``callbacks=[SafetyGuardCallback(...)]`` works too (metrics then go to the
-trajectory file and ``trainer.state.log_history``).
+The guard is attached with ``attach(trainer)``; ``callbacks=[SafetyGuardCallback(...)]`` works
+the same way. Its ``safety/*`` metrics reach the trainer's loggers either way.
 """
 
 from __future__ import annotations

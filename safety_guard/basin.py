@@ -29,22 +29,69 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["BasinEdges", "basin_edges", "interpolate_grid", "validate_grid", "visage"]
+__all__ = [
+    "MAX_ABS_ALPHA",
+    "MAX_GRID_POINTS",
+    "BasinEdges",
+    "basin_edges",
+    "interpolate_grid",
+    "validate_grid",
+    "visage",
+]
 
 S_MAX = 100.0
+#: The most points a grid axis may have: each point is a full probe of the model (minutes on a
+#: real model), and a 2D landscape measures the square of it.
+MAX_GRID_POINTS = 1001
+#: The largest ``|α|`` of a grid. α is the step in units of the weights' own norm (layer
+#: normalization) or of the finetuning update (interpolation): basins end well below 1, and
+#: beyond 100 the moved weights are noise (or overflow, as 1e308 does).
+MAX_ABS_ALPHA = 100.0
+
+
+def _short(values: Sequence[float]) -> str:
+    """A grid for a message: every value of a short one, the ends of a long one.
+
+    Example:
+        >>> _short([float(i) for i in range(100)])
+        '[0.0, 1.0, 2.0, ..., 97.0, 98.0, 99.0] (100 values)'
+    """
+    if len(values) <= 8:
+        return str(list(values))
+    head = ", ".join(map(str, values[:3]))
+    tail = ", ".join(map(str, values[-3:]))
+    return f"[{head}, ..., {tail}] ({len(values)} values)"
 
 
 def validate_grid(grid: Sequence[float], name: str = "alphas") -> tuple[float, ...]:
-    """Sorted, unique, finite, containing 0 — or a ``ValueError`` that says how to fix it."""
+    """Sorted, unique, finite, within ``±MAX_ABS_ALPHA``, at most ``MAX_GRID_POINTS`` points,
+    containing 0 — or a ``ValueError`` that says how to fix it.
+
+    Example:
+        >>> validate_grid([0.1, 0, -0.1])
+        (-0.1, 0.0, 0.1)
+    """
     values = [float(a) for a in grid]
     if len(values) < 2:
         raise ValueError(f"The {name} grid needs at least two points, got {values}.")
+    if len(values) > MAX_GRID_POINTS:
+        raise ValueError(
+            f"The {name} grid has {len(values):,} points, more than {MAX_GRID_POINTS} "
+            "(MAX_GRID_POINTS); each point probes the model once. Use fewer, e.g. "
+            "--grid -0.5:0.5:21."
+        )
     if any(not math.isfinite(a) for a in values):
-        raise ValueError(f"The {name} grid holds non-finite values: {values}.")
+        raise ValueError(f"The {name} grid holds non-finite values: {_short(values)}.")
+    if any(abs(a) > MAX_ABS_ALPHA for a in values):
+        raise ValueError(
+            f"The {name} grid reaches {max(values, key=abs):g}, beyond ±{MAX_ABS_ALPHA:g} "
+            "(MAX_ABS_ALPHA): α is in units of the weights' norm, and basins end below 1. Use "
+            "e.g. --grid -0.5:0.5:21."
+        )
     values = sorted(set(values))
     if not any(abs(a) < 1e-12 for a in values):
         raise ValueError(
-            f"The {name} grid must contain 0 (the unperturbed model), got {values}. "
+            f"The {name} grid must contain 0 (the unperturbed model), got {_short(values)}. "
             "Use a symmetric grid such as --grid -0.5:0.5:21."
         )
     return tuple(0.0 if abs(a) < 1e-12 else a for a in values)

@@ -62,7 +62,12 @@ def _add_landscape(sub: argparse._SubParsersAction) -> None:
         default=TESTBED,
         help="Model folder, hub id or .gguf file (default: the offline testbed, built on first use).",
     )
-    p.add_argument("--output", "-o", required=True, help="Landscape JSON file to write.")
+    p.add_argument(
+        "--output",
+        "-o",
+        required=True,
+        help="Landscape JSON file to write (OUTPUT.lock keeps a second command off it).",
+    )
     p.add_argument("--plot", help="Also write a PNG plot here.")
     g = p.add_argument_group("directions")
     add_dataclass_options(
@@ -210,6 +215,25 @@ def _resolve_model_id(model: str) -> str:
 
 
 def _cmd_landscape(args: argparse.Namespace) -> int:
+    """Check the settings, the device and the outputs (before the model loads), then compute
+    the landscape holding the lock of ``--output`` (a second writer is refused)."""
+    from .files import check_writable, output_lock
+    from .models import resolve_device
+
+    configs = landscape_configs(args)
+    resolve_device(args.device)  # an unknown or absent device, before minutes of loading
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the main process writes
+        return _run_landscape(args, *configs)
+    check_writable(args.output, "--output")
+    if args.plot:
+        check_writable(args.plot, "--plot")
+    with output_lock(args.output, "--output"):
+        return _run_landscape(args, *configs)
+
+
+def _run_landscape(
+    args: argparse.Namespace, config: LandscapeConfig, probe_config: ProbeConfig
+) -> int:
     import torch
 
     from .directions import InterpolationDirection, LoraDirection
@@ -219,7 +243,6 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
     from .plotting import plot_landscape, require_matplotlib
     from .probe import SafetyProbe
 
-    config, probe_config = landscape_configs(args)
     if args.plot:
         require_matplotlib()  # before the landscape's minutes, not after
     interpolation = config.kind == "interpolation"
@@ -318,6 +341,10 @@ def _print_summary(land) -> None:
     if land.curves():
         v = land.visage()
         print(f"VISAGE {v['mean']:.2f} ± {v['std']:.2f} over {v['num_directions']} direction(s)")
+    probe = land.data.get("probe") or {}
+    sets = [(k, probe.get(k)) for k in ("harmful", "benign") if isinstance(probe.get(k), dict)]
+    if sets:  # (the INFO log of load_prompts says which file and how many it held)
+        print("prompts: " + ", ".join(f"{s.get('count')} {k} ({s.get('name')})" for k, s in sets))
     summary = land.data.get("summary") or {}
     print(
         f"points measured: {summary.get('num_points')}  decoded tokens: {summary.get('decoded_tokens')}"

@@ -106,6 +106,13 @@ class FinetuneRun:
     learning_rate: float = 2e-4
     max_steps: int = 60
     batch_size: int = 4
+    lr_scheduler_type: str = field(
+        default="constant",
+        metadata={"help": "The Trainer's learning-rate schedule (constant, linear, cosine, ...)."},
+    )
+    warmup_ratio: float = field(
+        default=0.0, metadata={"help": "Share of the steps spent warming the learning rate up."}
+    )
     guarded: bool = True
     guard: GuardConfig = field(default_factory=GuardConfig)
     eval_every: int | None = field(
@@ -240,8 +247,8 @@ def run_finetune(
         max_steps=run.max_steps,
         learning_rate=run.learning_rate,
         per_device_train_batch_size=run.batch_size,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
+        lr_scheduler_type=run.lr_scheduler_type,
+        warmup_steps=round(run.warmup_ratio * run.max_steps),
         weight_decay=0.0,
         completion_only_loss=True,
         max_length=256,

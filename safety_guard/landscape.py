@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import statistics
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,13 +26,20 @@ from typing import Any, Literal
 from torch import nn
 
 from . import __version__
-from .basin import BasinEdges, basin_edges, validate_grid, visage
+from .basin import MAX_GRID_POINTS, BasinEdges, basin_edges, validate_grid, visage
 from .directions import Direction, RandomDirection, direction_from_dict
 from .distributed import barrier, rank_and_world
+from .files import atomic_path
 from .perturb import WeightPerturbation, check_shard_directions
 from .probe import PointResult, ProbeConfig, SafetyProbe
 from .shards import is_sharded_model
-from .weights import ParameterSelection, check_engine, compare_fingerprints, model_fingerprint
+from .weights import (
+    ParameterSelection,
+    check_engine,
+    checkpoint_fingerprint,
+    compare_fingerprints,
+    model_fingerprint,
+)
 
 __all__ = [
     "FORMAT",
@@ -51,8 +57,10 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "safety-guard-landscape"
 #: 2: points may record unsafe/flagged prompts, summary["screen"]; 3: "guard_baseline", the
-#: guard's measurement of the aligned model (see :func:`record_guard_baseline`)
-FORMAT_VERSION = 3
+#: guard's measurement of the aligned model (see :func:`record_guard_baseline`); 4: the model
+#: fingerprint covers every weight tensor (norm and projection, fingerprint "version": 2), so a
+#: safety-guard that reads only version 3 says "upgrade" instead of misreading it
+FORMAT_VERSION = 4
 
 
 class LandscapeFileError(ValueError):
@@ -71,13 +79,13 @@ def parse_grid(spec: str) -> tuple[float, ...]:
         (-0.1, 0.0, 0.1)
     """
     spec = spec.strip()
+    n = 0
     try:
         if ":" in spec:
-            start, stop, count = spec.split(":")
-            n = int(count)
+            start_text, stop_text, count = spec.split(":")
+            start, stop, n = float(start_text), float(stop_text), int(count)
             if n < 2:
                 raise ValueError
-            values = [float(start) + (float(stop) - float(start)) * i / (n - 1) for i in range(n)]
         else:
             values = [float(v) for v in spec.split(",") if v.strip()]
     except ValueError as err:
@@ -85,6 +93,13 @@ def parse_grid(spec: str) -> tuple[float, ...]:
             f"Cannot read grid {spec!r}: write start:stop:count (e.g. -0.5:0.5:21) or a comma "
             "list (e.g. -0.1,0,0.1)."
         ) from err
+    if n > MAX_GRID_POINTS:  # before making the list (a count of 10**12 would never end)
+        raise ValueError(
+            f"Grid {spec!r} asks for {n:,} points, more than {MAX_GRID_POINTS} "
+            "(MAX_GRID_POINTS); each point probes the model once. Use fewer, e.g. -0.5:0.5:21."
+        )
+    if n:
+        values = [start + (stop - start) * i / (n - 1) for i in range(n)]
     return validate_grid([round(v, 10) for v in values])
 
 
@@ -189,10 +204,15 @@ class LandscapeConfig:
             raise ValueError("Adaptive search is 1D only; use search='grid' for a 2D landscape.")
         if self.num_directions < 1:
             raise ValueError("num_directions must be at least 1.")
-        if self.refine_visage < 0:
-            raise ValueError(f"refine_visage must be >= 0, got {self.refine_visage}.")
-        if not 0 < self.edge_asr <= 100:
-            raise ValueError(f"edge_asr is a percentage in (0, 100], got {self.edge_asr}.")
+        if not (math.isfinite(self.refine_visage) and self.refine_visage >= 0):
+            raise ValueError(
+                f"refine_visage (--refine-visage) must be a finite number >= 0 (VISAGE points), "
+                f"got {self.refine_visage}. Use e.g. 1 (the default), or 0 to bisect every gap."
+            )
+        if not 0 < self.edge_asr <= 100:  # (NaN fails too)
+            raise ValueError(
+                f"edge_asr (--edge-asr) is a percentage in (0, 100], got {self.edge_asr}."
+            )
         if self.offload not in ("cpu", "disk"):
             raise ValueError(f"offload must be 'cpu' or 'disk', got {self.offload!r}.")
         self.alphas = validate_grid(self.alphas, "alphas")
@@ -225,6 +245,76 @@ class LandscapeConfig:
 
 
 # -- the result file ------------------------------------------------------------------------------
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_document(path: Path, data: dict[str, Any]) -> None:
+    """Raise :class:`LandscapeFileError` naming ``path`` unless ``data`` has what the accessors
+    read: the ``model``, ``landscape``, ``probe`` and ``directions`` keys, valid landscape
+    settings, and points whose α (β) and ASR are finite numbers (ASR in 0..100).
+    """
+    fix = f"Remove it and compute it again (safety-guard landscape MODEL --output {path})."
+    kinds = {"model": dict, "landscape": dict, "probe": dict, "directions": list}
+    for key, kind in kinds.items():
+        if key not in data:
+            raise LandscapeFileError(
+                f"{path} has no {key!r} key: the file is damaged or was cut short. {fix}"
+            )
+        if not isinstance(data[key], kind):
+            raise LandscapeFileError(
+                f"{path}: {key!r} is a JSON {type(data[key]).__name__}, not "
+                f"{'an object' if kind is dict else 'a list'}: the file is damaged. {fix}"
+            )
+    if "fingerprint" not in data["model"]:
+        raise LandscapeFileError(f"{path} has no 'model' 'fingerprint' key. {fix}")
+    for key in ("alphas", "edge_asr"):
+        if key not in data["landscape"]:
+            raise LandscapeFileError(f"{path} has no 'landscape' {key!r} key. {fix}")
+    try:
+        LandscapeConfig.from_dict(data["landscape"])
+    except (TypeError, ValueError) as err:
+        raise LandscapeFileError(f"{path} has invalid 'landscape' settings: {err} {fix}") from err
+
+    def check_point(point: Any, at: str, axes: tuple[str, ...]) -> None:
+        if not isinstance(point, dict):
+            raise LandscapeFileError(f"{path}: {at} is not an object. {fix}")
+        for key in (*axes, "asr"):
+            if key not in point:
+                raise LandscapeFileError(f"{path}: {at} has no {key!r} key. {fix}")
+            if not _is_number(point[key]):
+                raise LandscapeFileError(
+                    f"{path}: {at} has {key} {point[key]!r}, not a finite number. {fix}"
+                )
+        if not 0 <= point["asr"] <= 100:
+            raise LandscapeFileError(
+                f"{path}: {at} has ASR {point['asr']!r}, outside 0..100 %. {fix}"
+            )
+
+    def check_points(points: Any, where: str, axes: tuple[str, ...]) -> None:
+        if not isinstance(points, list):
+            raise LandscapeFileError(f"{path}: {where} 'points' is not a list. {fix}")
+        for n, point in enumerate(points):
+            check_point(point, f"{where} point {n}", axes)
+
+    if data.get("origin") is not None:
+        check_point(data["origin"], "the origin (the unperturbed model)", ())
+    for i, entry in enumerate(data["directions"]):
+        if not isinstance(entry, dict) or not isinstance(entry.get("direction"), dict):
+            raise LandscapeFileError(
+                f"{path}: 'directions' entry {i} has no 'direction' object. {fix}"
+            )
+        if "points" not in entry:
+            raise LandscapeFileError(f"{path}: 'directions' entry {i} has no 'points' key. {fix}")
+        check_points(entry["points"], f"direction {i}", ("alpha",))
+    surface = data.get("surface")
+    if surface is not None:
+        if not isinstance(surface, dict) or "points" not in surface:
+            raise LandscapeFileError(f"{path}: 'surface' has no 'points' key. {fix}")
+        check_points(surface["points"], "the surface", ("alpha", "beta"))
 
 
 def _point_key(point: dict[str, Any]) -> tuple[float, ...]:
@@ -289,42 +379,74 @@ class Landscape:
             raise LandscapeFileError(
                 f"{path} is not a valid landscape file (bad JSON: {err})."
             ) from err
+        except OSError as err:
+            raise LandscapeFileError(
+                f"Cannot read landscape file {path}: {err.strerror or err}."
+            ) from err
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise LandscapeFileError(
                 f"{path} is not a safety-guard landscape file (no 'format': '{FORMAT}')."
             )
         version = data.get("version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if type(version) is not int or version < 1:  # (a bool is not a version)
+            raise LandscapeFileError(
+                f"{path} has landscape format version {version!r}, not a whole number from 1 to "
+                f"{FORMAT_VERSION}: the file is damaged or was not written by safety-guard. "
+                f"Remove it and compute it again (safety-guard landscape MODEL --output {path})."
+            )
+        if version > FORMAT_VERSION:
             raise LandscapeFileError(
                 f"{path} has landscape format version {version}, newer than this safety-guard "
                 f"({__version__}) reads (≤ {FORMAT_VERSION}). Upgrade: pip install -U safety-guard."
             )
+        _check_document(path, data)
         return cls(data)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write atomically (temporary file + rename): a crash never leaves half a file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(self.data, fh, indent=1, allow_nan=True)
-                fh.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write atomically (temporary file + rename): a crash never leaves half a file.
+
+        The file gets the permissions of the user's umask (:func:`~safety_guard.files.atomic_path`).
+        """
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(self.data, fh, indent=1, allow_nan=True)
+            fh.write("\n")
 
     def check_model(self, model: nn.Module) -> None:
-        """Raise :class:`LandscapeMismatchError` unless ``model`` is the model this file was made for."""
+        """Raise :class:`LandscapeMismatchError` unless ``model`` is the model this file was made
+        for: the same architecture and, tensor by tensor, the same weights in any dtype (see
+        :func:`~safety_guard.weights.model_fingerprint`). The error names the model the file was
+        made for and the first differing tensors."""
         problems = compare_fingerprints(self.data["model"]["fingerprint"], model_fingerprint(model))
-        if problems:
-            name = self.data["model"].get("name")
-            raise LandscapeMismatchError(
-                f"This landscape file was made for another model ({name!r}): "
-                + "; ".join(problems[:4])
-                + ". Compute a landscape for this model (safety-guard landscape MODEL --output FILE)."
-            )
+        self._raise_mismatch(problems, "this model", "MODEL")
+
+    def check_checkpoint(self, folder: str | os.PathLike[str]) -> None:
+        """Raise :class:`LandscapeMismatchError` unless the safetensors checkpoint in ``folder``
+        (``model.safetensors`` or sharded with ``model.safetensors.index.json``, and its
+        ``config.json``) holds the model this file was made for, read tensor by tensor from disk
+        (:func:`~safety_guard.weights.checkpoint_fingerprint`): e.g. the pre-finetune weights a
+        resumed full finetune starts from. ``FileNotFoundError`` when it holds no checkpoint.
+
+        Example:
+            >>> Landscape.load("landscape.json").check_checkpoint("base-model/")  # doctest: +SKIP
+        """
+        fingerprint = checkpoint_fingerprint(folder)
+        problems = compare_fingerprints(
+            self.data["model"]["fingerprint"], fingerprint, what="checkpoint"
+        )
+        self._raise_mismatch(problems, f"the checkpoint in {folder}", str(folder))
+
+    def _raise_mismatch(self, problems: list[str], what: str, model_arg: str) -> None:
+        if not problems:
+            return
+        name = self.data["model"].get("name")
+        more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
+        raise LandscapeMismatchError(
+            f"This landscape file was made for another model ({name!r}) than {what}: "
+            + "; ".join(problems[:4])
+            + more
+            + f". Compute a landscape for this model (safety-guard landscape {model_arg} "
+            "--output FILE)."
+        )
 
     # accessors
     @property
@@ -627,6 +749,14 @@ def _surface_axes(
     return axes + [direction_from_dict(s) for s in random_specs][: 2 - len(axes)]
 
 
+def _advance(bar: Any) -> None:
+    """One point more on the progress bar; an adaptive search that measures more points than
+    estimated raises the total instead of running past it."""
+    if bar.total is not None and bar.n + 1 > bar.total:
+        bar.total = bar.n + 1
+    bar.update(1)
+
+
 def _expected_points(config: LandscapeConfig, num_lines: int) -> int:
     """The progress bar's total: every point of a grid walk, an estimate for adaptive search.
 
@@ -688,7 +818,7 @@ class _LandscapeRun:
     def measure(self) -> dict[str, Any]:
         """Probe the model at its current weights (and the forward screen, when it runs)."""
         result: PointResult = self.prober.evaluate(per_prompt=self.prober.screens)
-        self.bar.update(1)
+        _advance(self.bar)
         return result.to_dict()
 
     def origin(self) -> dict[str, Any]:
@@ -698,7 +828,7 @@ class _LandscapeRun:
             self.land.data["origin"] = self.measure()
             self.save()
         else:
-            self.bar.update(1)
+            _advance(self.bar)
         origin = self.land.data["origin"]
         if origin["asr"] >= self.config.edge_asr:
             logger.warning(
@@ -875,7 +1005,7 @@ def compute_landscape(
         total=_expected_points(config, len(land.data["directions"])),
         desc="landscape",
         unit="pt",
-        disable=not progress,
+        disable=not progress or rank_and_world()[0] != 0,  # one bar, the main process's
         dynamic_ncols=True,
     )
     run = _LandscapeRun(model, config, prober, land, output, bar)

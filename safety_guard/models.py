@@ -6,6 +6,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +42,43 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"Unknown dtype {name!r}; choose one of {sorted(_DTYPES)}.") from None
 
 
+#: The devices ``--device`` / ``load_model(device=...)`` accept.
+DEVICES = "auto, cpu, cuda, cuda:N (N: the GPU index) or mps"
+
+
 def resolve_device(name: str = "auto") -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU."""
+    """``"auto"`` → CUDA when available, else CPU; else one of :data:`DEVICES`, checked.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+        >>> resolve_device("tpu")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: --device 'tpu' is not a device safety-guard can use: choose auto, cpu, ...
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", str(name)):
+        raise ValueError(
+            f"--device {name!r} is not a device safety-guard can use: choose {DEVICES}."
+        )
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA device.")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {name} was asked for, but torch sees no CUDA device. Use --device cpu "
+                "(or auto)."
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s), "
+                f"numbered from 0. Use --device cuda:0 ... cuda:{torch.cuda.device_count() - 1}."
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(
+            "--device mps was asked for, but torch has no MPS device. Use --device cpu."
+        )
     return device
 
 

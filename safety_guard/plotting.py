@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +37,7 @@ import numpy as np
 
 from ._extras import require
 from .basin import basin_edges
+from .files import atomic_path
 from .landscape import Landscape
 
 if TYPE_CHECKING:
@@ -83,20 +83,14 @@ def _number(value: Any) -> float | None:
 
 
 def _save(fig: Figure, path: str | os.PathLike[str], dpi: int) -> Path:
-    """Render ``fig`` to a PNG at ``path`` atomically (creating parent folders)."""
+    """Render ``fig`` to a PNG at ``path`` atomically (creating parent folders), with the
+    permissions of the user's umask."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)  # attaches the Agg canvas to the figure; no global backend involved
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=".tmp.png") as tmp, open(tmp, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=dpi)
     return path
 
 

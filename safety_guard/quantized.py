@@ -16,6 +16,9 @@ Example:
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 import torch
 
 __all__ = ["dense_numel", "dense_shape", "dense_weight", "is_quantized"]
@@ -52,8 +55,28 @@ def dense_weight(param: torch.Tensor) -> torch.Tensor:
     if state is not None:
         from bitsandbytes.functional import dequantize_4bit
 
-        return dequantize_4bit(param.data, state)
+        data = param.data
+        if getattr(state, "packing_format_for_cpu", False):
+            data, state = _unpacked_for_cpu(data, state)
+        return dequantize_4bit(data, state)
     scales = getattr(param, "SCB", None)
     if scales is not None:  # LLM.int8: int8 rows scaled by their absmax / 127
         return param.data.float() * (scales.float().unsqueeze(1) / 127.0)
     return param.detach()
+
+
+def _unpacked_for_cpu(data: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+    """A 4-bit weight in bitsandbytes' layout for its AVX512-BF16 CPU kernels, which it switches
+    to at the first inference forward on such a CPU (another element order, absmax transposed
+    to bf16), back in the standard layout: copies, the parameter is left as it is.
+
+    bitsandbytes' own inverse restores the absmax order only for nested (double) quantization;
+    it is put back here otherwise (bf16-rounded: dequantized values within 0.4 %).
+    """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    nested = getattr(state, "original_nested", False)
+    data, state = _convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
+    if not nested:  # [blocks per row, rows] → the flat row-major blocks
+        state.absmax = state.absmax.T.reshape(-1).float()
+    return data, state

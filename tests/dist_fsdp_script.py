@@ -47,6 +47,7 @@ from safety_guard.weights import (
 class _Args:
     def __init__(self, output_dir: str) -> None:
         self.output_dir = output_dir
+        self.disable_tqdm = True  # (the guard shows progress bars as the trainer does)
 
 
 def _shard(model, engine: str, no_shard: bool = False):

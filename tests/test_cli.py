@@ -50,6 +50,7 @@ def test_landscape_visage_plot_roundtrip(tmp_path, model_dir, capsys):
     )
     assert code == 0, stderr
     assert "VISAGE" in stdout and out.exists()
+    assert "prompts: 4 harmful (builtin:harmful:heldout[:4]), 2 benign" in stdout
     land = Landscape.load(out)
     assert land.complete and land.data["probe"]["config"]["system_prompt"] == "Be safe."
     code, stdout, _ = _run(capsys, "visage", out, "--json")

@@ -1,6 +1,6 @@
 """Two CPU processes under torchrun (gloo): DDP, FSDP2 and DeepSpeed ZeRO-3 guards take the same
 decisions on every rank, a two-rank landscape equals the one-process landscape; rank 0 writes
-files. The ZeRO-3 cases need ``deepspeed`` (the ``dev`` extra) and run it on CPU
+files. The ZeRO-3 cases need ``deepspeed`` (the ``deepspeed`` extra) and run it on CPU
 (``DS_ACCELERATOR=cpu``, set by the scripts)."""
 
 from __future__ import annotations

@@ -270,7 +270,7 @@ def test_landscape_records_the_forward_screen_against_the_judge(tmp_path, text_t
         progress=False,
     )
     saved = json.loads((tmp_path / "land.json").read_text())
-    assert saved["version"] == FORMAT_VERSION == 3
+    assert saved["version"] == FORMAT_VERSION == 4
     points = saved["directions"][0]["points"]
     assert all("flagged_prompts" in p and "unsafe_prompts" in p for p in points)
     screen = land.screen_agreement()

@@ -16,7 +16,7 @@ from safety_guard.prompts import load_prompts
 from safety_guard.quantized import dense_weight, is_quantized
 from safety_guard.weights import UnsupportedEngineError, compare_fingerprints, model_fingerprint
 
-bnb = pytest.importorskip("bitsandbytes")  # a declared dev dependency: runs in CI
+bnb = pytest.importorskip("bitsandbytes")  # the qlora extra (the test command installs it)
 
 
 def _qlora(folder):

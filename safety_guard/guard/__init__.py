@@ -27,6 +27,7 @@ from .rule import (
     lookahead_multiples,
     promise_at_stake,
 )
+from .schedule import LrSchedule
 
 __all__ = [
     "Baseline",
@@ -35,6 +36,7 @@ __all__ = [
     "GuardConfig",
     "GuardProbe",
     "LoraTracker",
+    "LrSchedule",
     "PointEstimate",
     "ProbeMemo",
     "SafetyGuardCallback",

@@ -1,10 +1,14 @@
 """``SafetyGuardCallback``: halt a finetune before it breaks the aligned model's safety.
 
-Add it to an existing ``Trainer``/``SFTTrainer`` script::
+Add it to an existing ``Trainer``/``SFTTrainer`` script, either way::
 
     trainer = SFTTrainer(..., callbacks=[SafetyGuardCallback(landscape="landscape.json")])
-    # or, so that safety/* metrics also reach your loggers (TensorBoard, W&B, ...):
-    SafetyGuardCallback(landscape="landscape.json").attach(trainer)
+    guard = SafetyGuardCallback(landscape="landscape.json").attach(trainer)
+
+``safety/*`` metrics reach your loggers (TensorBoard, W&B, ...) and ``trainer.state.log_history``
+as entries of their own, at your ``logging_steps`` and at every probe, warning and halt; the
+Trainer's own entries (``loss``, ``grad_norm``, ...) are exactly those it logs without the guard
+(:mod:`~safety_guard.guard.reporting`).
 
 **The promise** (``GuardConfig.max_asr_rise``, default 10): halt before the ASR on the probe
 prompts rises more than this many points above the aligned model's.
@@ -20,8 +24,9 @@ teacher-forced in one forward pass, and the prompts whose greedy path would leav
 halt (``confirm="halt"``) the flagged ones are judged by generation, so decisions rest on exact
 keyword verdicts of the prompts that changed. The decision rule (:mod:`~safety_guard.guard.rule`)
 compares each prompt with itself at θ₀ and halts when the rise is confidently past the promise
-now or at the lookahead θ₀ + 2·δ (the finetune's line, ahead of it; near the end of training,
-at the horizon the remaining steps can reach:
+now or at the lookahead θ₀ + 2·δ (the finetune's line, ahead of it), or, when the run's
+remaining learning rate (read from the trainer's scheduler) cannot take the model that far, at
+the horizon it can reach (:func:`~safety_guard.guard.rule.horizon`,
 :func:`~safety_guard.guard.rule.lookahead_multiples`).
 
 **Broken models halt**: non-finite weights, loss or scores, or a collapsed capability are a halt
@@ -58,8 +63,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -69,10 +72,17 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_callback import ExportableState
+from transformers.trainer_callback import CallbackHandler, ExportableState
 
+from ..files import atomic_dir, atomic_write_text
 from ..judges import Judge
-from ..landscape import Landscape, LandscapeConfig, LandscapeFileError, compute_landscape
+from ..landscape import (
+    Landscape,
+    LandscapeConfig,
+    LandscapeFileError,
+    LandscapeMismatchError,
+    compute_landscape,
+)
 from ..probe import ProbeConfig
 from ..shards import full_tensor, is_sharded_model, local_shard, reshard
 from ..weights import canonical_name
@@ -89,7 +99,9 @@ from .displacement import (
 )
 from .distributed import all_gather_objects, all_reduce_max, barrier, rank_and_world
 from .probing import Baseline, GuardProbe, StateMeasure
+from .reporting import calling_handler, deliver
 from .rule import (
+    HALT,
     OK,
     STATUS_NAMES,
     WARN,
@@ -98,6 +110,7 @@ from .rule import (
     lookahead_multiples,
     promise_at_stake,
 )
+from .schedule import LrSchedule
 from .trajectory import append_record, truncate_after
 
 __all__ = ["SafetyGuardCallback", "SafetyGuardWarning"]
@@ -143,9 +156,8 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             one at train begin (``landscape_directions`` random directions) in the guard's
             folder, or reuses the one a resumed run computed.
         config: a :class:`GuardConfig` (or its ``to_dict()``); keyword arguments override fields.
-        trainer: the trainer, so that ``safety/*`` metrics go through ``trainer.log()`` to
-            your loggers; or call :meth:`attach`. Without it they go to the trajectory file,
-            the Python log and ``trainer.state.log_history``.
+        trainer: the trainer (or call :meth:`attach`); optional: the guard finds the trainer's
+            callbacks (your loggers) when training begins.
         tokenizer: the tokenizer (default: the trainer's ``processing_class``).
         judge: the judge of generated answers (default: the paper's keyword judge).
     """
@@ -175,6 +187,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             self.landscape = Landscape.load(landscape)  # fail fast on a missing/bad file
             self.landscape_path = str(landscape)
         self.trainer = trainer
+        self._handler: CallbackHandler | None = trainer.callback_handler if trainer else None
         self.tokenizer = tokenizer
         self.judge = judge
         self.tracker: FullFinetuneTracker | LoraTracker | None = None
@@ -185,6 +198,10 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         self.warn_count = 0
         self.halt_step: int | None = None
         self.halt_reason: str | None = None
+        # monitor mode (halt=False): the first halt decision and how many there were
+        self.would_halt_step: int | None = None
+        self.would_halt_reason: str | None = None
+        self.would_halt_count = 0
         self.memo: ProbeMemo | None = None
         self.probe_seconds: list[float] = []
         self.check_seconds: list[float] = []
@@ -195,7 +212,10 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         self._dir: Path | None = None
         self._is_main = True
         self._pending_halt: str | None = None
-        self._logs_to_history = False
+        self._pending_metrics: dict[str, float] = {}  # delivered at the next logging step
+        self._delivering = False
+        self._progress = True  # progress bars (the trainer's disable_tqdm, main process only)
+        self.schedule: LrSchedule | None = None  # the run's learning rate, step by step
         self.setup_seconds = 0.0
         self.total_seconds = 0.0  # all of the guard's time in the trainer's hooks
         self._session_seconds = 0.0  # the same, since this process's train begin
@@ -209,10 +229,20 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         Example:
             >>> guard = SafetyGuardCallback("landscape.json").attach(trainer)  # doctest: +SKIP
         """
-        self.trainer = trainer
-        if self not in trainer.callback_handler.callbacks:
+        _refuse_callback_restore(trainer.args)
+        handler = trainer.callback_handler
+        if not any(c is self for c in handler.callbacks):
+            _refuse_second_guard(handler, self)
             trainer.add_callback(self)
+        self.trainer = trainer
+        self._handler = handler
         return self
+
+    def on_init_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Refuse, as the trainer is built, what would break the guard on a resume."""
+        _refuse_callback_restore(args)
 
     # -- ExportableState ------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -229,6 +259,9 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             "warn_count": self.warn_count,
             "halt_step": self.halt_step,
             "halt_reason": self.halt_reason,
+            "would_halt_step": self.would_halt_step,
+            "would_halt_reason": self.would_halt_reason,
+            "would_halt_count": self.would_halt_count,
             "memo": self.memo.to_dict() if self.memo else None,
             "history": self._history[-8:],
             "probe_seconds": self.probe_seconds,
@@ -252,6 +285,9 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         self.warn_count = data["warn_count"]
         self.halt_step = data["halt_step"]
         self.halt_reason = data.get("halt_reason")
+        self.would_halt_step = data.get("would_halt_step")
+        self.would_halt_reason = data.get("would_halt_reason")
+        self.would_halt_count = int(data.get("would_halt_count", 0))
         self.memo = ProbeMemo.from_dict(data["memo"]) if data.get("memo") else None
         self._history = [tuple(h) for h in data.get("history", [])]
         self.probe_seconds = list(data.get("probe_seconds", []))
@@ -281,26 +317,43 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
                 "The tokenizer has no chat template; the guard probes the model as a chat model. "
                 "Set tokenizer.chat_template before training."
             )
-        if self.trainer is None:
-            self._logs_to_history = True
+        _refuse_callback_restore(args)
+        self._handler = self._handler or calling_handler(self)
+        if self._handler is None:
             logger.info(
-                "SafetyGuardCallback: no trainer given; safety/* metrics go to the trajectory "
-                "file and trainer.state.log_history. Use SafetyGuardCallback(...).attach(trainer) "
-                "(or trainer=...) to send them to your loggers."
+                "SafetyGuard: no trainer found; safety/* metrics go to the trajectory file and "
+                "trainer.state.log_history only. SafetyGuardCallback(...).attach(trainer) sends "
+                "them to your loggers."
             )
+        else:
+            _refuse_second_guard(self._handler, self)
         self._is_main = state.is_world_process_zero
+        self.schedule = LrSchedule.from_scheduler(kwargs.get("lr_scheduler"), state.max_steps)
+        if self.schedule is None:
+            logger.info(
+                "SafetyGuard: the learning-rate schedule cannot be read ahead (not a LambdaLR); "
+                "the horizon counts the remaining steps as if the learning rate stayed constant."
+            )
         self._dir = self._guard_dir(args)
+        self._progress = not getattr(args, "disable_tqdm", False) and self._is_main
+        self._check_folder(self._dir)
         resumed = state.global_step > 0
         saved = self._saved_state(state) if resumed else None
         lora = _is_lora(model)
         self._check_sharded(model)
         if self.landscape is None:
             self.landscape = self._load_or_compute_landscape(model, resumed)
+        elif not self.landscape.complete:
+            raise LandscapeFileError(
+                f"The landscape {self.landscape_path or '(in memory)'} is incomplete: its "
+                "computation was interrupted. Finish it by running the same `safety-guard "
+                "landscape` command again (it resumes where it stopped), then train."
+            )
         elif not resumed or lora:
             self.landscape.check_model(model)  # raises LandscapeMismatchError with a clear message
         screen = self.landscape.screen_agreement()
         if screen is not None and screen["missed"] and self.config.signal == "forward":
-            logger.warning(
+            self._log_warning(
                 "SafetyGuard: on this model's landscape the forward screen missed %d of %d "
                 "unsafe answers (%d points); the guard probes by generation instead "
                 "(signal='generate').",
@@ -326,7 +379,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         if saved is not None:
             self._import(saved)
             if self.halt_step is not None:
-                logger.warning(
+                self._log_warning(
                     "SafetyGuard: resuming a run the guard halted at step %d (%s); it keeps "
                     "watching.",
                     self.halt_step,
@@ -338,13 +391,15 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
                 self.probe.load_baseline(Baseline.from_dict(baseline))
             self._restore_records(state.global_step)
         elif resumed:
-            logger.warning(
+            self._log_warning(
                 "SafetyGuard: resuming at step %d from a checkpoint without the guard's state "
                 "(saved by another safety-guard, or restore was skipped); the guard starts over "
                 "from here.",
                 state.global_step,
             )
             self._restore_records(state.global_step)
+        if not resumed:
+            self._set_aside_old_trajectory()
         if self.probe.baseline is None and not resumed:
             self._reuse_landscape_baseline(model)
         # the first prompts' openings (unless reused) and the screen at θ₀, in this run's numerics
@@ -368,6 +423,43 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             else ("measured when first needed" if self.config.num_benign else "off"),
             self.config.max_asr_rise,
         )
+        self._check_aligned(baseline.asr, baseline.prepared)
+
+    def _check_aligned(self, asr: float, prompts: int) -> None:
+        """Warn loudly when the model the finetune starts from does not refuse: the guard
+        watches a rise above its ASR, which then cannot reach the promise."""
+        if asr < 50.0 and asr + self.config.max_asr_rise <= 100.0:
+            return
+        self._warn(
+            f"SafetyGuard: the model this finetune starts from answers {asr:.1f} % of the first "
+            f"{prompts} harmful probe prompts (ASR) before any training: it does not look "
+            "aligned, and a rise of max_asr_rise "
+            f"{self.config.max_asr_rise:g} points "
+            + (
+                "cannot happen, so the guard can never halt on safety"
+                if asr + self.config.max_asr_rise > 100.0
+                else "is measured from an already unsafe model"
+            )
+            + ". Start from the aligned (chat) model, or check the chat template and the "
+            "harmful prompts (GuardConfig.harmful)."
+        )
+
+    def _check_folder(self, folder: Path) -> None:
+        """The guard's folder exists (made by the main process) and is a folder: say which
+        setting to change before the first step, not at it."""
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(
+                f"SafetyGuard writes its trajectory, plots and last-safe weights to {folder}, "
+                "which is a file. Move it away or set GuardConfig(output_dir=FOLDER)."
+            )
+        if self._is_main:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise OSError(
+                    f"SafetyGuard cannot create its folder {folder} ({err}). Set "
+                    "GuardConfig(output_dir=FOLDER) to a writable folder."
+                ) from err
 
     def _reuse_landscape_baseline(self, model: nn.Module) -> None:
         """Load the guard baseline recorded with the landscape when it was measured with this
@@ -381,7 +473,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             k for k in set(ours) | set(baseline.settings) if ours.get(k) != baseline.settings.get(k)
         )
         if differ:
-            logger.warning(
+            self._log_warning(
                 "SafetyGuard: the landscape's guard baseline was measured with other %s; "
                 "measuring the aligned model with this guard's settings (a generation pass over "
                 "the probe prompts, spread over the first probes). Record one with these "
@@ -448,6 +540,17 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
 
             self.records = read_records(path)
 
+    def _set_aside_old_trajectory(self) -> None:
+        """A new run in a folder that holds another run's trajectory: that file is renamed
+        (kept, not appended to), so the folder describes this run."""
+        path = (self._dir or Path(".")) / "trajectory.jsonl"
+        if self._is_main and path.exists() and path.stat().st_size:
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+            old = path.with_name(f"trajectory-{stamp}.jsonl")
+            os.replace(path, old)
+            logger.info("SafetyGuard: a new run; the earlier run's trajectory is now %s.", old)
+        barrier()
+
     def _read_last_safe_adapter(self) -> dict[str, torch.Tensor] | None:
         """The adapter saved at ``last_safe_step`` (after a resume), or None with a warning."""
         folder = (self._dir or Path(".")) / "last-safe"
@@ -456,7 +559,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             from safetensors.torch import load_file
 
             return load_file(folder / "adapter_model.safetensors")
-        logger.warning(
+        self._log_warning(
             "SafetyGuard: resumed without the adapter of the last safe step %s (%s holds none); "
             "restore_on_halt cannot load it back. Keep keep_last_safe=True to have it.",
             self.last_safe_step,
@@ -473,6 +576,18 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
                 "Resuming a full finetune: the guard needs the pre-finetune weights. Pass "
                 "GuardConfig(origin=FOLDER) with the model the finetune started from."
             )
+        # θ₀ must be the model the landscape was made for (a resume that loads the model from
+        # the checkpoint folder would otherwise take the finetuned weights as the aligned ones)
+        try:
+            self.landscape.check_checkpoint(source)
+        except LandscapeMismatchError as err:
+            raise LandscapeMismatchError(
+                f"Resuming a full finetune, the guard reads the pre-finetune weights from "
+                f"{source} ({'GuardConfig.origin' if self.config.origin else 'the model name'}), "
+                "but they are not the model the landscape was made for: resumed from a "
+                "checkpoint folder, the model's name points at the finetuned weights. Pass "
+                f"GuardConfig(origin=FOLDER) with the model the finetune started from. ({err})"
+            ) from err
         return FullFinetuneTracker.from_checkpoint(source, model, selection)
 
     def _load_or_compute_landscape(self, model: nn.Module, resumed: bool) -> Landscape:
@@ -504,7 +619,9 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         )
         # every rank computes it together (each answers its share of the prompts, the main
         # process writes the file): no rank waits on work another does alone
-        land = compute_landscape(model, self.tokenizer, config, probe, output=path)
+        land = compute_landscape(
+            model, self.tokenizer, config, probe, output=path, progress=self._progress
+        )
         self.landscape_path = str(path)
         return land
 
@@ -533,6 +650,8 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         logs: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
+        if self._delivering:  # the guard's own entry
+            return
         for key in ("loss", "grad_norm"):
             value = (logs or {}).get(key)
             if isinstance(value, float) and not math.isfinite(value):
@@ -576,7 +695,8 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         if radius:
             metrics["safety/basin_ratio"] = disp / radius
         if broken:
-            self._emit(metrics, record, state)
+            metrics["safety/status"] = float(HALT)
+            self._emit(metrics, record, args, state, control, event=True)
             self._halt_now(step, "the weights are not finite (NaN or inf)", model, control)
             return
         reason = probe_due(step, disp, growth, cosine, self.memo, self.config)
@@ -584,14 +704,15 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         if (reason is not None or sentinel) and all_reduce_max(
             [0.0 if _trainable_finite(model) else 1.0]
         )[0] > 0:  # before moving the weights: a NaN the sketch did not sample
-            self._emit(metrics, record, state)
+            metrics["safety/status"] = float(HALT)
+            self._emit(metrics, record, args, state, control, event=True)
             self._halt_now(step, "the weights are not finite (NaN or inf)", model, control)
             return
         if sentinel:
             reason = self._sentinel(model, step, record)
         if reason is not None:
             steps_left = (state.max_steps - step) if state.max_steps else None
-            asked = horizon(steps_left, self.config, step, disp, growth)
+            asked = horizon(steps_left, self.config, step, disp, growth, self.schedule)
             sentinel = record.get("sentinel")
             record, probe_metrics, decision = self._probe(model, step, disp, asked)
             record.update({"reason": reason, "cosine": cosine})
@@ -609,10 +730,10 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
                 stake,
                 _farthest(record),
             )
-            self._emit(metrics, record, state)
+            self._emit(metrics, record, args, state, control, event=True)
             self._act(decision, step, model, control)
             return
-        self._emit(metrics, record, state)
+        self._emit(metrics, record, args, state, control, event=False)
 
     def _sentinels(self, record: dict[str, Any]) -> list[int]:
         """The prompts a probe found nearest to flipping at its farthest point measured."""
@@ -803,10 +924,20 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             self.halt_step = step
             self.halt_reason = reason
             control.should_training_stop = True
+        else:
+            self.would_halt_count += 1
+            if self.would_halt_step is None:
+                self.would_halt_step, self.would_halt_reason = step, reason
+
+    def _log_warning(self, message: str, *values: Any) -> None:
+        """A warning for the log, from the main process only (every rank sees the same)."""
+        if self._is_main:
+            logger.warning(message, *values)
 
     def _warn(self, message: str) -> None:
-        logger.warning(message)
-        warnings.warn(message, SafetyGuardWarning, stacklevel=3)
+        """Warn once, from the main process (every rank took the same decision)."""
+        if self._is_main:
+            warnings.warn(message, SafetyGuardWarning, stacklevel=3)
 
     def _save_last_safe(self, model: nn.Module, step: int) -> None:
         adapter = None
@@ -814,30 +945,37 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             adapter = _full_adapter(model)
         if not self._is_main or self._dir is None:
             return
-        target = self._dir / "last-safe"
-        self._dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".last-safe-", dir=self._dir))
-        try:
+        with atomic_dir(self._dir / "last-safe") as tmp:
             if adapter is not None:
                 _write_adapter(model, adapter, tmp)
             else:
                 model.save_pretrained(tmp, safe_serialization=True)
             (tmp / "safety_guard_step.json").write_text(json.dumps({"step": step}))
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
-    def _emit(self, metrics: dict[str, float], record: dict[str, Any], state: TrainerState) -> None:
+    def _emit(
+        self,
+        metrics: dict[str, float],
+        record: dict[str, Any],
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        *,
+        event: bool,
+    ) -> None:
+        """Record a check or probe; log its metrics (the latest of each since the last entry)
+        at the Trainer's logging steps, and at once for a probe, warning or halt (``event``)."""
         self.records.append(record)
-        if self.trainer is not None:
-            self.trainer.log(metrics)
-        elif self._logs_to_history:
-            state.log_history.append({**metrics, "step": record["step"]})
         if self._is_main and self._dir is not None:
             append_record(self._dir / "trajectory.jsonl", record)
+        self._pending_metrics.update(metrics)
+        if not (event or control.should_log):
+            return
+        self._delivering = True
+        try:
+            deliver(self._handler, args, state, control, self._pending_metrics)
+        finally:
+            self._delivering = False
+            self._pending_metrics = {}
 
     @_timed
     def on_train_end(
@@ -865,8 +1003,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             barrier()
 
     def _write_outputs(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "summary.json").write_text(json.dumps(self.summary(), indent=1))
+        atomic_write_text(folder / "summary.json", json.dumps(self.summary(), indent=1))
         from .._extras import MissingExtraError
         from ..plotting import plot_trajectory, require_matplotlib
 
@@ -903,6 +1040,9 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         return {
             "halt_step": self.halt_step,
             "halt_reason": self.halt_reason,
+            "would_halt_step": self.would_halt_step,
+            "would_halt_reason": self.would_halt_reason,
+            "would_halt_count": self.would_halt_count,
             "last_safe_step": self.last_safe_step,
             "warn_count": self.warn_count,
             "probes": len(probes),
@@ -926,7 +1066,32 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             "aligned_asr": self.aligned_asr,
             "num_prompts": self.probe.num_prompts if self.probe else None,
             "basin_radius": self.basin_radius,
+            "horizon_counts": "steps" if self.schedule is None else "learning rate",
         }
+
+
+def _refuse_callback_restore(args: TrainingArguments) -> None:
+    """``restore_callback_states_from_checkpoint=True`` rebuilds callbacks from their saved
+    arguments on resume: the guard you hold would no longer be the one that runs, and a custom
+    judge or an in-memory landscape would be lost. The guard restores its own state anyway."""
+    if getattr(args, "restore_callback_states_from_checkpoint", False):
+        raise ValueError(
+            "SafetyGuardCallback does not support "
+            "TrainingArguments(restore_callback_states_from_checkpoint=True): on resume "
+            "transformers would replace your guard with a copy rebuilt from its saved "
+            "arguments (losing your handle on it, a custom judge= and an in-memory "
+            "landscape). Set restore_callback_states_from_checkpoint=False: the guard "
+            "restores its own state from the checkpoint."
+        )
+
+
+def _refuse_second_guard(handler: CallbackHandler, guard: SafetyGuardCallback) -> None:
+    others = [c for c in handler.callbacks if isinstance(c, SafetyGuardCallback) and c is not guard]
+    if others:
+        raise ValueError(
+            "This trainer already has a SafetyGuardCallback: two guards would probe every step "
+            "twice. Pass the guard once (callbacks=[guard] or guard.attach(trainer), not both)."
+        )
 
 
 class _AlignedFlags(Sequence[bool]):

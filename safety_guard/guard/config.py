@@ -9,10 +9,21 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 __all__ = ["GuardConfig"]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any, finite: bool = True) -> bool:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return number and (not finite or math.isfinite(value))
+
 
 #: Fields of guard v1 that guard v2 replaced, with what replaces them.
 _REMOVED = {
@@ -182,6 +193,7 @@ class GuardConfig:
     )
 
     def __post_init__(self) -> None:
+        self._check_types()
         for name in (
             "check_every",
             "max_probe_interval",
@@ -226,8 +238,11 @@ class GuardConfig:
             raise ValueError(
                 f"GuardConfig.min_cosine is a cosine in [-1, 1], got {self.min_cosine}."
             )
-        if self.nll_tolerance <= 0:
-            raise ValueError("GuardConfig.nll_tolerance must be > 0 (nats per token).")
+        if not self.nll_tolerance > 0:
+            raise ValueError(
+                f"GuardConfig.nll_tolerance must be > 0 (nats per token), got "
+                f"{self.nll_tolerance}; e.g. nll_tolerance=1.0."
+            )
         if self.signal not in ("forward", "generate"):
             raise ValueError(
                 f"GuardConfig.signal must be 'forward' or 'generate', got {self.signal!r}."
@@ -236,6 +251,48 @@ class GuardConfig:
             raise ValueError(
                 f"GuardConfig.confirm must be 'never', 'halt' or 'always', got {self.confirm!r}."
             )
+
+    def _check_types(self) -> None:
+        """Each field has its declared type (a bool is not a number here; an int field takes a
+        whole float such as 8.0) and numbers are finite, so a bad value fails here, by name,
+        and not in the middle of training."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            declared = str(f.type).replace(" ", "")
+            optional = declared.endswith("|None")
+            if value is None and optional:
+                continue
+            kind = declared.removesuffix("|None")
+            if kind == "int" and isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if kind == "str" and isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            if kind.startswith("tuple") and _is_number(value, finite=False):
+                value = (value,)
+            if kind == "bool":
+                expected, ok = "True or False", isinstance(value, bool)
+            elif kind == "int":
+                expected, ok = "a whole number", _is_int(value)
+            elif kind == "float":
+                expected, ok = "a number", _is_number(value, finite=False)
+            elif kind == "str":
+                expected, ok = "a string", isinstance(value, str)
+            elif kind.startswith("tuple"):
+                expected = "a tuple of numbers, e.g. (2.0,)"
+                ok = isinstance(value, list | tuple) and all(
+                    _is_number(v, finite=False) for v in value
+                )
+            else:  # Literal fields are checked by value below
+                continue
+            if not ok:
+                raise TypeError(
+                    f"GuardConfig.{f.name} must be {expected}{' or None' if optional else ''}, "
+                    f"got {value!r} ({type(value).__name__})."
+                )
+            numbers = value if kind.startswith("tuple") else [value]
+            if kind != "bool" and kind != "str" and not all(math.isfinite(v) for v in numbers):
+                raise ValueError(f"GuardConfig.{f.name} must be finite, got {value!r}.")
+            setattr(self, f.name, value)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -38,6 +38,7 @@ from typing import Any
 
 from .cadence import covered_multiple
 from .config import GuardConfig
+from .schedule import LrSchedule
 
 __all__ = [
     "HALT",
@@ -136,6 +137,7 @@ def horizon(
     step: int | None = None,
     displacement: float | None = None,
     growth: float = 0.0,
+    schedule: LrSchedule | None = None,
 ) -> float:
     """The multiple of δ the guard answers for: the largest lookahead, or less near the end.
 
@@ -147,26 +149,43 @@ def horizon(
 
     But the training ends: a model the remaining steps cannot reach is not one the promise is
     about. With ``steps_left``, ``step`` and ``displacement`` known, the horizon is capped at
-    1 + 1.5 · steps_left · r, r the larger of the displacement's average growth per step so far
-    (d / step) and its recent ``growth``, relative to d — where the model would be if it grew
-    half as fast again as it has until the end. (A 200-step benign LoRA run of the testbed
-    halted at step 158 on +18 points at θ₀ + 2·δ although its held-out damage at step 200 was
-    5 points; the cap there is 1.4.) On the last step (``steps_left == 0``): 1.
+    1 + 1.5 · (what is left) · r: r the larger of the displacement's average growth so far and
+    its recent ``growth`` (per step), relative to d — where the model would be if it grew half as
+    fast again as it has until the end. What is left is counted in steps, or, with the run's
+    learning-rate ``schedule`` (:class:`~safety_guard.guard.schedule.LrSchedule`), in the
+    learning rate the remaining steps have (an optimizer moves the weights in proportion to
+    it): the average growth is then per unit of learning rate spent, the recent one per unit of
+    the current learning rate. With a constant learning rate both count the same. (A 200-step
+    benign LoRA run of the testbed halted at step 158 on +18 points at θ₀ + 2·δ although its
+    held-out damage at step 200 was 5 points; the cap there is 1.4 at a constant learning rate,
+    and 1.07 with linear decay.) On the last step (``steps_left == 0``): 1.
 
     Example:
-        >>> from safety_guard.guard import GuardConfig
+        >>> from safety_guard.guard import GuardConfig, LrSchedule
         >>> horizon(5, GuardConfig()), horizon(0, GuardConfig())
         (2.0, 1.0)
         >>> round(horizon(42, GuardConfig(), step=158, displacement=0.01), 2)  # near the end
         1.4
+        >>> linear = LrSchedule([1 - k / 200 for k in range(200)])
+        >>> round(horizon(86, GuardConfig(), 114, 0.01, schedule=linear), 2)  # decayed
+        1.34
     """
     if steps_left is not None and steps_left <= 0:
         return 1.0
     h = max(config.lookahead)
     if steps_left is None or not step or not displacement or not math.isfinite(displacement):
         return h
-    rate = max(displacement / step, growth) / displacement
-    return min(h, 1.0 + END_GROWTH_MARGIN * steps_left * rate)
+    if schedule is None:
+        spent, left, now = float(step), float(steps_left), 1.0
+    else:
+        spent = schedule.spent(step)
+        left = schedule.spent(step + steps_left) - spent
+        now = schedule.at(step)
+        if spent <= 0.0:  # nothing spent yet (a warmup from 0): no rate to project
+            return h
+    recent = growth / now if now > 0.0 else 0.0
+    rate = max(displacement / spent, recent) / displacement
+    return min(h, 1.0 + END_GROWTH_MARGIN * left * rate)
 
 
 def lookahead_multiples(lookahead: Sequence[float], horizon_multiple: float) -> list[float]:

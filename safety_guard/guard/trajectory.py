@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from ..files import atomic_write_text
 
 __all__ = ["append_record", "read_records", "truncate_after"]
 
@@ -34,39 +34,62 @@ def append_record(path: Path, record: dict[str, Any]) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The file's records; a line that is not a JSON object is skipped with a warning naming it."""
+def _parse(path: Path) -> tuple[list[dict[str, Any]], list[int], bool]:
+    """The file's whole records, the numbers of the lines that are not (half-written, NUL
+    bytes, not UTF-8, not a guard record), and whether the file needs rewriting to hold only
+    whole records (a damaged line, or a last line without its newline)."""
     if not path.exists():
-        return []
-    records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
+        return [], [], False
+    data = path.read_bytes()
+    records, damaged = [], []
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            logger.warning("SafetyGuard: skipping %s line %d, not JSON (%s).", path, lineno, err)
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            damaged.append(lineno)
             continue
-        if not isinstance(record, dict) or "step" not in record:
-            logger.warning("SafetyGuard: skipping %s line %d, not a guard record.", path, lineno)
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            damaged.append(lineno)
             continue
         records.append(record)
+    return records, damaged, bool(damaged) or (bool(data) and not data.endswith(b"\n"))
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The file's records; lines that are not whole guard records are skipped with a warning
+    naming the file and the lines."""
+    records, damaged, _ = _parse(path)
+    if damaged:
+        logger.warning(
+            "SafetyGuard: skipping %d damaged line(s) of %s (line %s): not whole guard records.",
+            len(damaged),
+            path,
+            ", ".join(map(str, damaged[:5])),
+        )
     return records
 
 
 def truncate_after(path: Path, step: int) -> list[dict[str, Any]]:
-    """Keep the records up to ``step`` (rewriting the file atomically) and return them."""
-    records = read_records(path)
+    """Keep the whole records up to ``step`` and return them; the file is rewritten atomically
+    when records are dropped or lines are damaged (a record half-written by a crash), so the
+    next record is appended after the last whole one."""
+    records, damaged, rewrite = _parse(path)
     kept = [r for r in records if r["step"] <= step]
-    if path.exists() and len(kept) != len(records):
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.writelines(json.dumps(r) + "\n" for r in kept)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    if not (rewrite or len(kept) != len(records)):
+        return kept
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    if damaged:
+        logger.warning(
+            "SafetyGuard: %s had %d damaged line(s) (line %s: a record half-written when the "
+            "run stopped?); cut back to its %d whole records.",
+            path,
+            len(damaged),
+            ", ".join(map(str, damaged[:5])),
+            len(kept),
+        )
+    if len(kept) != len(records):
         logger.info(
             "SafetyGuard: resumed at step %d; dropped %d trajectory records written after it.",
             step,

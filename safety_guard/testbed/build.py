@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .._extras import require
+from ..files import atomic_write_text, current_umask
 from .base_model import GGUF_PACKAGE, find_gguf, load_gguf_model
 from .cache import (
     CACHE_ENV,
@@ -210,9 +211,7 @@ def _build_into(folder: Path, seed: int, progress: bool) -> dict[str, Any]:
         "versions": _versions(),
         "files": files,
     }
-    tmp = folder / f".{MARKER_NAME}.tmp"
-    tmp.write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / MARKER_NAME)
+    atomic_write_text(folder / MARKER_NAME, json.dumps(marker, indent=1) + "\n")
     return marker
 
 
@@ -270,6 +269,7 @@ def build_testbed(
         for stale in root.glob(f".{TESTBED_NAME}.*"):
             _remove_tree(stale)
         build = Path(tempfile.mkdtemp(prefix=f".{TESTBED_NAME}.build-", dir=root))
+        os.chmod(build, 0o777 & ~current_umask())  # mkdtemp makes it 0700: the umask decides
         try:
             with contextlib.redirect_stdout(sys.stderr):
                 _build_into(build, seed, progress)
