@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import shutil
 import tempfile
@@ -40,6 +41,12 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike[str]
+
+logger = logging.getLogger(__name__)
+
+
+#: flock's answers on file systems without locks (some Lustre, NFS and FUSE mounts)
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
 
 
 class OutputLockedError(OSError):
@@ -299,6 +306,21 @@ def output_lock(path: PathLike, setting: str = "--output") -> Iterator[Path]:
                 f"another safety-guard process is writing {path} (lock {lock}); wait for it or "
                 f"choose another {setting}.",
             ) from None
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in _NO_LOCKS:
+                raise
+            # some network and FUSE file systems have no flock: write without the lock
+            logger.warning(
+                "Cannot lock %s (%s): the file system has no file locks; writing %s without "
+                "protection against a second writer.",
+                lock,
+                err.strerror or err,
+                path,
+            )
+            lock.unlink(missing_ok=True)
+            yield lock
+            return
         except BaseException:
             os.close(fd)
             raise

@@ -169,11 +169,12 @@ def _read_text(path: Path) -> str:
     return text
 
 
-def _csv_values(
-    path: Path, text: str, delimiter: str, column: str | None
-) -> tuple[list[tuple[str, Any]], str]:
-    """``(line, value)`` of the prompt column of each record, and the column's name."""
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+def _csv_rows(text: str, delimiter: str, quoting: int) -> list[tuple[int, list[str]]]:
+    """``(first line, fields)`` of each non-empty record; ``csv.Error(message, first line,
+    line reached)`` on a broken one."""
+    reader = csv.reader(
+        io.StringIO(text, newline=""), delimiter=delimiter, strict=True, quoting=quoting
+    )
     rows: list[tuple[int, list[str]]] = []
     start = 1
     try:
@@ -182,12 +183,30 @@ def _csv_values(
                 rows.append((start, fields))
             start = reader.line_num + 1
     except csv.Error as err:
-        raise ValueError(
-            f"{path}:{start}: broken CSV record starting on line {start} ({err}, on line "
-            f"{reader.line_num}). A field that opens with a double quote must close with one, "
-            'and a quote inside a quoted field is written twice (""): fix the quoting on line '
-            f"{start} (read as is, it would swallow the lines after it)."
-        ) from err
+        raise csv.Error(str(err), start, reader.line_num) from err
+    return rows
+
+
+def _csv_values(
+    path: Path, text: str, delimiter: str, column: str | None
+) -> tuple[list[tuple[str, Any]], str]:
+    """``(line, value)`` of the prompt column of each record, and the column's name.
+
+    A TSV file that is not quoted CSV-style (a field that merely starts with ``"``) is read
+    without quoting: tab-separated files usually hold no quoting at all."""
+    try:
+        rows = _csv_rows(text, delimiter, csv.QUOTE_MINIMAL)
+    except csv.Error as err:
+        if delimiter == "\t":
+            rows = _csv_rows(text, delimiter, csv.QUOTE_NONE)
+        else:
+            start, line_num = err.args[1], err.args[2]
+            raise ValueError(
+                f"{path}:{start}: broken CSV record starting on line {start} ({err.args[0]}, on "
+                f"line {line_num}). A field that opens with a double quote must close with one, "
+                'and a quote inside a quoted field is written twice (""): fix the quoting on '
+                f"line {start} (read as is, it would swallow the lines after it)."
+            ) from err
     if not rows:
         raise ValueError(f"Prompt file {path} is empty: it needs a header line and prompts.")
     header_line, header = rows[0]

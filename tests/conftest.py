@@ -36,3 +36,12 @@ def make_model(
 @pytest.fixture
 def tiny_model() -> LlamaForCausalLM:
     return make_model()
+
+
+@pytest.fixture
+def model_dir(tmp_path, tokenizer):
+    """A tiny Llama and its tokenizer saved to a folder, as a user's model on disk."""
+    folder = tmp_path / "tiny"
+    make_model(vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
@@ -44,6 +47,19 @@ def make_landscape(
     land.summarize()
     assert abs(land.basin_radius()["mean"] - 1.5 * radius) < 1e-9
     return land
+
+
+#: A guard small enough for tiny models: 8 probe prompts, 6-token openings, every decision at
+#: z = 0, capability off in effect (a random tiny model's NLL is not the point of these tests).
+TINY_GUARD = dict(
+    harmful="builtin:harmful:probe",
+    num_prompts=8,
+    num_benign=2,
+    max_new_tokens=6,
+    keep_last_safe=False,
+    confidence_z=0.0,
+    nll_tolerance=1e9,
+)
 
 
 def make_trainer(model, tokenizer, tmp_path, callbacks, steps=6, lr=1e-2, **kw) -> Trainer:
@@ -96,3 +112,13 @@ def echo_judge(model, tokenizer, prompts, tokens: int = 3):
     if not phrases:
         raise ValueError("The tiny model's answers are too short to make refusal phrases of.")
     return KeywordJudge(phrases)
+
+
+@contextlib.contextmanager
+def says(caplog, text: str):
+    """The block makes the guard log ``text`` at WARNING (a halt is a log line: no warning
+    filter can hide it), exactly once."""
+    with caplog.at_level(logging.WARNING, logger="safety_guard"):
+        yield
+    said = [r for r in caplog.records if r.levelno == logging.WARNING and text in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in caplog.records]

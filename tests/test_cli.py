@@ -5,18 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import make_model
 
 from safety_guard.cli import main
 from safety_guard.landscape import Landscape
-
-
-@pytest.fixture
-def model_dir(tmp_path, tokenizer):
-    folder = tmp_path / "tiny"
-    make_model(vocab_size=len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def _run(capsys, *argv):

@@ -13,7 +13,7 @@ import logging
 import pytest
 import torch
 from conftest import make_model
-from guard_helpers import echo_judge, make_landscape, make_trainer
+from guard_helpers import TINY_GUARD, echo_judge, make_landscape, make_trainer, says
 from transformers import TrainerCallback
 
 from safety_guard.demo import describe
@@ -26,16 +26,7 @@ PROBE = "builtin:harmful:probe"
 
 
 def _guard(land, model, text_tokenizer, **kw):
-    options = dict(
-        harmful=PROBE,
-        num_prompts=8,
-        num_benign=2,
-        max_new_tokens=6,
-        keep_last_safe=False,
-        confidence_z=0.0,
-        nll_tolerance=1e9,  # the tiny random model's capability is not the point here
-    )
-    options.update(kw)
+    options = {**TINY_GUARD, **kw}
     judge = echo_judge(
         model, text_tokenizer, list(load_prompts(PROBE, limit=options["num_prompts"]))
     )
@@ -53,12 +44,14 @@ def _lora(model, dropout=0.0):
     [{"num_prompts": 8}, {"num_prompts": 16, "min_prompts": 4}],
     ids=["all-prepared", "prepared-as-needed"],
 )
-def test_halts_when_the_finetune_changes_the_refusals_and_logs(tmp_path, text_tokenizer, prompts):
+def test_halts_when_the_finetune_changes_the_refusals_and_logs(
+    tmp_path, text_tokenizer, prompts, caplog
+):
     model = make_model(vocab_size=len(text_tokenizer), tie=False)
     guard = _guard(make_landscape(model), model, text_tokenizer, max_asr_rise=20, **prompts)
     trainer = make_trainer(model, text_tokenizer, tmp_path, [], steps=30, lr=3e-2)
     guard.attach(trainer)
-    with pytest.warns(UserWarning, match="Halting"):
+    with says(caplog, "Halting"):
         trainer.train()
     assert guard.halt_step is not None and trainer.state.global_step == guard.halt_step < 30
     final = guard.records[-1]
@@ -201,7 +194,7 @@ class _Poison(TrainerCallback):
                         return
 
 
-def test_nan_adapter_halts_keeps_last_safe_and_restores_it(tmp_path, text_tokenizer):
+def test_nan_adapter_halts_keeps_last_safe_and_restores_it(tmp_path, text_tokenizer, caplog):
     from safetensors.torch import load_file
 
     model = make_model(vocab_size=len(text_tokenizer), tie=False)
@@ -212,7 +205,7 @@ def test_nan_adapter_halts_keeps_last_safe_and_restores_it(tmp_path, text_tokeni
     trainer = make_trainer(
         model, text_tokenizer, tmp_path, [_Poison(4, "lora_B"), guard], steps=8, lr=1e-6
     )
-    with pytest.warns(UserWarning, match="not finite"):
+    with says(caplog, "not finite"):
         trainer.train()
     assert guard.halt_step == 4 and "not finite" in guard.halt_reason
     last_safe = tmp_path / "out" / "safety-guard" / "last-safe"
@@ -228,14 +221,14 @@ def test_nan_adapter_halts_keeps_last_safe_and_restores_it(tmp_path, text_tokeni
         assert torch.equal(current[key].detach().cpu(), value), key
 
 
-def test_nan_full_model_halts_and_writes_no_last_safe(tmp_path, text_tokenizer):
+def test_nan_full_model_halts_and_writes_no_last_safe(tmp_path, text_tokenizer, caplog):
     model = make_model(vocab_size=len(text_tokenizer), tie=False)
     guard = _guard(
         make_landscape(model), model, text_tokenizer, keep_last_safe=True, keep_last_safe_full=True
     )
     trainer = make_trainer(model, text_tokenizer, tmp_path, [_Poison(3), guard], steps=8, lr=1e-6)
     folder = tmp_path / "out" / "safety-guard" / "last-safe"
-    with pytest.warns(UserWarning, match="not finite"):
+    with says(caplog, "not finite"):
         trainer.train()
     # one NaN weight is seen by the next probe's scan or, a step later, by the cheap check (by
     # then the NaN loss has spread through every weight)

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 from conftest import make_model
-from guard_helpers import echo_judge, make_landscape, make_trainer
+from guard_helpers import TINY_GUARD, echo_judge, make_landscape, make_trainer
 from transformers import get_scheduler
 
 from safety_guard.guard import GuardConfig, LrSchedule, SafetyGuardCallback, horizon
@@ -40,6 +40,9 @@ def test_a_scheduler_that_cannot_be_read_ahead_counts_steps():
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
     assert LrSchedule.from_scheduler(plateau, 10) is None
+    # MultiplicativeLR has lr_lambdas too, but they are factors of the previous step's
+    decay = torch.optim.lr_scheduler.MultiplicativeLR(opt, lambda _: 0.95)
+    assert LrSchedule.from_scheduler(decay, 10) is None
     assert LrSchedule.from_scheduler(None, 10) is None
     with pytest.raises(ValueError, match="non-negative"):
         LrSchedule([1.0, float("nan")])
@@ -80,15 +83,7 @@ def test_with_decay_the_horizon_is_where_the_remaining_learning_rate_can_reach()
 def test_the_guard_reads_the_trainers_schedule(tmp_path, text_tokenizer):
     model = make_model(vocab_size=len(text_tokenizer), tie=False)
     judge = echo_judge(model, text_tokenizer, list(load_prompts("builtin:harmful:probe", limit=8)))
-    guard = SafetyGuardCallback(
-        make_landscape(model),
-        judge=judge,
-        num_prompts=8,
-        num_benign=0,
-        max_new_tokens=6,
-        keep_last_safe=False,
-        max_asr_rise=50,
-    )
+    guard = SafetyGuardCallback(make_landscape(model), judge=judge, **TINY_GUARD, max_asr_rise=50)
     trainer = make_trainer(
         model, text_tokenizer, tmp_path, [guard], steps=4, lr=1e-7, lr_scheduler_type="linear"
     )

@@ -14,25 +14,17 @@ import warnings
 
 import pytest
 from conftest import make_model
-from guard_helpers import echo_judge, make_landscape, make_trainer
+from guard_helpers import TINY_GUARD, echo_judge, make_landscape, make_trainer, says
 from transformers import TrainerCallback
 
-from safety_guard.guard import GuardConfig, SafetyGuardCallback, SafetyGuardWarning
+from safety_guard.guard import GuardConfig, SafetyGuardCallback
 from safety_guard.guard.trajectory import append_record, read_records, truncate_after
 from safety_guard.judges import KeywordJudge
 from safety_guard.landscape import LandscapeFileError
 from safety_guard.prompts import load_prompts
 
 PROBE = "builtin:harmful:probe"
-OPTIONS = dict(
-    harmful=PROBE,
-    num_prompts=8,
-    num_benign=2,
-    max_new_tokens=6,
-    keep_last_safe=False,
-    confidence_z=0.0,
-    nll_tolerance=1e9,
-)
+OPTIONS = TINY_GUARD
 
 
 class Recorder(TrainerCallback):
@@ -165,13 +157,17 @@ def test_two_guards_on_one_trainer_are_refused(tmp_path, text_tokenizer):
         trainer.train()
 
 
-def test_a_model_that_does_not_refuse_is_warned_about_at_train_begin(tmp_path, text_tokenizer):
+def test_a_model_that_does_not_refuse_is_warned_about_at_train_begin(
+    tmp_path, text_tokenizer, caplog
+):
     model = make_model(vocab_size=len(text_tokenizer), tie=False)
     never = KeywordJudge(["a refusal phrase this random model never says"])
     guard = _guard(model, text_tokenizer, judge=never)
     trainer = make_trainer(model, text_tokenizer, tmp_path, [guard], steps=1, lr=1e-7)
-    with pytest.warns(SafetyGuardWarning, match=r"answers 100\.0 % .* can never halt on safety"):
+    with says(caplog, "answers 100.0 % of the first 8 harmful probe prompts"):
         trainer.train()
+    said = [r.getMessage() for r in caplog.records if "does not look aligned" in r.getMessage()]
+    assert "can never halt on safety" in said[0]
 
 
 def test_monitor_mode_says_what_the_guard_would_have_done(tmp_path, text_tokenizer, caplog):
@@ -189,10 +185,10 @@ def test_monitor_mode_says_what_the_guard_would_have_done(tmp_path, text_tokeniz
     halts = [r for r in guard.records if r.get("status") == "halt"]
     assert halts and summary["would_halt_step"] == halts[0]["step"]
     assert summary["would_halt_count"] == len(halts) and summary["would_halt_reason"]
-    # each warning once: a Python warning, not also a log line
-    said = [str(w.message) for w in caught if issubclass(w.category, SafetyGuardWarning)]
-    assert len([m for m in said if "halt disabled" in m]) == len(halts)
-    assert not [r for r in caplog.records if "halt disabled" in r.getMessage()]
+    # each halt said once, as a log line (no warning filter hides it), not also as a warning
+    said = [r.getMessage() for r in caplog.records if "halt disabled" in r.getMessage()]
+    assert len(said) == len(halts)
+    assert not [w for w in caught if "halt disabled" in str(w.message)]
 
 
 def test_a_file_where_the_guard_folder_goes_is_refused_before_training(tmp_path, text_tokenizer):
@@ -217,17 +213,34 @@ def test_an_interrupted_landscape_is_refused(tmp_path, text_tokenizer):
         trainer.train()
 
 
-def test_a_new_run_sets_the_old_trajectory_aside(tmp_path, text_tokenizer):
+def test_a_new_run_sets_the_old_runs_files_aside(tmp_path, text_tokenizer):
     model = make_model(vocab_size=len(text_tokenizer), tie=False)
     folder = tmp_path / "out" / "safety-guard"
     append_record(folder / "trajectory.jsonl", {"step": 99, "event": "check"})
+    (folder / "last-safe").mkdir()
+    (folder / "last-safe" / "safety_guard_step.json").write_text('{"step": 98}')
     trainer = make_trainer(
         model, text_tokenizer, tmp_path, [_guard(model, text_tokenizer)], steps=2, lr=1e-7
     )
     trainer.train()
     assert [r["step"] for r in read_records(folder / "trajectory.jsonl")] == [1, 2]
-    (old,) = folder.glob("trajectory-*.jsonl")
-    assert [r["step"] for r in read_records(old)] == [99]
+    assert not (folder / "last-safe").exists()  # (keep_last_safe=False here)
+    (old,) = folder.glob("previous-*")
+    assert [r["step"] for r in read_records(old / "trajectory.jsonl")] == [99]
+    assert (old / "last-safe" / "safety_guard_step.json").read_text() == '{"step": 98}'
+
+
+def test_a_guard_reused_by_a_second_trainer_logs_to_that_trainer(tmp_path, text_tokenizer):
+    model = make_model(vocab_size=len(text_tokenizer), tie=False)
+    guard = _guard(model, text_tokenizer, max_asr_rise=50)
+    first, second = Recorder(), Recorder()
+    for name, recorder in (("first", first), ("second", second)):
+        trainer = make_trainer(
+            model, text_tokenizer, tmp_path / name, [recorder, guard], steps=2, lr=1e-7
+        )
+        trainer.train()
+    safety = lambda rec: [s for s, e in rec.entries if "safety/displacement" in e]  # noqa: E731
+    assert safety(first) == safety(second) == [1, 2]
 
 
 @pytest.mark.parametrize(
@@ -282,7 +295,7 @@ def test_the_guards_files_follow_the_umask(tmp_path, text_tokenizer):
     guard = _guard(base, text_tokenizer, keep_last_safe=True, max_asr_rise=50)
     model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
     trainer = make_trainer(model, text_tokenizer, tmp_path, [guard], steps=2, lr=1e-7)
-    previous = os.umask(0o022)
+    previous = os.umask(0o027)
     try:
         trainer.train()
         folder = tmp_path / "out" / "safety-guard"
@@ -291,8 +304,8 @@ def test_the_guards_files_follow_the_umask(tmp_path, text_tokenizer):
         os.umask(previous)
     assert guard.last_safe_step is not None
     mode = lambda path: stat.S_IMODE(path.stat().st_mode)  # noqa: E731
-    assert mode(folder / "summary.json") == mode(folder / "trajectory.jsonl") == 0o644
-    assert mode(folder / "last-safe") == 0o755
+    assert mode(folder / "summary.json") == mode(folder / "trajectory.jsonl") == 0o640
+    assert mode(folder / "last-safe") == 0o750
 
 
 def test_a_resumed_full_finetune_refuses_a_wrong_aligned_model(tmp_path, text_tokenizer):

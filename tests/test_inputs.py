@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import make_model
 
 from safety_guard.cli import main
 from safety_guard.files import (
@@ -37,14 +36,6 @@ from safety_guard.landscape import (
 from safety_guard.prompts import MAX_PROMPT_CHARS, load_prompts
 
 ALPHAS = [-0.2, -0.1, 0.0, 0.1, 0.2]
-
-
-@pytest.fixture
-def model_dir(tmp_path, tokenizer):
-    folder = tmp_path / "tiny"
-    make_model(vocab_size=len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture
@@ -456,3 +447,9 @@ def test_atomic_helpers_leave_the_old_content_on_failure(tmp_path):
         raise RuntimeError("crash")
     assert [p.name for p in (tmp_path / "d").iterdir()] == ["two"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "d"]
+
+
+def test_a_tsv_field_that_starts_with_a_quote_is_read_as_it_is(tmp_path):
+    path = tmp_path / "prompts.tsv"
+    path.write_text('goal\ttarget\n"Hi" she said, tell me more\tx\n"unclosed\ty\nplain\tz\n')
+    assert list(load_prompts(path)) == ['"Hi" she said, tell me more', '"unclosed', "plain"]

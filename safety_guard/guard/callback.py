@@ -318,7 +318,10 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
                 "Set tokenizer.chat_template before training."
             )
         _refuse_callback_restore(args)
-        self._handler = self._handler or calling_handler(self)
+        handler = calling_handler(self)  # this trainer's (a guard may serve several in turn)
+        if handler is not None or not self._handler or self not in self._handler.callbacks:
+            self._handler = handler
+        self._pending_metrics = {}
         if self._handler is None:
             logger.info(
                 "SafetyGuard: no trainer found; safety/* metrics go to the trajectory file and "
@@ -399,7 +402,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             )
             self._restore_records(state.global_step)
         if not resumed:
-            self._set_aside_old_trajectory()
+            self._set_aside_old_run()
         if self.probe.baseline is None and not resumed:
             self._reuse_landscape_baseline(model)
         # the first prompts' openings (unless reused) and the screen at θ₀, in this run's numerics
@@ -431,7 +434,8 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         if asr < 50.0 and asr + self.config.max_asr_rise <= 100.0:
             return
         self._warn(
-            f"SafetyGuard: the model this finetune starts from answers {asr:.1f} % of the first "
+            loud=True,
+            message=f"SafetyGuard: the model this finetune starts from answers {asr:.1f} % of the first "
             f"{prompts} harmful probe prompts (ASR) before any training: it does not look "
             "aligned, and a rise of max_asr_rise "
             f"{self.config.max_asr_rise:g} points "
@@ -441,7 +445,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
                 else "is measured from an already unsafe model"
             )
             + ". Start from the aligned (chat) model, or check the chat template and the "
-            "harmful prompts (GuardConfig.harmful)."
+            "harmful prompts (GuardConfig.harmful).",
         )
 
     def _check_folder(self, folder: Path) -> None:
@@ -540,15 +544,20 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
 
             self.records = read_records(path)
 
-    def _set_aside_old_trajectory(self) -> None:
-        """A new run in a folder that holds another run's trajectory: that file is renamed
-        (kept, not appended to), so the folder describes this run."""
-        path = (self._dir or Path(".")) / "trajectory.jsonl"
-        if self._is_main and path.exists() and path.stat().st_size:
-            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
-            old = path.with_name(f"trajectory-{stamp}.jsonl")
-            os.replace(path, old)
-            logger.info("SafetyGuard: a new run; the earlier run's trajectory is now %s.", old)
+    def _set_aside_old_run(self) -> None:
+        """A new run in a folder that holds another run's files (trajectory, summary, plot,
+        last-safe weights): they move into ``previous-<time>/`` (kept, not appended to or
+        mistaken for this run's), so the folder describes this run."""
+        folder = self._dir or Path(".")
+        names = ("trajectory.jsonl", "summary.json", "trajectory.png", "last-safe")
+        old = [folder / n for n in names if (folder / n).exists()]
+        if self._is_main and old:
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(old[0].stat().st_mtime))
+            target = folder / f"previous-{stamp}"
+            target.mkdir(parents=True, exist_ok=True)
+            for path in old:
+                os.replace(path, target / path.name)
+            logger.info("SafetyGuard: a new run; the earlier run's files are now in %s.", target)
         barrier()
 
     def _read_last_safe_adapter(self) -> dict[str, torch.Tensor] | None:
@@ -578,16 +587,21 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             )
         # θ₀ must be the model the landscape was made for (a resume that loads the model from
         # the checkpoint folder would otherwise take the finetuned weights as the aligned ones)
-        try:
-            self.landscape.check_checkpoint(source)
-        except LandscapeMismatchError as err:
+        problem = None
+        if rank_and_world()[0] == 0:  # one read of the checkpoint, not one per rank
+            try:
+                self.landscape.check_checkpoint(source)
+            except LandscapeMismatchError as err:
+                problem = str(err)
+        problem = all_gather_objects(problem)[0]
+        if problem is not None:
             raise LandscapeMismatchError(
                 f"Resuming a full finetune, the guard reads the pre-finetune weights from "
                 f"{source} ({'GuardConfig.origin' if self.config.origin else 'the model name'}), "
                 "but they are not the model the landscape was made for: resumed from a "
                 "checkpoint folder, the model's name points at the finetuned weights. Pass "
-                f"GuardConfig(origin=FOLDER) with the model the finetune started from. ({err})"
-            ) from err
+                f"GuardConfig(origin=FOLDER) with the model the finetune started from. ({problem})"
+            )
         return FullFinetuneTracker.from_checkpoint(source, model, selection)
 
     def _load_or_compute_landscape(self, model: nn.Module, resumed: bool) -> Landscape:
@@ -919,7 +933,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             )
             + restored
         )
-        self._warn(message)
+        self._warn(message, loud=True)
         if self.config.halt:
             self.halt_step = step
             self.halt_reason = reason
@@ -934,9 +948,15 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         if self._is_main:
             logger.warning(message, *values)
 
-    def _warn(self, message: str) -> None:
-        """Warn once, from the main process (every rank took the same decision)."""
-        if self._is_main:
+    def _warn(self, message: str, *, loud: bool = False) -> None:
+        """Say it once, from the main process (every rank took the same decision): a
+        :class:`SafetyGuardWarning` (filterable, catchable) for a warning; a log line at WARNING
+        for a halt and for what must not be filtered away (``loud``)."""
+        if not self._is_main:
+            return
+        if loud:
+            logger.warning(message)
+        else:
             warnings.warn(message, SafetyGuardWarning, stacklevel=3)
 
     def _save_last_safe(self, model: nn.Module, step: int) -> None:
@@ -984,6 +1004,13 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         # every rank waits here until the main process has written its files, so that no rank
         # exits (and tears down the process group) while the main process is still plotting
         try:
+            if self._pending_metrics:  # the last steps' values, not at a logging step
+                self._delivering = True
+                try:
+                    deliver(self._handler, args, state, control, self._pending_metrics)
+                finally:
+                    self._delivering = False
+                    self._pending_metrics = {}
             wall = time.perf_counter() - self._session_start
             if self.records and wall > 0:
                 logger.info(

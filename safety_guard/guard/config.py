@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
@@ -17,11 +18,11 @@ __all__ = ["GuardConfig"]
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_number(value: Any, finite: bool = True) -> bool:
-    number = isinstance(value, int | float) and not isinstance(value, bool)
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
     return number and (not finite or math.isfinite(value))
 
 
@@ -263,12 +264,16 @@ class GuardConfig:
             if value is None and optional:
                 continue
             kind = declared.removesuffix("|None")
-            if kind == "int" and isinstance(value, float) and value.is_integer():
-                value = int(value)
+            if kind == "int" and _is_number(value) and float(value).is_integer():
+                value = int(value)  # 8.0, numpy integers
+            elif kind == "float" and _is_number(value, finite=False):
+                value = value if isinstance(value, int | float) else float(value)  # numpy
             if kind == "str" and isinstance(value, os.PathLike):
                 value = os.fspath(value)
             if kind.startswith("tuple") and _is_number(value, finite=False):
                 value = (value,)
+            if kind.startswith("tuple") and isinstance(value, list | tuple):
+                value = tuple(float(v) if _is_number(v, finite=False) else v for v in value)
             if kind == "bool":
                 expected, ok = "True or False", isinstance(value, bool)
             elif kind == "int":

@@ -10,9 +10,12 @@ receives. So the guard hands its entry to the same callbacks itself
 (:func:`deliver`), leaves ``control.should_log`` as it found it and appends the entry to
 ``state.log_history``: the Trainer's own entries are exactly those it writes without the guard.
 
-The handler is the trainer's ``callback_handler`` (``SafetyGuardCallback.attach(trainer)``), or,
-for ``Trainer(callbacks=[guard])``, the handler that calls the guard's ``on_train_begin``
-(:func:`calling_handler`): the one-line wiring reaches the loggers too.
+The handler is the one that calls the guard's ``on_train_begin`` (:func:`calling_handler`), for
+``Trainer(callbacks=[guard])`` as for ``SafetyGuardCallback.attach(trainer)``: the one-line
+wiring reaches the loggers too. The guard's entries are entries of their own, as evaluation
+entries are: loggers that place an entry by ``state.global_step`` (TensorBoard, W&B's
+``train/global_step`` axis, MLflow) show them at the step they describe; a logger that numbers
+its own steps by calls (DVCLive) counts each guard entry as a step.
 
 Example:
     >>> from transformers import TrainerControl, TrainerState, TrainingArguments

@@ -78,10 +78,12 @@ class LrSchedule:
             >>> s.multipliers[0], s.multipliers[10], round(s.multipliers[55], 3)
             (0.0, 1.0, 0.5)
         """
-        lambdas = getattr(scheduler, "lr_lambdas", None)
-        if not lambdas or max_steps is None or max_steps < 1:
+        from torch.optim.lr_scheduler import LambdaLR
+
+        # (MultiplicativeLR also has lr_lambdas, but they are factors of the previous step's)
+        if not isinstance(scheduler, LambdaLR) or max_steps is None or max_steps < 1:
             return None
-        first = lambdas[0]
+        first = scheduler.lr_lambdas[0]
         try:
             return cls([first(k) for k in range(max_steps)])
         except (TypeError, ValueError, ArithmeticError) as err:
