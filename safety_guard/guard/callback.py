@@ -143,7 +143,9 @@ def _timed(hook: Callable[..., None]) -> Callable[..., None]:
 
 
 class SafetyGuardWarning(UserWarning):
-    """The finetune is approaching (or past) the guard's promise."""
+    """The finetune is approaching the guard's promise (a warn decision). Halts, and a model
+    that does not refuse at train begin, are WARNING log lines instead: no warning filter can
+    hide them."""
 
 
 class SafetyGuardCallback(TrainerCallback, ExportableState):
