@@ -45,3 +45,12 @@ def model_dir(tmp_path, tokenizer):
     make_model(vocab_size=len(tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def run_cli(capsys, *argv):
+    """``safety-guard ARGV`` in this process: (exit code, stdout, stderr)."""
+    from safety_guard.cli import main
+
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -5,20 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import run_cli
 
-from safety_guard.cli import main
 from safety_guard.landscape import Landscape
-
-
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_landscape_visage_plot_roundtrip(tmp_path, model_dir, capsys):
     out = tmp_path / "land.json"
-    code, stdout, stderr = _run(
+    code, stdout, stderr = run_cli(
         capsys,
         "landscape",
         model_dir,
@@ -44,27 +38,27 @@ def test_landscape_visage_plot_roundtrip(tmp_path, model_dir, capsys):
     assert "prompts: 4 harmful (builtin:harmful:heldout[:4]), 2 benign" in stdout
     land = Landscape.load(out)
     assert land.complete and land.data["probe"]["config"]["system_prompt"] == "Be safe."
-    code, stdout, _ = _run(capsys, "visage", out, "--json")
+    code, stdout, _ = run_cli(capsys, "visage", out, "--json")
     payload = json.loads(stdout)
     assert code == 0 and payload["visage"] == pytest.approx(land.visage()["mean"])
-    code, stdout, _ = _run(capsys, "visage", out)
+    code, stdout, _ = run_cli(capsys, "visage", out)
     assert float(stdout.strip()) == pytest.approx(land.visage()["mean"], abs=0.01)
     png = tmp_path / "land.png"
-    code, _, _ = _run(capsys, "plot", out, "--output", png)
+    code, _, _ = run_cli(capsys, "plot", out, "--output", png)
     assert code == 0 and png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_clear_errors_and_exit_code(tmp_path, model_dir, capsys):
-    code, _, err = _run(capsys, "landscape", tmp_path / "nope", "--output", tmp_path / "x.json")
+    code, _, err = run_cli(capsys, "landscape", tmp_path / "nope", "--output", tmp_path / "x.json")
     assert code == 2 and "does not exist" in err
-    code, _, err = _run(capsys, "visage", tmp_path / "missing.json")
+    code, _, err = run_cli(capsys, "visage", tmp_path / "missing.json")
     assert code == 2 and "does not exist" in err
     with pytest.raises(SystemExit) as exit_info:  # a usage error, reported by argparse
-        _run(capsys, "landscape", model_dir, "--output", tmp_path / "x.json", "--grid=-0.1,0.1")
+        run_cli(capsys, "landscape", model_dir, "--output", tmp_path / "x.json", "--grid=-0.1,0.1")
     assert exit_info.value.code == 2 and "contain 0" in capsys.readouterr().err
     empty = tmp_path / "empty.csv"
     empty.write_text("goal\n")
-    code, _, err = _run(
+    code, _, err = run_cli(
         capsys,
         "landscape",
         model_dir,
@@ -84,11 +78,11 @@ def test_model_without_chat_template(tmp_path, model_dir, capsys):
     (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
     (model_dir / "chat_template.jinja").unlink(missing_ok=True)
     out = tmp_path / "l.json"
-    code, _, err = _run(
+    code, _, err = run_cli(
         capsys, "landscape", model_dir, "--output", out, "--quiet", "--num-prompts", "2"
     )
     assert code == 2 and "--plain-template" in err and not out.exists()
-    code, _, err = _run(
+    code, _, err = run_cli(
         capsys,
         "landscape",
         model_dir,

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from safety_guard.cli import main
 from safety_guard.files import (
@@ -50,12 +51,6 @@ def umask_022():
 def _re(path: Path) -> str:
     """``path`` as a regular expression that matches it literally."""
     return re.escape(str(path))
-
-
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _usage_error(capsys, *argv) -> str:
@@ -101,7 +96,7 @@ def test_csv_stray_quote_is_refused_with_file_and_line(tmp_path):
 
 def test_cli_refuses_a_stray_quote_and_states_the_prompts_it_read(tmp_path, model_dir, capsys):
     out = tmp_path / "land.json"
-    code, _, err = _run(
+    code, _, err = run_cli(
         capsys,
         "landscape",
         model_dir,
@@ -271,7 +266,7 @@ def test_landscape_file_missing_a_key_is_refused_naming_file_and_key(tmp_path, c
     path.write_text(json.dumps(data))
     with pytest.raises(LandscapeFileError, match=rf"{_re(path)}.* no '{key}' key"):
         Landscape.load(path)
-    code, _, err = _run(capsys, "visage", path)
+    code, _, err = run_cli(capsys, "visage", path)
     assert code == 2 and f"no '{key}' key" in err and "Traceback" not in err
 
 
@@ -287,7 +282,7 @@ def test_landscape_file_with_nan_or_out_of_range_asr_is_refused(tmp_path, capsys
         path.write_text(json.dumps(bad, allow_nan=True))
         with pytest.raises(LandscapeFileError, match=rf"{_re(path)}: .* ASR|{_re(path)}: .* asr"):
             Landscape.load(path)
-        code, out, err = _run(capsys, "visage", path, "--json")
+        code, out, err = run_cli(capsys, "visage", path, "--json")
         assert code == 2 and str(path) in err and out == ""
     path.write_text(json.dumps(data))
     assert Landscape.load(path).visage()["mean"] == pytest.approx(60.0)
@@ -301,12 +296,12 @@ def test_unwritable_output_is_refused_before_the_model_loads(tmp_path, capsys):
     blocker.write_text("")
     out = blocker / "land.json"
     # the model does not exist: an error about it would mean it was loaded first
-    code, _, err = _run(capsys, "landscape", tmp_path / "nope", "-o", out, "--quiet")
+    code, _, err = run_cli(capsys, "landscape", tmp_path / "nope", "-o", out, "--quiet")
     assert code == 2 and f"--output {out}" in err and f"{blocker} is a file" in err
-    code, _, err = _run(capsys, "landscape", tmp_path / "nope", "-o", tmp_path, "--quiet")
+    code, _, err = run_cli(capsys, "landscape", tmp_path / "nope", "-o", tmp_path, "--quiet")
     assert code == 2 and f"--output {tmp_path}: it is a folder" in err
     ok = tmp_path / "ok.json"
-    code, _, err = _run(
+    code, _, err = run_cli(
         capsys, "landscape", tmp_path / "nope", "-o", ok, "--plot", blocker / "p.png", "--quiet"
     )
     assert code == 2 and f"--plot {blocker / 'p.png'}" in err
@@ -348,14 +343,14 @@ def test_grid_range_and_size_are_checked_with_a_short_message(tmp_path, capsys, 
 
 def test_unknown_device_and_non_finite_settings_are_refused_before_loading(tmp_path, capsys):
     out = tmp_path / "l.json"
-    code, _, err = _run(capsys, "landscape", tmp_path / "nope", "-o", out, "--device", "tpu")
+    code, _, err = run_cli(capsys, "landscape", tmp_path / "nope", "-o", out, "--device", "tpu")
     assert code == 2 and "--device 'tpu'" in err and "auto, cpu, cuda, cuda:N" in err
     for value in ("nan", "inf", "-1"):
-        code, _, err = _run(
+        code, _, err = run_cli(
             capsys, "landscape", tmp_path / "nope", "-o", out, "--refine-visage", value
         )
         assert code == 2 and "refine_visage (--refine-visage) must be a finite number" in err
-    code, _, err = _run(capsys, "landscape", tmp_path / "nope", "-o", out, "--edge-asr", "nan")
+    code, _, err = run_cli(capsys, "landscape", tmp_path / "nope", "-o", out, "--edge-asr", "nan")
     assert code == 2 and "edge_asr" in err
     assert not out.exists()
 
@@ -368,7 +363,7 @@ def test_a_second_writer_of_the_same_output_is_refused(tmp_path, capsys):
     lock = Path(f"{out}.lock")
     with output_lock(out) as held:
         assert held == lock and lock.exists()
-        code, _, err = _run(capsys, "landscape", tmp_path / "nope", "-o", out, "--quiet")
+        code, _, err = run_cli(capsys, "landscape", tmp_path / "nope", "-o", out, "--quiet")
         assert code == 2
         assert (
             f"another safety-guard process is writing {out} (lock {lock}); wait for it or "

@@ -189,7 +189,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             self.landscape = Landscape.load(landscape)  # fail fast on a missing/bad file
             self.landscape_path = str(landscape)
         self.trainer = trainer
-        self._handler: CallbackHandler | None = trainer.callback_handler if trainer else None
+        self._handler: CallbackHandler | None = None  # the trainer's, found at train begin
         self.tokenizer = tokenizer
         self.judge = judge
         self.tracker: FullFinetuneTracker | LoraTracker | None = None
@@ -237,7 +237,6 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             _refuse_second_guard(handler, self)
             trainer.add_callback(self)
         self.trainer = trainer
-        self._handler = handler
         return self
 
     def on_init_end(
@@ -320,9 +319,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
                 "Set tokenizer.chat_template before training."
             )
         _refuse_callback_restore(args)
-        handler = calling_handler(self)  # this trainer's (a guard may serve several in turn)
-        if handler is not None or not self._handler or self not in self._handler.callbacks:
-            self._handler = handler
+        self._handler = calling_handler(self)  # this trainer's (a guard may serve several)
         self._pending_metrics = {}
         if self._handler is None:
             logger.info(
@@ -435,9 +432,8 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         watches a rise above its ASR, which then cannot reach the promise."""
         if asr < 50.0 and asr + self.config.max_asr_rise <= 100.0:
             return
-        self._warn(
-            loud=True,
-            message=f"SafetyGuard: the model this finetune starts from answers {asr:.1f} % of the first "
+        self._log_warning(
+            f"SafetyGuard: the model this finetune starts from answers {asr:.1f} % of the first "
             f"{prompts} harmful probe prompts (ASR) before any training: it does not look "
             "aligned, and a rise of max_asr_rise "
             f"{self.config.max_asr_rise:g} points "
@@ -447,7 +443,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
                 else "is measured from an already unsafe model"
             )
             + ". Start from the aligned (chat) model, or check the chat template and the "
-            "harmful prompts (GuardConfig.harmful).",
+            "harmful prompts (GuardConfig.harmful)."
         )
 
     def _check_folder(self, folder: Path) -> None:
@@ -935,7 +931,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             )
             + restored
         )
-        self._warn(message, loud=True)
+        self._log_warning(message)
         if self.config.halt:
             self.halt_step = step
             self.halt_reason = reason
@@ -950,15 +946,11 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         if self._is_main:
             logger.warning(message, *values)
 
-    def _warn(self, message: str, *, loud: bool = False) -> None:
-        """Say it once, from the main process (every rank took the same decision): a
-        :class:`SafetyGuardWarning` (filterable, catchable) for a warning; a log line at WARNING
-        for a halt and for what must not be filtered away (``loud``)."""
-        if not self._is_main:
-            return
-        if loud:
-            logger.warning(message)
-        else:
+    def _warn(self, message: str) -> None:
+        """A warn decision, once, from the main process (every rank took the same decision), as
+        a :class:`SafetyGuardWarning` (filterable, catchable); a halt, which no filter may hide,
+        is a log line (:meth:`_log_warning`)."""
+        if self._is_main:
             warnings.warn(message, SafetyGuardWarning, stacklevel=3)
 
     def _save_last_safe(self, model: nn.Module, step: int) -> None:
@@ -990,8 +982,11 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         if self._is_main and self._dir is not None:
             append_record(self._dir / "trajectory.jsonl", record)
         self._pending_metrics.update(metrics)
-        if not (event or control.should_log):
-            return
+        if event or control.should_log:
+            self._flush(args, state, control)
+
+    def _flush(self, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> None:
+        """Log the pending ``safety/*`` values as one entry (:func:`reporting.deliver`)."""
         self._delivering = True
         try:
             deliver(self._handler, args, state, control, self._pending_metrics)
@@ -1007,12 +1002,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         # exits (and tears down the process group) while the main process is still plotting
         try:
             if self._pending_metrics:  # the last steps' values, not at a logging step
-                self._delivering = True
-                try:
-                    deliver(self._handler, args, state, control, self._pending_metrics)
-                finally:
-                    self._delivering = False
-                    self._pending_metrics = {}
+                self._flush(args, state, control)
             wall = time.perf_counter() - self._session_start
             if self.records and wall > 0:
                 logger.info(

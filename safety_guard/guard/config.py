@@ -294,8 +294,8 @@ class GuardConfig:
                     f"GuardConfig.{f.name} must be {expected}{' or None' if optional else ''}, "
                     f"got {value!r} ({type(value).__name__})."
                 )
-            numbers = value if kind.startswith("tuple") else [value]
-            if kind != "bool" and kind != "str" and not all(math.isfinite(v) for v in numbers):
+            values = value if kind.startswith("tuple") else [value]
+            if kind != "bool" and kind != "str" and not all(math.isfinite(v) for v in values):
                 raise ValueError(f"GuardConfig.{f.name} must be finite, got {value!r}.")
             setattr(self, f.name, value)
 
