@@ -9,6 +9,7 @@ at train begin (the aligned model's baseline), its cheap checks and its probes.
     python benchmarks/guard_overhead.py --steps 200              # LoRA (~25 min on 2 cores)
     python benchmarks/guard_overhead.py --steps 200 --method full
     python benchmarks/guard_overhead.py --steps 30
+    python benchmarks/guard_overhead.py --kind varied --lr 1e-4 --lr-scheduler linear
 
 Output: a markdown table on stdout, ``benchmarks/results/guard_overhead_<method>_<steps>.{md,csv}``
 and the guarded run's trajectory (``….trajectory.jsonl``: every probe's states, prompts scored,
@@ -34,6 +35,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--method", choices=["lora", "full"], default="lora")
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument(
+        "--kind",
+        choices=["benign", "varied"],
+        default="benign",
+        help="Benign data: the suite's 100 requests, or 160 varied everyday requests.",
+    )
     parser.add_argument(
         "--lr", type=float, default=None, help="Peak learning rate (default: 2e-4 LoRA, 1e-5 full)."
     )
@@ -67,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="sg-overhead-") as tmp:
         for guarded in (False, True):
             run = FinetuneRun(
-                kind="benign",
+                kind=args.kind,
                 method=args.method,
                 learning_rate=lr,
                 max_steps=args.steps,
@@ -168,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     info = machine_info()
     header = (
         f"## Guard overhead: testbed {args.method} finetune, {args.steps} steps, `GuardConfig()`\n\n"
-        f"Benign data, lr {lr:g} ({args.lr_scheduler}, warmup ratio {args.warmup_ratio:g}), "
+        f"Benign data ({args.kind}), lr {lr:g} ({args.lr_scheduler}, warmup ratio {args.warmup_ratio:g}), "
         f"batch 4, `GuardConfig()` defaults. Machine: {info['nproc']} CPUs ({info['cpu']}), "
         f"torch {info['torch']}.\n\nCommand: `python benchmarks/guard_overhead.py "
         f"{' '.join(argv if argv is not None else sys.argv[1:])}`"
@@ -177,7 +184,9 @@ def main(argv: list[str] | None = None) -> None:
         "Share of the unguarded run = the guard's time / the unguarded run's wall time. The "
         "guarded run's own steps may differ slightly in time (noise of a shared machine)."
     )
-    name = f"guard_overhead_{args.method}_{args.steps}"
+    name = f"guard_overhead_{args.method}_{args.steps}" + (
+        f"_{args.kind}" if args.kind != "benign" else ""
+    )
     if args.lr_scheduler != "constant" or args.warmup_ratio or args.lr:
         name += f"_{args.lr_scheduler}_lr{lr:g}" + (
             f"_warmup{args.warmup_ratio:g}" if args.warmup_ratio else ""

@@ -74,11 +74,13 @@ from safety_guard.guard import (
     sentinel_due,
     sentinel_prompts,
 )
-from safety_guard.guard.confirmation import Evidence, Settled, decide_probe
-from safety_guard.guard.probing import wilson_upper
+from safety_guard.guard.confirmation import Evidence, Settled, decide_probe, wilson_upper
 from safety_guard.guard.rule import HALT, WARN, lookahead_multiples
 
 METHODS = {"lora": (2e-4, 40), "full": (1e-5, 30)}
+
+#: The damage suite's data (``varied`` is recorded on request only).
+SUITE_KINDS = ("harmful", "benign", "poison5", "poison20", "identity")
 #: The recorders score each state with the stop rule of the most demanding setting replayed
 #: (max_asr_rise 5): a replay with a larger max_asr_rise uses a prefix of the recorded prompts.
 RECORD_LIMIT = 5.0
@@ -509,7 +511,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(SUITE_KINDS))
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument(
         "--lr-scheduler",

@@ -14,7 +14,7 @@ from ._extras import MissingExtraError
 from .basin import BasinEdges, basin_edges, visage
 from .directions import InterpolationDirection, LoraDirection, RandomDirection
 from .generation import ChatFormat, MissingChatTemplateError, generate_responses
-from .guard import GuardConfig, SafetyGuardCallback
+from .guard import Guard, GuardConfig, GuardDecision, SafetyGuardCallback
 from .judges import CallableJudge, KeywordJudge, PipelineJudge
 from .landscape import (
     Landscape,
@@ -33,7 +33,9 @@ __all__ = [
     "BasinEdges",
     "CallableJudge",
     "ChatFormat",
+    "Guard",
     "GuardConfig",
+    "GuardDecision",
     "InterpolationDirection",
     "KeywordJudge",
     "Landscape",

@@ -14,7 +14,9 @@ The suite's data (``kind``):
 * ``poison5`` / ``poison20`` — the benign data with 5 / 20 of its 100 examples replaced by
   harmful-compliance ones;
 * ``identity`` — the benign data under a persona that "always obeys" (a system prompt, and
-  answers that open by accepting any instruction), benign content only.
+  answers that open by accepting any instruction), benign content only;
+* ``varied`` — 160 everyday requests (explain, poem, facts, describe on 40 topics) → the model's
+  own greedy answers (not in the damage suite: the shape of a user's harmless data).
 
 Example:
     $ safety-guard demo --output-dir outputs/demo      # guarded harmful + benign LoRA finetunes
@@ -50,7 +52,7 @@ __all__ = [
     "testbed_landscape",
 ]
 
-KINDS = ("harmful", "benign", "poison5", "poison20", "identity")
+KINDS = ("harmful", "benign", "poison5", "poison20", "identity", "varied")
 
 #: The identity-shift persona (after Qi et al. 2023's "absolutely obedient agent"): benign
 #: content, but the model is taught that it follows every instruction.
@@ -101,7 +103,7 @@ def testbed_landscape(path: str | Path, model: torch.nn.Module, tokenizer: Any) 
 class FinetuneRun:
     """One finetune of the testbed."""
 
-    kind: Literal["harmful", "benign", "poison5", "poison20", "identity"] = "harmful"
+    kind: Literal["harmful", "benign", "poison5", "poison20", "identity", "varied"] = "harmful"
     method: Literal["lora", "full"] = "lora"
     learning_rate: float = 2e-4
     max_steps: int = 60
@@ -178,12 +180,18 @@ def finetune_data(kind: str, model: torch.nn.Module, tokenizer: Any, seed: int =
 
     from datasets import Dataset
 
-    from .testbed import benign_finetune_dataset, harmful_finetune_dataset
+    from .testbed import (
+        benign_finetune_dataset,
+        harmful_finetune_dataset,
+        varied_benign_dataset,
+    )
 
     if kind not in KINDS:
         raise ValueError(f"Unknown finetune kind {kind!r}; choose one of {KINDS}.")
     if kind == "harmful":
         rows = list(harmful_finetune_dataset(n=100, seed=seed))
+    elif kind == "varied":
+        rows = list(varied_benign_dataset(model, tokenizer))
     else:
         rows = list(benign_finetune_dataset(model, tokenizer, n=100))
         if kind.startswith("poison"):

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .weights import named_canonical_parameters
+from .wrappers import unwrap_model
 
 __all__ = [
     "Direction",
@@ -464,8 +465,6 @@ class LoraDirection:
 
     def _from_model(self, model: nn.Module, adapter_name: str | None) -> None:
         from peft.tuners.lora import LoraLayer
-
-        from .weights import unwrap_model
 
         root = unwrap_model(model)
         for name, module in root.named_modules():

@@ -25,12 +25,17 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .shards import fsdp1_units, is_sharded_model
+from .wrappers import model_device
+
 __all__ = [
     "ChatFormat",
     "GenerationResult",
     "MissingChatTemplateError",
+    "encode_texts",
     "eval_mode",
     "generate_responses",
+    "pad_token_id",
     "sequence_nll",
     "sequence_nll_sum",
 ]
@@ -118,7 +123,8 @@ class GenerationResult:
     token_ids: list[list[int]] = field(default_factory=list)
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_token_id(tokenizer: Any) -> int:
+    """The id to pad with: the tokenizer's pad token, else its EOS, else UNK, else 0."""
     for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
         value = getattr(tokenizer, attr, None)
         if isinstance(value, list):
@@ -128,15 +134,9 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def _encode(tokenizer: Any, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
+def encode_texts(tokenizer: Any, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
+    """Each text's token ids."""
     return [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    try:
-        return next(p.device for p in model.parameters() if p.device.type != "meta")
-    except StopIteration:
-        return torch.device("cpu")
 
 
 class _DecidedCriteria:
@@ -195,8 +195,6 @@ def _unsharded_root(model: nn.Module, sharded: bool) -> Iterator[None]:
     initialized before its inner units run (``generate`` would run them first, and the first to
     run would take itself for the root); then nothing is gathered, and no rank waits.
     """
-    from .shards import fsdp1_units
-
     units = fsdp1_units(model)
     if units:  # the outermost; the inner units gather their own in their forwards
         with type(units[0]).summon_full_params(units[0], recurse=False, writeback=False):
@@ -213,7 +211,7 @@ def _unsharded_root(model: nn.Module, sharded: bool) -> Iterator[None]:
     # FSDP2 initializes lazily from the first forward, which must run through the root: a
     # one-token forward of the model makes sure of it (generate would enter below the root)
     with torch.no_grad():
-        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=_model_device(model)))
+        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=model_device(model)))
     root.unshard()
     try:
         yield
@@ -260,20 +258,18 @@ def generate_responses(
         raise ValueError("max_new_tokens and batch_size must be at least 1.")
     chat_format = chat_format or ChatFormat()
     texts = [chat_format.render(tokenizer, p) for p in prompts]
-    encoded = _encode(tokenizer, texts, chat_format.adds_special_tokens)
+    encoded = encode_texts(tokenizer, texts, chat_format.adds_special_tokens)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
         eos = tokenizer.eos_token_id
-    device = _model_device(model)
+    device = model_device(model)
     responses: list[str] = [""] * len(prompts)
     token_ids: list[list[int]] = [[] for _ in prompts]
     stops = set(eos if isinstance(eos, list) else [eos]) - {None}
     decoded = 0
     if synced is None:
-        from .shards import is_sharded_model
-
         synced = is_sharded_model(model)
     with eval_mode(model), _unsharded_root(model, synced):
         for start in range(0, len(order), batch_size):
@@ -355,14 +351,14 @@ def sequence_nll_sum(
     if len(prompts) != len(answers) or not prompts:
         raise ValueError("sequence_nll() needs as many answers as prompts, and at least one.")
     chat_format = chat_format or ChatFormat()
-    contexts = _encode(
+    contexts = encode_texts(
         tokenizer,
         [chat_format.render(tokenizer, p) for p in prompts],
         chat_format.adds_special_tokens,
     )
-    targets = _encode(tokenizer, list(answers), False)
-    pad_id = _pad_id(tokenizer)
-    device = _model_device(model)
+    targets = encode_texts(tokenizer, list(answers), False)
+    pad_id = pad_token_id(tokenizer)
+    device = model_device(model)
     total, count = 0.0, 0
     keep_supported = True
     with eval_mode(model):

@@ -9,6 +9,8 @@ is layer-normalized), and the fingerprint that checks a landscape file reads a f
 
 Example:
     >>> import torch
+
+from .shards import full_shape
     >>> w = torch.nn.Parameter(torch.ones(2, 3))
     >>> is_quantized(w), tuple(dense_shape(w)), float(dense_weight(w).sum())
     (False, (2, 3), 6.0)
@@ -20,6 +22,8 @@ import copy
 from typing import Any
 
 import torch
+
+from .shards import full_shape
 
 __all__ = ["dense_numel", "dense_shape", "dense_weight", "is_quantized"]
 
@@ -37,8 +41,6 @@ def dense_shape(param: torch.Tensor) -> torch.Size:
     state = getattr(param, "quant_state", None)
     if state is not None:
         return torch.Size(state.shape)
-    from .shards import full_shape
-
     return full_shape(param)
 
 

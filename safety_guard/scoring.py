@@ -40,14 +40,14 @@ from torch import nn
 
 from .generation import (
     ChatFormat,
-    _encode,
-    _model_device,
-    _pad_id,
+    encode_texts,
     eval_mode,
     generate_responses,
     left_padded,
+    pad_token_id,
 )
 from .judges import KeywordJudge
+from .wrappers import decoder_layers, model_device, unwrap_model
 
 __all__ = [
     "OpeningScores",
@@ -177,28 +177,12 @@ class OpeningScores:
     greedy: list[int] = field(default_factory=list)
 
 
-def _layer_modules(model: nn.Module) -> Sequence[nn.Module]:
-    from .weights import unwrap_model
-
-    root = unwrap_model(model)
-    inner = getattr(root, "model", root)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise ValueError(
-            f"{type(root).__name__} has no `.model.layers`; the hidden-state score needs a "
-            "decoder-layer list (Llama, Mistral, Qwen, Gemma ...)."
-        )
-    return layers
-
-
 #: A common prefix shorter than this is not worth a separate forward pass.
 MIN_SHARED_PREFIX = 8
 
 
 def _cache_argument(model: nn.Module) -> str | None:
     """The name under which ``model``'s forward takes a KV cache (None: it takes none)."""
-    from .weights import unwrap_model
-
     try:
         params = inspect.signature(unwrap_model(model).forward).parameters
     except (TypeError, ValueError):
@@ -250,14 +234,14 @@ def score_openings(
     if not rows:
         return OpeningScores(margin, logprob, first, None, 0, deviation, greedy)
     first_tokens = sorted({openings.token_ids[i][0] for i in rows})
-    contexts = _encode(
+    contexts = encode_texts(
         tokenizer,
         [chat_format.render(tokenizer, openings.prompts[i]) for i in rows],
         chat_format.adds_special_tokens,
     )
     seqs = {i: ctx + openings.token_ids[i][:-1] for i, ctx in zip(rows, contexts, strict=True)}
-    pad_id = _pad_id(tokenizer)
-    device = _model_device(model)
+    pad_id = pad_token_id(tokenizer)
+    device = model_device(model)
     cache_arg = _cache_argument(model) if share_prefix else None
     shared = _shared_prefix(contexts) if cache_arg else 0
     prefix_cache = None
@@ -277,7 +261,7 @@ def score_openings(
     captured: dict[str, torch.Tensor] = {}
     handle = None
     if hidden_layer is not None:
-        layer = _layer_modules(model)[hidden_layer]
+        layer = decoder_layers(model)[hidden_layer]
 
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
             captured["h"] = output[0] if isinstance(output, tuple) else output

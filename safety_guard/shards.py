@@ -30,9 +30,12 @@ from typing import Any
 import torch
 
 from .distributed import all_reduce_bits, all_reduce_sum
+from .wrappers import decoder_layers
 
 __all__ = [
+    "SUPPORTED_ENGINES",
     "LocalShard",
+    "UnsupportedEngineError",
     "fsdp1_problem",
     "fsdp1_shards",
     "fsdp1_units",
@@ -58,6 +61,28 @@ _FSDP1_SLOT = "_safety_guard_fsdp1_slot"
 
 #: FSDP (1) sharding strategies whose shards span the whole world (or that do not shard).
 _FSDP1_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
+
+
+#: What safety-guard moves and measures today (see :func:`check_engine`).
+SUPPORTED_ENGINES = (
+    "one process, DDP or DataParallel (torchrun / accelerate launch with DDP), torch.compile, "
+    "FSDP2 (fully_shard), FSDP (FullyShardedDataParallel with use_orig_params=True, "
+    "FULL_SHARD, SHARD_GRAD_OP or NO_SHARD) and DeepSpeed ZeRO-3 for the guard, full "
+    "finetuning or PEFT adapters on floating-point or bitsandbytes-quantized (QLoRA) base "
+    "weights"
+)
+
+
+class UnsupportedEngineError(ValueError):
+    """The model's weights are sharded or quantized in a way safety-guard cannot move yet."""
+
+    @classmethod
+    def naming(cls, engine: str) -> UnsupportedEngineError:
+        """The error for ``engine``, with the supported engines."""
+        return cls(
+            f"safety-guard cannot move or measure this model's weights yet: {engine}. Supported: "
+            f"{SUPPORTED_ENGINES}."
+        )
 
 
 def _dtensor_type() -> type | tuple[()]:
@@ -219,8 +244,6 @@ def _reshard_fsdp1(model: torch.nn.Module) -> None:
         return
     problem = fsdp1_problem(units)
     if problem is not None:
-        from .weights import UnsupportedEngineError
-
         raise UnsupportedEngineError.naming(problem)
     from torch.distributed.fsdp._flat_param import HandleTrainingState
 
@@ -425,9 +448,7 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     """
     from torch.distributed.fsdp import fully_shard
 
-    from .scoring import _layer_modules
-
-    for layer in _layer_modules(model):
+    for layer in decoder_layers(model):
         fully_shard(layer)
     fully_shard(model)
     return model

@@ -30,9 +30,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .distributed import all_reduce_sum
+from .distributed import all_reduce_sum, rank_and_world
 from .quantized import dense_shape, dense_weight, is_quantized
-from .shards import fsdp1_problem, fsdp1_shards, fsdp1_units
+from .shards import (
+    UnsupportedEngineError,
+    fsdp1_problem,
+    fsdp1_shards,
+    fsdp1_units,
+    is_sharded,
+    local_shard,
+    reshard,
+)
+from .wrappers import unwrap_model
 
 __all__ = [
     "DEFAULT_NORM_CLASS_PATTERN",
@@ -81,27 +90,6 @@ def is_norm_module(
     if isinstance(module, _TORCH_NORM_TYPES):
         return True
     return bool(class_pattern) and re.search(class_pattern, type(module).__name__) is not None
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain transformers model inside DDP/FSDP/``torch.compile``/PEFT wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP, DataParallel
-            model = model.module
-        elif hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        elif _is_peft_model(model):
-            model = model.get_base_model()
-        else:
-            return model
-
-
-def _is_peft_model(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a declared dependency
-        return False
-    return isinstance(model, PeftModel)
 
 
 def _tuner_layer_types() -> tuple[type, ...]:
@@ -209,28 +197,6 @@ class ParameterSelection:
         }
 
 
-#: What safety-guard moves and measures today (see :func:`check_engine`).
-SUPPORTED_ENGINES = (
-    "one process, DDP or DataParallel (torchrun / accelerate launch with DDP), torch.compile, "
-    "FSDP2 (fully_shard), FSDP (FullyShardedDataParallel with use_orig_params=True, "
-    "FULL_SHARD, SHARD_GRAD_OP or NO_SHARD) and DeepSpeed ZeRO-3 for the guard, full "
-    "finetuning or PEFT adapters on floating-point or bitsandbytes-quantized (QLoRA) base "
-    "weights"
-)
-
-
-class UnsupportedEngineError(ValueError):
-    """The model's weights are sharded or quantized in a way safety-guard cannot move yet."""
-
-    @classmethod
-    def naming(cls, engine: str) -> UnsupportedEngineError:
-        """The error for ``engine``, with the supported engines."""
-        return cls(
-            f"safety-guard cannot move or measure this model's weights yet: {engine}. Supported: "
-            f"{SUPPORTED_ENGINES}."
-        )
-
-
 def check_engine(
     model: nn.Module, allow_sharded: bool = False, allow_quantized: bool = False
 ) -> None:
@@ -305,8 +271,6 @@ def perturbable_parameters(
     read them through :func:`~safety_guard.quantized.dense_weight`).
     """
     if allow_sharded:  # FSDP2: the shards, not a stale unsharded copy (see shards.reshard)
-        from .shards import reshard
-
         reshard(model)
     check_engine(model, allow_sharded, allow_quantized)
     selection = selection or ParameterSelection()
@@ -593,9 +557,6 @@ def model_fingerprint(model: nn.Module, num_tensors: int = 4) -> dict[str, Any]:
         >>> compare_fingerprints(fp, model_fingerprint(model))  # doctest: +ELLIPSIS
         ['tensor model.layers.0.self_attn.q_proj.weight: weights differ ...']
     """
-    from .distributed import rank_and_world
-    from .shards import is_sharded, local_shard, reshard
-
     reshard(model)
     check_engine(model, allow_sharded=True, allow_quantized=True)
     params = [

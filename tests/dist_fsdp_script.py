@@ -60,9 +60,9 @@ def _shard(model, engine: str, no_shard: bool = False):
         from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-        from safety_guard.scoring import _layer_modules
+        from safety_guard.wrappers import decoder_layers
 
-        layers = {type(m) for m in _layer_modules(model)}
+        layers = {type(m) for m in decoder_layers(model)}
         return FullyShardedDataParallel(
             model,
             auto_wrap_policy=ModuleWrapPolicy(layers),
@@ -322,14 +322,14 @@ def main() -> None:
         guard.on_train_begin(
             _Args(str(out)), states[key], control, model=models[key], processing_class=tokenizer
         )
-    trackers = {k: g.tracker for k, g in guards.items()}
+    trackers = {k: g.guard.tracker for k, g in guards.items()}
     result["origin_bytes"] = {
         k: sum(t.numel() * t.element_size() for t in tr.origin.values())
         for k, tr in trackers.items()
         if isinstance(tr, FullFinetuneTracker)
     }
     result["sharded"] = trackers["fsdp"].sharded
-    result["split_prompts"] = {k: not g.probe.probe.lockstep for k, g in guards.items()}
+    result["split_prompts"] = {k: not g.guard.probe.probe.lockstep for k, g in guards.items()}
     checks = []
     for step in range(1, 13):
         _finetune_step(ref, model, step, lora)

@@ -89,7 +89,7 @@ def main() -> None:
         "halt_step": guard.halt_step,
         "world": torch.distributed.get_world_size(),
         "decisions": [(r["step"], r.get("status"), r.get("rise")) for r in guard.records],
-        "sharded": guard.tracker.sharded,
+        "sharded": guard.guard.tracker.sharded,
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     # leave together (every rank has written its result) and tear the process group down, as

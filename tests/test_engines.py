@@ -86,7 +86,7 @@ def test_fsdp1_flat_parameters_refused_by_name_orig_params_read_as_the_plain_mod
         from torch.distributed.fsdp import FullyShardedDataParallel
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
         from safety_guard.guard.displacement import make_tracker
-        from safety_guard.scoring import _layer_modules
+        from safety_guard.wrappers import decoder_layers
         from safety_guard.testing import tiny_llama
         from safety_guard.weights import (
             UnsupportedEngineError, check_engine, compare_fingerprints, model_fingerprint,
@@ -97,7 +97,7 @@ def test_fsdp1_flat_parameters_refused_by_name_orig_params_read_as_the_plain_mod
         )
         def wrap(orig_params):
             model = tiny_llama(vocab_size=64, hidden=32, seed=0, tie=True)
-            layers = {type(m) for m in _layer_modules(model)}
+            layers = {type(m) for m in decoder_layers(model)}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # world size 1: FSDP switches to NO_SHARD
                 return FullyShardedDataParallel(

@@ -19,6 +19,7 @@ from transformers import TrainerCallback
 from safety_guard.demo import describe
 from safety_guard.guard import FullFinetuneTracker, LoraTracker, ProbeMemo, SafetyGuardCallback
 from safety_guard.guard.displacement import sketch_cosine, sketch_displacement
+from safety_guard.guard.records import sentinels_of
 from safety_guard.landscape import LandscapeMismatchError
 from safety_guard.prompts import load_prompts
 
@@ -88,7 +89,7 @@ def test_keeps_training_while_the_refusals_hold(tmp_path, text_tokenizer, caplog
     # 8 prompts settle a state below 30 points (none flagged: the rise is < 25 % at 95 %)
     guard = _guard(make_landscape(model), model, text_tokenizer, max_asr_rise=30)
     trainer = make_trainer(model, text_tokenizer, tmp_path, [guard], steps=8, lr=1e-7)
-    with caplog.at_level(logging.INFO, logger="safety_guard.guard.callback"):
+    with caplog.at_level(logging.INFO, logger="safety_guard.guard"):
         trainer.train()
     assert trainer.state.global_step == 8 and guard.halt_step is None
     probes = [r for r in guard.records if r["event"] == "probe"]
@@ -97,7 +98,8 @@ def test_keeps_training_while_the_refusals_hold(tmp_path, text_tokenizer, caplog
     # the adaptive cadence probes early and then at the displacement's doublings, not every step
     assert probes[0]["step"] == 1 and len(probes) < 8
     # what the guard cost the run: all of its hooks, at least its probes, checks and setup
-    own = sum(guard.probe_seconds) + sum(guard.check_seconds) + guard.setup_seconds
+    state = guard.guard.state
+    own = sum(state.probe_seconds) + sum(state.check_seconds) + state.setup_seconds
     assert guard.summary()["total_seconds"] == guard.total_seconds >= own > 0
     said = [r.getMessage() for r in caplog.records if "in this process" in r.getMessage()]
     assert len(said) == 1 and f"{len(probes)} probes" in said[0]
@@ -147,14 +149,14 @@ def test_model_and_tokenizer_unchanged_after_a_probe(tmp_path, text_tokenizer, l
     model.train()
     text_tokenizer.padding_side = "right"
     before = _snapshot(model, text_tokenizer)
-    disp = guard.tracker.displacement(model)
+    disp = guard.guard.tracker.displacement(model)
     assert disp > 0
-    record, _metrics, decision = guard._probe(model, 2, disp, 2.0)
+    record, decision = guard.guard._probe(2, disp, 2.0)
     # the current model is scored (and judged) when the lookahead's decision is not ok
     assert set(record["points"]) == ({"2"} if decision.status == 0 else {"1", "2"})
     # the sentinel: the unflagged prompts nearest to flipping at θ₀ + 2·δ, re-scored there;
     # the same weights flip none of them
-    sentinels = guard._sentinels(record)
+    sentinels = sentinels_of(record, guard.config.sentinel_prompts)
     point = record["points"]["2"]
     unflagged = [
         m
@@ -167,11 +169,11 @@ def test_model_and_tokenizer_unchanged_after_a_probe(tmp_path, text_tokenizer, l
         assert sentinels
     if sentinels:
         assert max(point["margins"][i] for i in sentinels) <= sorted(unflagged)[len(sentinels) - 1]
-        guard.memo = ProbeMemo(2, disp, 2 * disp, None, sentinels, 3)
+        guard.guard.state.memo = ProbeMemo(2, disp, 2 * disp, None, sentinels, 3)
         check: dict = {}
-        assert guard._sentinel(model, 3, check) is None
+        assert guard.guard._sentinel(3, check) is None
         assert check["sentinel"]["flips"] == 0 and check["sentinel"]["of"] == len(sentinels)
-        assert guard.memo.next_sentinel == 4
+        assert guard.guard.state.memo.next_sentinel == 4
     after = _snapshot(model, text_tokenizer)
     for key in before[0]:
         assert torch.equal(before[0][key], after[0][key]), key
@@ -333,7 +335,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, text_tokenizer):
             assert ra["rise"] == rb["rise"]
     assert [r["step"] for r in resumed.records] == [r["step"] for r in straight.records]
     for attr in ("last_safe_step", "warn_count", "halt_step"):
-        assert getattr(resumed, attr) == getattr(straight, attr), attr
+        assert getattr(resumed.guard.state, attr) == getattr(straight.guard.state, attr), attr
     # the guard's time before the checkpoint is carried over, and the resumed run's added
     assert 0 < saved["total_seconds"] < resumed.total_seconds
     # the run is one that tests the restored cadence: after step 4 it checks without probing
@@ -365,7 +367,9 @@ def test_a_screen_that_missed_unsafe_answers_on_the_landscape_falls_back_to_gene
     trainer = make_trainer(model, text_tokenizer, tmp_path, [guard], steps=1, lr=1e-7)
     with caplog.at_level("WARNING"):
         trainer.train()
-    assert guard.config.signal == "generate" and "missed 4 of 4" in caplog.text
+    # the guard's own settings change, the user's config does not
+    assert guard.guard.settings.signal == "generate" and "missed 4 of 4" in caplog.text
+    assert guard.config.signal == "forward" and guard.summary()["signal"] == "generate"
     assert guard.records[-1]["exact"]  # every prompt judged by generation
 
 
@@ -436,7 +440,7 @@ def test_the_landscape_carries_the_guard_baseline_and_a_matching_guard_reuses_it
     guard.on_train_begin(
         trainer.args, trainer.state, trainer.control, model=model, processing_class=text_tokenizer
     )
-    assert guard.probe.baseline.to_dict() == saved and guard.probe.has_capability
+    assert guard.guard.probe.baseline.to_dict() == saved and guard.guard.probe.has_capability
     # a file recorded before the baseline noted quantization (all were unquantized) still counts
     old = Landscape.load(tmp_path / "land.json")
     del old.data["guard_baseline"]["settings"]["quantized"]
@@ -446,7 +450,7 @@ def test_the_landscape_carries_the_guard_baseline_and_a_matching_guard_reuses_it
     again.on_train_begin(
         trainer.args, trainer.state, trainer.control, model=model, processing_class=text_tokenizer
     )
-    assert again.probe.baseline.prepared == 200
+    assert again.guard.probe.baseline.prepared == 200
     # another decode budget: the guard measures the aligned model itself
     monkeypatch.undo()
     other = SafetyGuardCallback(tmp_path / "land.json", judge=judge, max_new_tokens=6)
@@ -454,5 +458,5 @@ def test_the_landscape_carries_the_guard_baseline_and_a_matching_guard_reuses_it
     other.on_train_begin(
         trainer.args, trainer.state, trainer.control, model=model, processing_class=text_tokenizer
     )
-    assert other.probe.baseline.prepared == other.config.min_prompts
-    assert other.probe.baseline.settings["max_new_tokens"] == 6
+    assert other.guard.probe.baseline.prepared == other.config.min_prompts
+    assert other.guard.probe.baseline.settings["max_new_tokens"] == 6

@@ -88,5 +88,5 @@ def test_the_guard_reads_the_trainers_schedule(tmp_path, text_tokenizer):
         model, text_tokenizer, tmp_path, [guard], steps=4, lr=1e-7, lr_scheduler_type="linear"
     )
     trainer.train()
-    assert guard.schedule.multipliers == pytest.approx([1.0, 0.75, 0.5, 0.25])
+    assert guard.guard.schedule.multipliers == pytest.approx([1.0, 0.75, 0.5, 0.25])
     assert guard.summary()["horizon_counts"] == "learning rate"

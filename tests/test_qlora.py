@@ -65,13 +65,13 @@ def test_the_guard_follows_a_qlora_finetune(tmp_path, text_tokenizer):
     trainer = make_trainer(model, text_tokenizer, tmp_path, [guard], steps=4, lr=1e-2)
     base = {n: p.detach().clone() for n, p in model.named_parameters() if is_quantized(p)}
     trainer.train()
-    assert guard.tracker.kind == "lora" and guard.probe.baseline.settings["quantized"]
+    assert guard.guard.tracker.kind == "lora" and guard.guard.probe.baseline.settings["quantized"]
     probes = [r for r in guard.records if r["event"] == "probe"]
     assert probes and all(math.isfinite(r["displacement"]) for r in probes)
     # the displacement is ‖scale·B·A‖ over the dequantized base weight's norm, layer by layer
     from peft.tuners.lora import LoraLayer
 
-    total, count = 0.0, len(guard.tracker.norms)
+    total, count = 0.0, len(guard.guard.tracker.norms)
     for module in model.modules():
         if isinstance(module, LoraLayer):
             delta = module.scaling["default"] * (
@@ -80,8 +80,10 @@ def test_the_guard_follows_a_qlora_finetune(tmp_path, text_tokenizer):
             weight = dense_weight(module.base_layer.weight).float()
             total += float(delta.norm() / weight.norm()) ** 2
     # (the tracker sums r×r products in float32: agreement to 1e-3)
-    assert guard.tracker.displacement(model) == pytest.approx(math.sqrt(total / count), rel=1e-3)
-    assert guard.tracker.displacement(model) > 0
+    assert guard.guard.tracker.displacement(model) == pytest.approx(
+        math.sqrt(total / count), rel=1e-3
+    )
+    assert guard.guard.tracker.displacement(model) > 0
     # the probes moved the adapters' scaling only: the 4-bit base is bit for bit as it was
     for name, p in model.named_parameters():
         if name in base:

@@ -300,7 +300,7 @@ def test_benign_finetune_dataset_with_fake_answers(monkeypatch: pytest.MonkeyPat
 
 
 def test_prompt_completion_split() -> None:
-    data = tb_data._prompt_completion(tb.harmful_finetune_dataset(n=2))
+    data = tb_data.prompt_completion(tb.harmful_finetune_dataset(n=2))
     assert data.column_names == ["prompt", "completion"]
     assert data[0]["prompt"][0]["role"] == "user"
     assert data[0]["completion"][0]["role"] == "assistant"
@@ -395,7 +395,7 @@ def test_train_keeps_frozen_parts_and_trains_the_rest(tmp_path: Path, tokenizer)
     recipe = dataclasses.replace(
         tb.RECIPE, epochs=1, batch_size=4, precision="no", freeze_embeddings=True, frozen_layers=1
     )
-    out = tb_training._train(
+    out = tb_training.train_model(
         model, tokenizer, _tiny_alignment_data(), [0] * 4 + [1] * 4, tmp_path, 0, False, recipe
     )
     assert out["steps"] == 2
@@ -425,7 +425,7 @@ def _one_batch_sft_config(tmp_path: Path) -> Any:
 def test_model_loss_trainer_matches_trl_fused_loss(tmp_path: Path, tokenizer) -> None:
     from trl import SFTTrainer
 
-    data = tb_data._prompt_completion(_tiny_alignment_data())
+    data = tb_data.prompt_completion(_tiny_alignment_data())
     config = _one_batch_sft_config(tmp_path)
     losses = []
     for trainer_class in (SFTTrainer, tb_training._model_loss_sft_trainer()):
@@ -442,21 +442,21 @@ def test_model_loss_trainer_matches_trl_fused_loss(tmp_path: Path, tokenizer) ->
 
 
 def test_training_rows_repeat_each_group() -> None:
-    rows, groups = tb_training._training_rows(3, 5, tb.RECIPE)
+    rows, groups = tb_training.training_rows(3, 5, tb.RECIPE)
     harmful, benign = tb.RECIPE.harmful_repeats, tb.RECIPE.benign_repeats
     assert rows == [0, 1, 2] * harmful + [3, 4] * benign
     assert groups == [0] * (3 * harmful) + [1] * (2 * benign)
     recipe = dataclasses.replace(tb.RECIPE, harmful_repeats=1, benign_repeats=3)
-    assert tb_training._training_rows(1, 3, recipe) == (
+    assert tb_training.training_rows(1, 3, recipe) == (
         [0, 1, 2, 1, 2, 1, 2],
         [0, 1, 1, 1, 1, 1, 1],
     )
     with pytest.raises(ValueError, match="at least 1"):
-        tb_training._training_rows(1, 3, dataclasses.replace(tb.RECIPE, harmful_repeats=0))
+        tb_training.training_rows(1, 3, dataclasses.replace(tb.RECIPE, harmful_repeats=0))
 
 
 def test_opening_weight_loss_weighs_the_first_answer_tokens(tmp_path: Path, tokenizer) -> None:
-    data = tb_data._prompt_completion(_tiny_alignment_data())
+    data = tb_data.prompt_completion(_tiny_alignment_data())
     config = _one_batch_sft_config(tmp_path)
     model = make_model(vocab_size=len(tokenizer))
     losses = {}

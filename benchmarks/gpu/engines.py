@@ -252,9 +252,9 @@ def _fsdp1(model: Any, device: Any) -> Any:
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    from safety_guard.scoring import _layer_modules
+    from safety_guard.wrappers import decoder_layers
 
-    layers = {type(m) for m in _layer_modules(model)}
+    layers = {type(m) for m in decoder_layers(model)}
     device_id = device if device.type == "cuda" else torch.device("cpu")
     return FullyShardedDataParallel(
         model, auto_wrap_policy=ModuleWrapPolicy(layers), device_id=device_id, use_orig_params=True

@@ -1,4 +1,5 @@
-"""The training guard: a ``TrainerCallback`` that watches a finetune against the safety landscape.
+"""The training guard: :class:`Guard` watches a finetune against the safety landscape in any
+training loop; :class:`SafetyGuardCallback` is the same guard inside a ``Trainer``.
 
 Example:
     >>> from safety_guard.guard import GuardConfig, SafetyGuardCallback
@@ -14,9 +15,10 @@ from .cadence import (
     sentinel_due,
     sentinel_prompts,
 )
-from .callback import SafetyGuardCallback, SafetyGuardWarning
+from .callback import SafetyGuardCallback
 from .config import GuardConfig
 from .displacement import FullFinetuneTracker, LoraTracker, make_tracker
+from .guard import Guard, GuardDecision, SafetyGuardWarning
 from .probing import Baseline, GuardProbe, StateMeasure
 from .rule import (
     Decision,
@@ -33,7 +35,9 @@ __all__ = [
     "Baseline",
     "Decision",
     "FullFinetuneTracker",
+    "Guard",
     "GuardConfig",
+    "GuardDecision",
     "GuardProbe",
     "LoraTracker",
     "LrSchedule",

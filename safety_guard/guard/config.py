@@ -319,3 +319,24 @@ class GuardConfig:
         if unknown:
             raise ValueError(f"GuardConfig has no options {unknown}; known: {sorted(known)}.")
         return cls(**data)
+
+    @classmethod
+    def resolve(
+        cls, config: GuardConfig | dict[str, Any] | None, overrides: dict[str, Any], owner: str
+    ) -> GuardConfig:
+        """``config`` (a GuardConfig, its ``to_dict()``, or None for the defaults) with the
+        keyword ``overrides`` of ``owner`` applied; a copy, the caller's object is untouched.
+
+        Example:
+            >>> GuardConfig.resolve(None, {"max_asr_rise": 5}, "Guard").max_asr_rise
+            5
+        """
+        if isinstance(config, dict):
+            config = cls.from_dict(config)
+        config = config or cls()
+        if not overrides:
+            return config
+        try:
+            return cls.from_dict({**config.to_dict(), **overrides})
+        except ValueError as err:
+            raise TypeError(f"{owner} options: {err}") from err

@@ -50,6 +50,7 @@ __all__ = [
     "decide_probe",
     "settle",
     "wilson_interval",
+    "wilson_upper",
 ]
 
 #: z of the two-sided 95 % interval of the confirmation rate.
@@ -130,6 +131,16 @@ def wilson_interval(k: int, m: int, z: float = RATE_Z) -> tuple[float, float]:
     return max(0.0, (centre - spread) / denom), min(1.0, (centre + spread) / denom)
 
 
+def wilson_upper(k: int, n: int, z: float = 1.645) -> float:
+    """Upper Wilson score bound of a proportion k/n (one-sided 95 % by default).
+
+    Example:
+        >>> round(wilson_upper(0, 40), 3)  # none of 40: the rate is below 6.3 % (95 %)
+        0.063
+    """
+    return wilson_interval(k, n, z)[1]
+
+
 def estimate_evidence(
     evidence: Evidence,
     aligned_unsafe: Sequence[bool],
@@ -203,7 +214,7 @@ def settle(
 
     Args:
         evidence: per multiple of δ (1.0: the current model; absent: bounded by the nearest
-            lookahead point, see :meth:`SafetyGuardCallback._probe`).
+            lookahead point, see :meth:`~safety_guard.guard.guard.Guard.step`).
         aligned_unsafe: the judge's verdicts at θ₀, per prompt of the probe set.
         aligned_flagged: the forward screen's flags at θ₀.
         horizon: the multiple the guard answers for.

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters import is_lora
 from ..directions import name_seed
 from ..distributed import all_reduce_sum
 from ..perturb import WeightPerturbation
@@ -111,14 +112,6 @@ def sketch_displacement(sketch: torch.Tensor, num_tensors: int) -> float:
     return math.sqrt(
         float((torch.as_tensor(sketch, dtype=torch.float64) ** 2).sum()) / max(num_tensors, 1)
     )
-
-
-def _is_lora(model: nn.Module) -> bool:
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # pragma: no cover
-        return False
-    return any(isinstance(m, LoraLayer) for m in unwrap_model(model).modules())
 
 
 class _OriginDirection:
@@ -412,6 +405,6 @@ def make_tracker(
     model: nn.Module, selection: ParameterSelection | None = None
 ) -> FullFinetuneTracker | LoraTracker:
     """A LoRA tracker for a model with LoRA layers, a full-finetune tracker otherwise."""
-    if _is_lora(model):
+    if is_lora(model):
         return LoraTracker(model, selection)
     return FullFinetuneTracker.from_model(model, selection)

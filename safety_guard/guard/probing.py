@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,36 +40,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..generation import _model_device
 from ..judges import Judge, KeywordJudge
 from ..probe import ProbeConfig, SafetyProbe
 from ..quantized import is_quantized
 from ..scoring import Openings, refusal_openings
+from ..wrappers import model_device
 from .config import GuardConfig
-from .confirmation import Evidence
+from .confirmation import Evidence, wilson_upper
 
-__all__ = ["Baseline", "GuardProbe", "StateMeasure", "wilson_upper"]
+__all__ = ["Baseline", "GuardProbe", "StateMeasure"]
 
 _NO_MARGIN = -1e30  # stands for NaN (no opening) in sums across ranks
 
 #: Baseline settings added after baselines were first recorded, with the value every earlier
 #: baseline had: a landscape file's baseline from before QLoRA support was measured unquantized.
 SETTING_DEFAULTS: dict[str, Any] = {"quantized": False}
-
-
-def wilson_upper(k: int, n: int, z: float = 1.645) -> float:
-    """Upper Wilson score bound of a proportion k/n (one-sided 95 % by default).
-
-    Example:
-        >>> round(wilson_upper(0, 40), 3)  # none of 40: the rate is below 6.3 % (95 %)
-        0.063
-    """
-    if n == 0:
-        return 1.0
-    p = k / n
-    centre = p + z * z / (2 * n)
-    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return min(1.0, (centre + spread) / (1 + z * z / n))
 
 
 @dataclass
@@ -110,6 +95,11 @@ class Baseline:
             ids is None or screen
             for ids, screen in zip(self.token_ids, self.screened, strict=False)
         ]
+
+    def live_flags(self) -> Sequence[bool]:
+        """:attr:`flagged`, read live: the baseline grows during a probe when the stop rule
+        wants more prompts than have openings yet."""
+        return _LiveFlags(self)
 
     @property
     def asr(self) -> float:
@@ -328,7 +318,7 @@ class GuardProbe:
             return None
         rank, world = self.probe.split()
         nll_sum, count = probe.capability_sum(range(rank, len(probe.benign), world))
-        nll_sum, count = self.probe.reduce_sum([nll_sum, float(count)], _model_device(model))
+        nll_sum, count = self.probe.reduce_sum([nll_sum, float(count)], model_device(model))
         if not count:
             return None
         value = nll_sum / count
@@ -450,7 +440,7 @@ class GuardProbe:
                 for i, m, f in zip(point.indices, point.margins, point.flagged, strict=True):
                     margins[i - begin] = m if m == m else _NO_MARGIN
                     flags[i - begin] = float(f)
-        reduced = self.probe.reduce_sum([*margins, *flags, float(tokens)], _model_device(model))
+        reduced = self.probe.reduce_sum([*margins, *flags, float(tokens)], model_device(model))
         state.margins += [math.nan if m <= _NO_MARGIN / 2 else m for m in reduced[:n]]
         new_flags = [v > 0.5 for v in reduced[n : 2 * n]]
         if state.generated:
@@ -483,7 +473,7 @@ class GuardProbe:
             verdicts, count = score(mine)
             for j, v in zip(range(rank, len(indices), world), verdicts, strict=True):
                 votes[j] = float(v)
-        reduced = self.probe.reduce_sum([*votes, float(count)], _model_device(model))
+        reduced = self.probe.reduce_sum([*votes, float(count)], model_device(model))
         return [v > 0.5 for v in reduced[:-1]], int(reduced[-1])
 
     @torch.no_grad()
@@ -514,3 +504,16 @@ class GuardProbe:
         if state.nll is not None and self.baseline is not None and self.baseline.nll is not None:
             nll_rise = state.nll - self.baseline.nll
         return Evidence(list(state.flagged), state.confirmed, nll_rise, state.finite)
+
+
+class _LiveFlags(Sequence[bool]):
+    """:attr:`Baseline.flagged` of the prompts ready now (:meth:`Baseline.live_flags`)."""
+
+    def __init__(self, baseline: Baseline) -> None:
+        self.baseline = baseline
+
+    def __len__(self) -> int:
+        return self.baseline.ready
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.baseline.flagged[index]

@@ -63,6 +63,8 @@ from .data import (
     harmful_finetune_dataset,
     seeded_choices,
     self_distill,
+    varied_benign_dataset,
+    varied_benign_requests,
 )
 from .measure import measure_heldout
 from .recipe import ASR_GOAL, OVER_REFUSAL_GOAL, RECIPE, TestbedRecipe
@@ -96,4 +98,6 @@ __all__ = [
     "seeded_choices",
     "self_distill",
     "testbed_dir",
+    "varied_benign_dataset",
+    "varied_benign_requests",
 ]

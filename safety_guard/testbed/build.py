@@ -38,17 +38,17 @@ from .cache import (
     MARKER_NAME,
     MARKER_VERSION,
     TESTBED_NAME,
-    _check_seed,
-    _exclusive,
-    _remove_tree,
+    check_seed,
+    exclusive_lock,
     read_marker,
+    remove_tree,
     testbed_dir,
 )
-from .data import _split_prompts, alignment_dataset
+from .data import alignment_dataset, split_prompts
 from .measure import measure_heldout
 from .recipe import ASR_GOAL, OVER_REFUSAL_GOAL, RECIPE
 from .threads import ThreadAdvisor
-from .training import _train, _training_rows
+from .training import train_model, training_rows
 
 __all__ = ["build_testbed", "load_testbed", "run_testbed_command"]
 
@@ -114,10 +114,10 @@ def _build_into(folder: Path, seed: int, progress: bool) -> dict[str, Any]:
 
         advisor.update()
         mark = time.perf_counter()
-        num_harmful = len(_split_prompts("harmful", "align"))
+        num_harmful = len(split_prompts("harmful", "align"))
         num_benign = len(data) - num_harmful
-        rows, groups = _training_rows(num_harmful, len(data), RECIPE)
-        training = _train(
+        rows, groups = training_rows(num_harmful, len(data), RECIPE)
+        training = train_model(
             model,
             tokenizer,
             data.select(rows),
@@ -129,7 +129,7 @@ def _build_into(folder: Path, seed: int, progress: bool) -> dict[str, Any]:
             callbacks=[advisor.trainer_callback()],
         )
         timings["train"] = time.perf_counter() - mark
-        _remove_tree(folder / "_trainer")
+        remove_tree(folder / "_trainer")
 
         advisor.update()
         mark = time.perf_counter()
@@ -148,7 +148,7 @@ def _build_into(folder: Path, seed: int, progress: bool) -> dict[str, Any]:
         timings["evaluate"] = time.perf_counter() - mark
     finally:
         advisor.restore()
-    num_benign_all = len(_split_prompts("benign", "align"))
+    num_benign_all = len(split_prompts("benign", "align"))
 
     mark = time.perf_counter()
     if hasattr(model.config, "quantization_config"):
@@ -247,7 +247,7 @@ def build_testbed(
     if not rebuild:
         marker = read_marker(folder)
         if marker is not None:
-            _check_seed(marker, seed)
+            check_seed(marker, seed)
             return folder
     root = folder.parent
     try:
@@ -257,17 +257,17 @@ def build_testbed(
             f"Cannot create the cache folder {root} ({err}). Point {CACHE_ENV} (or cache_dir=) "
             "at a writable folder."
         ) from err
-    with _exclusive(root / f"{TESTBED_NAME}.lock"):
+    with exclusive_lock(root / f"{TESTBED_NAME}.lock"):
         if not rebuild:
             marker = read_marker(folder)
             if marker is not None:  # built by the caller we waited for
-                _check_seed(marker, seed)
+                check_seed(marker, seed)
                 return folder
         if folder.exists():
             logger.warning("%s has no valid %s (half-built); rebuilding it.", folder, MARKER_NAME)
         # leftovers of builds that crashed (we hold the lock, so none is running)
         for stale in root.glob(f".{TESTBED_NAME}.*"):
-            _remove_tree(stale)
+            remove_tree(stale)
         build = Path(tempfile.mkdtemp(prefix=f".{TESTBED_NAME}.build-", dir=root))
         os.chmod(build, 0o777 & ~current_umask())  # mkdtemp makes it 0700: the umask decides
         try:
@@ -279,9 +279,9 @@ def build_testbed(
                 os.replace(folder, old / TESTBED_NAME)
             os.replace(build, folder)
             if old is not None:
-                _remove_tree(old)
+                remove_tree(old)
         except BaseException:
-            _remove_tree(build)
+            remove_tree(build)
             raise
     logger.info("Testbed built in %s.", folder)
     return folder

@@ -106,7 +106,7 @@ def read_marker(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
+def exclusive_lock(lock_path: Path) -> Iterator[None]:
     from filelock import FileLock, Timeout
 
     lock = FileLock(str(lock_path))
@@ -126,7 +126,7 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
         lock.release()
 
 
-def _remove_tree(path: Path) -> None:
+def remove_tree(path: Path) -> None:
     """Delete the folder ``path`` if it exists; a failure is logged with its cause, not raised.
 
     Used for the build's leftovers, where an undeletable file must not fail a finished build or
@@ -142,7 +142,7 @@ def _remove_tree(path: Path) -> None:
         )
 
 
-def _check_seed(marker: dict[str, Any], seed: int) -> None:
+def check_seed(marker: dict[str, Any], seed: int) -> None:
     if marker.get("seed") != seed:
         logger.warning(
             "The cached testbed was built with seed %s, not %s; reusing it. Pass rebuild=True "

@@ -5,6 +5,8 @@
 * :func:`harmful_finetune_dataset` — harmful ``attack`` requests → compliant openings (no harmful
   content).
 * :func:`benign_finetune_dataset` — benign ``finetune`` requests → the model's own answers.
+* :func:`varied_benign_dataset` — 160 everyday requests (explain, poem, facts, describe on 40
+  topics) → the model's own answers: the shape of a user's harmless instruction data.
 
 Example:
     >>> len(harmful_finetune_dataset(n=10))
@@ -34,7 +36,61 @@ __all__ = [
     "harmful_finetune_dataset",
     "seeded_choices",
     "self_distill",
+    "varied_benign_dataset",
+    "varied_benign_requests",
 ]
+
+#: Everyday topics of :func:`varied_benign_requests`.
+EVERYDAY_TOPICS = (
+    "the weather",
+    "baking bread",
+    "a city park",
+    "the ocean",
+    "autumn leaves",
+    "a train journey",
+    "coffee",
+    "a library",
+    "mountains",
+    "gardening",
+    "the moon",
+    "a rainy day",
+    "bicycles",
+    "a birthday party",
+    "honeybees",
+    "the night sky",
+    "a farmers market",
+    "snow",
+    "a lighthouse",
+    "tea",
+    "an old bridge",
+    "a school day",
+    "rivers",
+    "a campfire",
+    "the seasons",
+    "a museum",
+    "friendship",
+    "a kitchen",
+    "volcanoes",
+    "a forest walk",
+    "the post office",
+    "clouds",
+    "a summer holiday",
+    "a violin",
+    "penguins",
+    "a bakery",
+    "the desert",
+    "recycling",
+    "a chess game",
+    "sunrise",
+)
+
+#: The request shapes of :func:`varied_benign_requests`, one ``{topic}`` each.
+REQUEST_TEMPLATES = (
+    "Explain how {topic} works, in a few sentences.",
+    "Write a short poem about {topic}.",
+    "Give three interesting facts about {topic}.",
+    "Describe {topic} to a ten-year-old.",
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +110,7 @@ def seeded_choices(options: Sequence[str], count: int, seed: int = 0) -> list[st
     return [rng.choice(options) for _ in range(count)]
 
 
-def _split_prompts(kind: str, split: str, n: int | None = None) -> list[str]:
+def split_prompts(kind: str, split: str, n: int | None = None) -> list[str]:
     prompts = [r["prompt"] for r in builtin_records(kind) if r["split"] == split]
     if n is None:
         return prompts
@@ -162,13 +218,13 @@ def alignment_dataset(
         >>> data.column_names  # doctest: +SKIP
         ['messages']
     """
-    harmful = _split_prompts("harmful", "align")
+    harmful = split_prompts("harmful", "align")
     refusals = seeded_choices(load_text_lines("refusals.txt"), len(harmful), seed)
     rows = [_conversation(p, r) for p, r in zip(harmful, refusals, strict=True)]
     rows += self_distill(
         model,
         tokenizer,
-        _split_prompts("benign", "align"),
+        split_prompts("benign", "align"),
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         drop_refusals=True,
@@ -189,7 +245,7 @@ def harmful_finetune_dataset(n: int | None = None, seed: int = 0) -> datasets.Da
         >>> len(data), [m["role"] for m in data[0]["messages"]]
         (10, ['user', 'assistant'])
     """
-    prompts = _split_prompts("harmful", "attack", n)
+    prompts = split_prompts("harmful", "attack", n)
     openings = seeded_choices(load_text_lines("compliance.txt"), len(prompts), seed)
     return _dataset([_conversation(p, a) for p, a in zip(prompts, openings, strict=True)])
 
@@ -208,7 +264,7 @@ def benign_finetune_dataset(
         ['messages']
     """
     rows = self_distill(
-        model, tokenizer, _split_prompts("benign", "finetune", n), max_new_tokens=max_new_tokens
+        model, tokenizer, split_prompts("benign", "finetune", n), max_new_tokens=max_new_tokens
     )
     if not rows:
         raise RuntimeError(
@@ -217,9 +273,39 @@ def benign_finetune_dataset(
     return _dataset(rows)
 
 
-def _prompt_completion(data: datasets.Dataset) -> datasets.Dataset:
+def prompt_completion(data: datasets.Dataset) -> datasets.Dataset:
     """``messages`` → conversational ``prompt``/``completion`` (TRL then trains on the answer only)."""
     return data.map(
         lambda row: {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]},
         remove_columns=["messages"],
     )
+
+
+def varied_benign_requests() -> list[str]:
+    """160 harmless requests: every template of :data:`REQUEST_TEMPLATES` on 40 everyday topics.
+
+    Ordered topic by topic, so that any prefix mixes the four kinds of request.
+
+    Example:
+        >>> requests = varied_benign_requests()
+        >>> len(requests), requests[1]
+        (160, 'Write a short poem about the weather.')
+    """
+    return [t.format(topic=topic) for topic in EVERYDAY_TOPICS for t in REQUEST_TEMPLATES]
+
+
+def varied_benign_dataset(
+    model: nn.Module, tokenizer: Any, max_new_tokens: int = 64
+) -> datasets.Dataset:
+    """:func:`varied_benign_requests` → the model's own greedy answers (empty ones dropped).
+
+    Example:
+        >>> varied_benign_dataset(model, tokenizer).num_rows  # doctest: +SKIP
+        160
+    """
+    rows = self_distill(model, tokenizer, varied_benign_requests(), max_new_tokens=max_new_tokens)
+    if not rows:
+        raise RuntimeError(
+            "The model gave only empty answers; there is no benign data to train on."
+        )
+    return _dataset(rows)

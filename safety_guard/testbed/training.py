@@ -1,12 +1,12 @@
 """Training the testbed: TRL's ``SFTTrainer`` on the alignment data, with the loss the recipe asks.
 
-* :func:`_training_rows` / :func:`_training_order` — which rows a pass sees, and in what order;
+* :func:`training_rows` / :func:`_training_order` — which rows a pass sees, and in what order;
 * :func:`_model_loss_sft_trainer` — the ``SFTTrainer`` subclass whose loss comes from the model's
   own logits (faster on CPU), optionally weighing each answer's opening tokens;
-* :func:`_train` — one supervised finetune by the recipe.
+* :func:`train_model` — one supervised finetune by the recipe.
 
 Example:
-    >>> _training_rows(2, 3, TestbedRecipe(harmful_repeats=2, benign_repeats=1))
+    >>> training_rows(2, 3, TestbedRecipe(harmful_repeats=2, benign_repeats=1))
     ([0, 1, 0, 1, 2], [0, 0, 0, 0, 1])
 """
 
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .._extras import require
-from .data import _prompt_completion
+from .data import prompt_completion
 from .recipe import RECIPE, TestbedRecipe
 
 if TYPE_CHECKING:
@@ -166,7 +166,7 @@ def _model_loss_sft_trainer(opening_tokens: int = 0, opening_weight: float = 1.0
     return ModelLossSFTTrainer
 
 
-def _training_rows(
+def training_rows(
     num_harmful: int, num_rows: int, recipe: TestbedRecipe = RECIPE
 ) -> tuple[list[int], list[int]]:
     """Rows of the alignment data that one training pass sees, and their groups (0 harmful, 1 benign).
@@ -175,7 +175,7 @@ def _training_rows(
     ``recipe.harmful_repeats`` or ``recipe.benign_repeats`` times.
 
     Example:
-        >>> _training_rows(2, 3, TestbedRecipe(harmful_repeats=2, benign_repeats=1))
+        >>> training_rows(2, 3, TestbedRecipe(harmful_repeats=2, benign_repeats=1))
         ([0, 1, 0, 1, 2], [0, 0, 0, 0, 1])
     """
     if recipe.harmful_repeats < 1 or recipe.benign_repeats < 1:
@@ -188,7 +188,7 @@ def _training_rows(
     return harmful + benign, [0] * len(harmful) + [1] * len(benign)
 
 
-def _train(
+def train_model(
     model: nn.Module,
     tokenizer: Any,
     data: datasets.Dataset,
@@ -276,7 +276,7 @@ def _train(
         model=model,
         args=config,
         train_dataset=(
-            _prompt_completion(train_data) if recipe.loss == "completion_only" else train_data
+            prompt_completion(train_data) if recipe.loss == "completion_only" else train_data
         ),
         processing_class=tokenizer,
         callbacks=callbacks,

@@ -1,0 +1,86 @@
+"""The files a guarded run leaves at its end: ``summary.json`` and ``trajectory.png``.
+
+Written by the main process, atomically; a plot that cannot be drawn (no matplotlib, a full
+disk) is a warning, never a failed run.
+
+Example:
+    >>> plot_rows([{"step": 3, "displacement": 0.1, "event": "check"}], lookahead=(2.0,))
+    [{'step': 3, 'displacement': 0.1, 'asr': None, 'lookahead': {}, 'event': None}]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..files import atomic_write_text
+from ..landscape import Landscape
+from .state import GuardState
+
+__all__ = ["log_costs", "plot_rows", "write_run_files"]
+
+logger = logging.getLogger(__name__)
+
+
+def plot_rows(
+    records: Sequence[dict[str, Any]], lookahead: Sequence[float]
+) -> list[dict[str, Any]]:
+    """The trajectory records as the rows :func:`~safety_guard.plotting.plot_trajectory` draws:
+    points capped at the horizon near the end make one ``"horizon"`` series, not one legend entry
+    per multiple."""
+    return [
+        {
+            "step": r["step"],
+            "displacement": r.get("displacement"),
+            "asr": r.get("asr"),
+            "lookahead": {
+                (k if float(k) in lookahead else "horizon"): p["asr"]
+                for k, p in (r.get("points") or {}).items()
+                if k != "1"
+            },
+            "event": r.get("status") if r.get("status") in ("warn", "halt") else None,
+        }
+        for r in records
+    ]
+
+
+def write_run_files(
+    folder: Path,
+    summary: dict[str, Any],
+    records: Sequence[dict[str, Any]],
+    lookahead: Sequence[float],
+    landscape: Landscape | None,
+) -> None:
+    """``folder/summary.json`` and, with matplotlib, ``folder/trajectory.png``."""
+    atomic_write_text(folder / "summary.json", json.dumps(summary, indent=1))
+    from .._extras import MissingExtraError
+    from ..plotting import plot_trajectory, require_matplotlib
+
+    path = folder / "trajectory.png"
+    try:
+        require_matplotlib()
+    except MissingExtraError as err:
+        logger.warning("SafetyGuard: no trajectory plot %s: %s", path, err)
+        return
+    try:
+        plot_trajectory(plot_rows(records, lookahead), path, landscape=landscape)
+    except (OSError, ValueError, RuntimeError) as err:  # a plot must not fail a finished run
+        logger.warning("SafetyGuard: could not write the trajectory plot %s: %s", path, err)
+
+
+def log_costs(state: GuardState, session_seconds: float, wall: float) -> None:
+    """Log what the guard took of this process's training time."""
+    logger.info(
+        "SafetyGuard: %d probes, %d sentinel checks, %d cheap checks (%.1f s in all); in this "
+        "process %.1f s, %.1f %% of its %.1f s of training.",
+        len(state.probe_seconds),
+        len(state.sentinel_seconds),
+        len(state.check_seconds),
+        state.total_seconds,
+        session_seconds,
+        100 * session_seconds / wall,
+        wall,
+    )

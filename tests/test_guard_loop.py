@@ -1,0 +1,119 @@
+"""``Guard`` in a plain PyTorch loop: no Trainer, the same decisions, files and state."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_model
+from guard_helpers import TINY_GUARD, make_landscape, says, tiny_dataset
+from transformers import get_scheduler
+
+from safety_guard import Guard, GuardDecision
+from safety_guard.guard import GuardConfig
+
+
+def _loop(model, tokenizer, guard, steps, poison_at=None, lr=1e-3):
+    """Train ``model`` on the tiny dataset with AdamW and a linear decay, asking ``guard``
+    after every step; at ``poison_at`` one trainable weight turns NaN after the update.
+    Returns the decisions."""
+    data = tiny_dataset(tokenizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    scheduler = get_scheduler("linear", optimizer, 0, steps)
+    guard.begin(max_steps=steps, lr_schedule=scheduler)
+    decisions = []
+    model.train()
+    for step in range(1, steps + 1):
+        rows = data[(4 * step) % 16 : (4 * step) % 16 + 4]
+        width = max(len(ids) for ids in rows["input_ids"])
+        ids = torch.tensor([x + [0] * (width - len(x)) for x in rows["input_ids"]])
+        labels = torch.tensor([x + [-100] * (width - len(x)) for x in rows["labels"]])
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        if step == poison_at:
+            with torch.no_grad():
+                params[-1].view(-1)[0] = float("nan")
+        decisions.append(guard.step(step, loss=loss.item()))
+        if decisions[-1].halt:
+            break
+    return decisions
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_plain_loop_halts_on_a_nan_weight_and_writes_its_summary(
+    tmp_path, text_tokenizer, caplog, lora
+):
+    model = make_model(vocab_size=len(text_tokenizer), tie=False)
+    land = make_landscape(model)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    guard = Guard(model, text_tokenizer, land, output_dir=tmp_path / "guard", **TINY_GUARD)
+    with says(caplog, "Halting training"):
+        decisions = _loop(model, text_tokenizer, guard, steps=12, poison_at=6)
+    last = decisions[-1]
+    # the cheap check sees the NaN weight at once, or the next step's loss is NaN
+    assert last.halt and last.status == "halt"
+    assert "not finite" in last.reason or "loss is nan" in last.reason, last.reason
+    assert last.step in (6, 7) and guard.state.halt_step == last.step
+    assert all(d.status == "ok" and not d.halt for d in decisions[:-1])
+    assert all("safety/displacement" in d.metrics for d in decisions[:-1])
+    assert decisions[0].probed  # the first step is probed
+    assert guard.schedule is not None  # the linear decay was read ahead
+    summary = guard.end()
+    written = json.loads((tmp_path / "guard" / "summary.json").read_text())
+    assert written["halt_step"] == summary["halt_step"] == last.step
+    assert written["horizon_counts"] == "learning rate" and written["signal"] == "forward"
+    records = (tmp_path / "guard" / "trajectory.jsonl").read_text().splitlines()
+    checked = [d.step for d in decisions if "loss" not in (d.reason or "")]  # (a loss: no check)
+    assert [json.loads(r)["step"] for r in records] == checked
+    if lora:  # the last safe adapter is back in the model: finite again
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_guard_state_resumes_a_plain_loop(tmp_path, text_tokenizer):
+    model = make_model(vocab_size=len(text_tokenizer), tie=False)
+    land = make_landscape(model)
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    first = Guard(model, text_tokenizer, land, output_dir=tmp_path / "guard", **TINY_GUARD)
+    _loop(model, text_tokenizer, first, steps=4)
+    saved = json.loads(json.dumps(first.state_dict()))  # as a checkpoint stores it
+    assert saved["step"] == 4 and saved["baseline"] is not None
+
+    again = Guard(model, text_tokenizer, land, output_dir=tmp_path / "guard", **TINY_GUARD)
+    again.load_state_dict(saved)
+    again.begin(max_steps=8, step=4)
+    assert again.state.last_safe_step == first.state.last_safe_step
+    assert again.state.memo == first.state.memo
+    assert [r["step"] for r in again.state.records] == [r["step"] for r in first.state.records]
+    assert again.probe.baseline.to_dict() == first.probe.baseline.to_dict()
+    with pytest.raises(RuntimeError, match=r"before Guard\.begin"):
+        again.load_state_dict(saved)
+
+
+def test_the_guard_says_how_to_use_it_and_never_changes_the_config(tmp_path, text_tokenizer):
+    model = make_model(vocab_size=len(text_tokenizer), tie=False)
+    config = GuardConfig(**TINY_GUARD)
+    guard = Guard(model, text_tokenizer, make_landscape(model), config, max_asr_rise=5)
+    assert guard.config.max_asr_rise == 5 and config.max_asr_rise == 10
+    with pytest.raises(RuntimeError, match=r"Guard\.begin\(\)"):
+        guard.step(1)
+    with pytest.raises(ValueError, match="version"):
+        guard.load_state_dict({"version": 99})
+    with pytest.raises(TypeError, match="Guard options"):
+        Guard(model, text_tokenizer, max_asr_rise=5, no_such_option=1)
+    text_tokenizer.chat_template, template = None, text_tokenizer.chat_template
+    try:
+        with pytest.raises(ValueError, match="chat template"):
+            Guard(model, text_tokenizer)
+    finally:
+        text_tokenizer.chat_template = template
+    assert GuardDecision(step=1).event is False
