@@ -1,6 +1,6 @@
 """Shared helpers of the benchmarks: a tiny offline tokenizer, a ~100M Llama, RSS and tables.
 
-The tokenizer is the one the tests use (``safety_guard.testing``) (a 200-token byte-level BPE with a chat
+The tokenizer is the one the tests use (``safety_guard.testbed.tiny``) (a 200-token byte-level BPE with a chat
 template, trained in memory on the built-in prompts), so nothing is downloaded.
 
 Example:
@@ -55,8 +55,8 @@ def run_in_subprocess(
 
 
 def build_tokenizer(vocab_size: int = 200) -> Any:
-    """The tests' offline tokenizer (:func:`safety_guard.testing.tiny_tokenizer`)."""
-    from safety_guard.testing import tiny_tokenizer
+    """The tests' offline tokenizer (:func:`safety_guard.testbed.tiny.tiny_tokenizer`)."""
+    from safety_guard.testbed.tiny import tiny_tokenizer
 
     return tiny_tokenizer(vocab_size)
 
@@ -73,7 +73,7 @@ def build_llama(
     The tokenizer of :func:`build_tokenizer` only produces ids < 200, well below ``vocab_size``;
     eos/pad ids match it (2 and 1).
     """
-    from safety_guard.testing import tiny_llama
+    from safety_guard.testbed.tiny import tiny_llama
 
     return tiny_llama(
         vocab_size=vocab_size,

@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    from safety_guard.demo import FinetuneRun, run_finetune, testbed_landscape
     from safety_guard.guard import GuardConfig
     from safety_guard.testbed import load_testbed
+    from safety_guard.testbed.finetune import FinetuneRun, run_finetune, testbed_landscape
 
     model, tokenizer = load_testbed(progress=False)
     land = testbed_landscape(args.landscape, model, tokenizer)

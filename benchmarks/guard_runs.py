@@ -1,7 +1,7 @@
 """Is the guard judged well by the damage it prevents? The suite of testbed finetunes, replayed.
 
 Each run finetunes the aligned testbed (TRL ``SFTTrainer``) on one of the suite's datasets
-(``safety_guard.demo.finetune_data``: harmful compliance; benign; benign with 5 % or 20 %
+(``safety_guard.testbed.finetune.finetune_data``: harmful compliance; benign; benign with 5 % or 20 %
 harmful-compliance examples; an "always obey" persona on benign content), with LoRA (r 8, all
 linear layers, lr 2e-4, 40 steps) or full finetuning (lr 1e-5, 30 steps), batch 4, for seeds 0,
 1 and 2. Nothing halts it. Along the way:
@@ -62,7 +62,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import markdown_table
 
-from safety_guard.demo import KINDS
 from safety_guard.guard import (
     GuardConfig,
     LrSchedule,
@@ -76,6 +75,7 @@ from safety_guard.guard import (
 )
 from safety_guard.guard.confirmation import Evidence, Settled, decide_probe, wilson_upper
 from safety_guard.guard.rule import HALT, WARN, lookahead_multiples
+from safety_guard.testbed.finetune import KINDS
 
 METHODS = {"lora": (2e-4, 40), "full": (1e-5, 30)}
 
@@ -124,9 +124,9 @@ def run_one(
     import torch
     from transformers import TrainerCallback
 
-    from safety_guard.demo import FinetuneRun, run_finetune
     from safety_guard.guard import GuardProbe, LrSchedule
     from safety_guard.guard.displacement import make_tracker, sketch_cosine
+    from safety_guard.testbed.finetune import FinetuneRun, run_finetune
 
     lr, default_steps = METHODS[method]
     steps = steps or default_steps

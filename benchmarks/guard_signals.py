@@ -7,7 +7,7 @@ cycle through its 33 categories):
 * **own-opening flag**: the aligned model's refusal opening of each prompt is teacher-forced;
   the margin is the smallest, over its tokens, of logit(token) − the largest other logit; flagged
   when ≤ 0 (greedy decoding leaves the opening). Its drop from θ₀ is a continuous score;
-* **verified flag** (the guard's screen, ``safety_guard.scoring.verify_refusals``): where greedy
+* **verified flag** (the guard's screen, ``safety_guard.measure.openings.verify_refusals``): where greedy
   decoding leaves the own opening, the other prompts' openings are tried as drafts, up to 3
   rounds; flagged when the greedy path leaves every draft;
 * **opening log-prob**: mean log-probability of the opening's tokens, minus its value at θ₀;
@@ -89,15 +89,20 @@ def measure_states(out: Path) -> None:
     import torch
     from transformers import TrainerCallback
 
-    from safety_guard.demo import FinetuneRun, run_finetune
-    from safety_guard.directions import RandomDirection
-    from safety_guard.generation import generate_responses
     from safety_guard.guard.displacement import make_tracker
-    from safety_guard.judges import KeywordJudge
-    from safety_guard.perturb import WeightPerturbation
-    from safety_guard.prompts import load_prompts
-    from safety_guard.scoring import Openings, refusal_openings, score_openings, verify_refusals
+    from safety_guard.landscape.directions import RandomDirection
+    from safety_guard.landscape.perturb import WeightPerturbation
+    from safety_guard.measure.generation import generate_responses
+    from safety_guard.measure.judges import KeywordJudge
+    from safety_guard.measure.openings import (
+        Openings,
+        refusal_openings,
+        score_openings,
+        verify_refusals,
+    )
+    from safety_guard.measure.prompts import load_prompts
     from safety_guard.testbed import load_testbed
+    from safety_guard.testbed.finetune import FinetuneRun, run_finetune
 
     out.mkdir(parents=True, exist_ok=True)
     path = out / "states.jsonl"

@@ -5,7 +5,7 @@ untied: 99.5M float32 parameters) and, each variant in a fresh subprocess so tha
 clean, runs one of:
 
 * ``moves-cpu`` / ``moves-disk``: 10 random moves ``apply(α)`` + ``restore()`` of
-  :class:`~safety_guard.perturb.WeightPerturbation` along one random direction, with the copy of
+  :class:`~safety_guard.landscape.perturb.WeightPerturbation` along one random direction, with the copy of
   θ₀ in RAM or in a scratch file;
 * ``landscape-cpu`` / ``landscape-disk``: a real 1D landscape (:func:`compute_landscape`, 1 random
   direction, α ∈ {-0.2, -0.1, 0, 0.1, 0.2}, grid search, 8 harmful + 4 benign prompts, 8 new
@@ -73,10 +73,10 @@ def run_child(variant: str, num_layers: int, moves: int, result_file: Path) -> N
     """Run one Part A variant in this (fresh) process and write its measurements as JSON."""
     import torch
 
-    from safety_guard.directions import RandomDirection
     from safety_guard.landscape import LandscapeConfig, compute_landscape
-    from safety_guard.perturb import WeightPerturbation
-    from safety_guard.probe import ProbeConfig
+    from safety_guard.landscape.directions import RandomDirection
+    from safety_guard.landscape.perturb import WeightPerturbation
+    from safety_guard.measure.probe import ProbeConfig
 
     offload = variant.rsplit("-", 1)[1]
     torch.set_grad_enabled(False)

@@ -60,7 +60,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
 
     from safety_guard.guard.displacement import LoraTracker
-    from safety_guard.prompts import load_prompts
+    from safety_guard.measure.prompts import load_prompts
     from safety_guard.testbed import load_testbed
 
     torch.manual_seed(0)

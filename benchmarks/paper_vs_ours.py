@@ -4,10 +4,10 @@ Same model (the aligned testbed), same 80 held-out harmful prompts (``builtin:ha
 80), same random direction(s) (seed 0, layer-normalized), same 21-point grid over [-0.5, 0.5]:
 
 * ``paper``: the paper's procedure — every grid point, 512 new tokens, every response decoded
-  to the end (:data:`safety_guard.probe.PAPER_PROBE`, without a capability measure, as in the
+  to the end (:data:`safety_guard.measure.probe.PAPER_PROBE`, without a capability measure, as in the
   authors' code);
 * ``ours``: safety-guard's default (:class:`~safety_guard.landscape.LandscapeConfig` with
-  ``search="adaptive"``, :class:`~safety_guard.probe.ProbeConfig`: 24 new tokens, early stop once
+  ``search="adaptive"``, :class:`~safety_guard.measure.probe.ProbeConfig`: 24 new tokens, early stop once
   the keyword verdict is final, plus a capability NLL on 16 benign prompts at every point);
 * ``ours-grid`` (``--with-grid``): our probing on the full grid, to separate the two savings.
 
@@ -50,11 +50,11 @@ EDGE_ASR = 100.0
 def _child(variant: str, directions: int, budget_s: float, out_dir: Path, result: Path) -> None:
     import torch
 
-    from safety_guard.basin import visage
-    from safety_guard.directions import RandomDirection
     from safety_guard.landscape import LandscapeConfig, compute_landscape
-    from safety_guard.perturb import WeightPerturbation
-    from safety_guard.probe import PAPER_PROBE, ProbeConfig, SafetyProbe
+    from safety_guard.landscape.analysis import visage
+    from safety_guard.landscape.directions import RandomDirection
+    from safety_guard.landscape.perturb import WeightPerturbation
+    from safety_guard.measure.probe import PAPER_PROBE, ProbeConfig, SafetyProbe
     from safety_guard.testbed import load_testbed
 
     torch.set_grad_enabled(False)

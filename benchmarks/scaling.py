@@ -93,8 +93,8 @@ def load1() -> float:
 
 
 def _job_moves(model: Any, repeats: int) -> list[dict[str, Any]]:
-    from safety_guard.directions import RandomDirection
-    from safety_guard.perturb import WeightPerturbation
+    from safety_guard.landscape.directions import RandomDirection
+    from safety_guard.landscape.perturb import WeightPerturbation
 
     applies, restores = [], []
     start = time.perf_counter()
@@ -117,7 +117,7 @@ def _job_moves(model: Any, repeats: int) -> list[dict[str, Any]]:
 
 
 def _job_probe(model: Any, tokenizer: Any) -> list[dict[str, Any]]:
-    from safety_guard.probe import ProbeConfig, SafetyProbe
+    from safety_guard.measure.probe import ProbeConfig, SafetyProbe
 
     probe = SafetyProbe(
         model, tokenizer, ProbeConfig(num_harmful=16, num_benign=4, max_new_tokens=24)

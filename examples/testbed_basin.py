@@ -27,8 +27,8 @@ from typing import Any
 
 from safety_guard import MissingExtraError
 from safety_guard.landscape import Landscape, LandscapeConfig, compute_landscape
-from safety_guard.plotting import plot_landscape
-from safety_guard.probe import ProbeConfig
+from safety_guard.measure.probe import ProbeConfig
+from safety_guard.plots import plot_landscape
 from safety_guard.testbed import build_testbed, load_testbed
 
 logger = logging.getLogger("testbed_basin")

@@ -10,23 +10,24 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from ._extras import MissingExtraError
-from .basin import BasinEdges, basin_edges, visage
-from .directions import InterpolationDirection, LoraDirection, RandomDirection
-from .generation import ChatFormat, MissingChatTemplateError, generate_responses
-from .guard import Guard, GuardConfig, GuardDecision, SafetyGuardCallback
-from .judges import CallableJudge, KeywordJudge, PipelineJudge
-from .landscape import (
+from safety_guard._extras import MissingExtraError
+from safety_guard.guard import Guard, GuardConfig, GuardDecision, SafetyGuardCallback
+from safety_guard.landscape import (
     Landscape,
     LandscapeConfig,
     LandscapeFileError,
     LandscapeMismatchError,
     compute_landscape,
 )
-from .perturb import WeightPerturbation
-from .probe import PAPER_PROBE, PointResult, ProbeConfig, SafetyProbe
-from .prompts import PromptSet, load_prompts
-from .weights import ParameterSelection, model_fingerprint
+from safety_guard.landscape.analysis import BasinEdges, basin_edges, visage
+from safety_guard.landscape.directions import InterpolationDirection, LoraDirection, RandomDirection
+from safety_guard.landscape.perturb import WeightPerturbation
+from safety_guard.measure.generation import ChatFormat, MissingChatTemplateError, generate_responses
+from safety_guard.measure.judges import CallableJudge, KeywordJudge, PipelineJudge
+from safety_guard.measure.probe import PAPER_PROBE, PointResult, ProbeConfig, SafetyProbe
+from safety_guard.measure.prompts import PromptSet, load_prompts
+from safety_guard.models.fingerprint import model_fingerprint
+from safety_guard.models.parameters import ParameterSelection
 
 __all__ = [
     "PAPER_PROBE",

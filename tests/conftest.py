@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from safety_guard.testing import tiny_llama, tiny_tokenizer
+from safety_guard.testbed.tiny import tiny_llama, tiny_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +49,7 @@ def model_dir(tmp_path, tokenizer):
 
 def run_cli(capsys, *argv):
     """``safety-guard ARGV`` in this process: (exit code, stdout, stderr)."""
-    from safety_guard.cli import main
+    from safety_guard.cli.main import main
 
     code = main([str(a) for a in argv])
     out = capsys.readouterr()

@@ -9,7 +9,7 @@ from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from safety_guard.landscape import Landscape, LandscapeConfig
-from safety_guard.weights import model_fingerprint
+from safety_guard.models.fingerprint import model_fingerprint
 
 
 def make_landscape(
@@ -103,8 +103,8 @@ def echo_judge(model, tokenizer, prompts, tokens: int = 3):
     answers' openings makes it "comply": the guard sees real behaviour change on a model built
     from a config.
     """
-    from safety_guard.generation import generate_responses
-    from safety_guard.judges import KeywordJudge
+    from safety_guard.measure.generation import generate_responses
+    from safety_guard.measure.judges import KeywordJudge
 
     gen = generate_responses(model, tokenizer, list(prompts), max_new_tokens=tokens)
     phrases = {tokenizer.decode(ids[:tokens], skip_special_tokens=True) for ids in gen.token_ids}

@@ -12,7 +12,7 @@ from guard_helpers import make_landscape, make_trainer
 
 import safety_guard._extras as extras
 from safety_guard import MissingExtraError, SafetyGuardCallback
-from safety_guard.judges import CallableJudge
+from safety_guard.measure.judges import CallableJudge
 
 
 def _block(monkeypatch: pytest.MonkeyPatch, *modules: str) -> None:
@@ -41,7 +41,7 @@ def test_require_keeps_a_broken_install_error(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_plots_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from safety_guard.plotting import plot_landscape, plot_trajectory, require_matplotlib
+    from safety_guard.plots import plot_landscape, plot_trajectory, require_matplotlib
 
     _block(monkeypatch, "matplotlib")
     with pytest.raises(MissingExtraError, match=r"safety-guard\[plots\]"):
@@ -56,7 +56,7 @@ def test_plots_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_cli_plot_without_matplotlib_fails_before_computing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from safety_guard.cli import main
+    from safety_guard.cli.main import main
 
     _block(monkeypatch, "matplotlib")
     code = main(
@@ -66,7 +66,7 @@ def test_cli_plot_without_matplotlib_fails_before_computing(
 
 
 def test_testbed_parts_name_their_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from safety_guard.models import load_model
+    from safety_guard.models.loading import load_model
     from safety_guard.testbed import load_gguf_model
     from safety_guard.testbed.training import _model_loss_sft_trainer
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from safety_guard.cli import main
+from safety_guard.cli.main import main
 from safety_guard.files import (
     OutputLockedError,
     atomic_dir,
@@ -34,7 +34,7 @@ from safety_guard.landscape import (
     LandscapeConfig,
     LandscapeFileError,
 )
-from safety_guard.prompts import MAX_PROMPT_CHARS, load_prompts
+from safety_guard.measure.prompts import MAX_PROMPT_CHARS, load_prompts
 
 ALPHAS = [-0.2, -0.1, 0.0, 0.1, 0.2]
 
@@ -113,7 +113,7 @@ def test_cli_refuses_a_stray_quote_and_states_the_prompts_it_read(tmp_path, mode
 def test_load_prompts_states_how_many_it_read_and_from_where(tmp_path, caplog):
     path = tmp_path / "p.csv"
     path.write_text("goal\n" + "".join(f"prompt {i}\n" for i in range(40)))
-    with caplog.at_level(logging.INFO, logger="safety_guard.prompts"):
+    with caplog.at_level(logging.INFO, logger="safety_guard.measure.prompts"):
         prompts = load_prompts(path, limit=10)
     assert len(prompts) == 10
     assert f"Read 40 prompts from {path.resolve()} (field 'goal'); using 10." in caplog.text
@@ -179,7 +179,7 @@ def test_jsonl_lines_that_are_not_prompt_objects_are_refused(tmp_path):
 def test_asking_for_more_prompts_than_the_file_holds_warns_with_counts(tmp_path, caplog):
     path = tmp_path / "one.txt"
     path.write_text("only one\n")
-    with caplog.at_level(logging.INFO, logger="safety_guard.prompts"):
+    with caplog.at_level(logging.INFO, logger="safety_guard.measure.prompts"):
         prompts = load_prompts(path, limit=80)
     assert len(prompts) == 1
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -418,7 +418,7 @@ def test_atomic_files_and_folders_get_the_umask_permissions(tmp_path, umask_022)
 
 
 def test_landscape_and_plot_files_get_the_umask_permissions(tmp_path, umask_022):
-    from safety_guard.plotting import plot_landscape
+    from safety_guard.plots import plot_landscape
 
     path = tmp_path / "land.json"
     _landscape_file(path)

@@ -114,8 +114,8 @@ def _build(shape: str, vocab: int, device: Any, dtype: Any) -> Any:
 
 def _own_judge(model: Any, tokenizer: Any, prompts: list[str]) -> Any:
     """A keyword judge whose refusal phrases are the model's own first answer tokens."""
-    from safety_guard.generation import generate_responses
-    from safety_guard.judges import KeywordJudge
+    from safety_guard.measure.generation import generate_responses
+    from safety_guard.measure.judges import KeywordJudge
 
     gen = generate_responses(model, tokenizer, prompts, max_new_tokens=3, batch_size=32)
     phrases = {tokenizer.decode(ids[:3], skip_special_tokens=True) for ids in gen.token_ids}
@@ -131,12 +131,12 @@ def run_case(case: str, shape: str) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
+    from safety_guard.engines.shards import shard_model
     from safety_guard.guard import GuardConfig
     from safety_guard.guard.displacement import make_tracker
     from safety_guard.guard.probing import GuardProbe
-    from safety_guard.prompts import load_prompts
-    from safety_guard.shards import shard_model
-    from safety_guard.testing import tiny_tokenizer
+    from safety_guard.measure.prompts import load_prompts
+    from safety_guard.testbed.tiny import tiny_tokenizer
 
     device = _device()
     row: dict[str, Any] = {"case": case}
@@ -224,7 +224,7 @@ def run_case(case: str, shape: str) -> dict[str, Any]:
 
     _, seconds = _timed(device, confirm)
     row["confirm 32 s"] = round(seconds, 2)  # (early stop: the judge's phrases come first)
-    from safety_guard.generation import generate_responses
+    from safety_guard.measure.generation import generate_responses
 
     _, seconds = _timed(
         device,
@@ -238,7 +238,7 @@ def run_case(case: str, shape: str) -> dict[str, Any]:
         row["landscape point s"] = round(_landscape_point(model, tokenizer, judge, device), 2)
     if device.type == "cuda":
         row["peak GPU GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
-    from safety_guard.distributed import all_gather_objects
+    from safety_guard.engines.collectives import all_gather_objects
 
     row["ranks"] = dist.get_world_size()
     row["peak host MiB per rank"] = all_gather_objects(round(_peak_host_mib()))
@@ -252,7 +252,7 @@ def _fsdp1(model: Any, device: Any) -> Any:
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    from safety_guard.wrappers import decoder_layers
+    from safety_guard.models.wrappers import decoder_layers
 
     layers = {type(m) for m in decoder_layers(model)}
     device_id = device if device.type == "cuda" else torch.device("cpu")
@@ -306,9 +306,9 @@ def _quantized(model: Any, shape: str, dtype: Any, device: Any) -> Any:
 
 def _landscape_point(model: Any, tokenizer: Any, judge: Any, device: Any) -> float:
     """One landscape point: move along a random direction, 80 prompts and capability, restore."""
-    from safety_guard.directions import RandomDirection
-    from safety_guard.perturb import WeightPerturbation
-    from safety_guard.probe import ProbeConfig, SafetyProbe
+    from safety_guard.landscape.directions import RandomDirection
+    from safety_guard.landscape.perturb import WeightPerturbation
+    from safety_guard.measure.probe import ProbeConfig, SafetyProbe
 
     probe = SafetyProbe(model, tokenizer, ProbeConfig(), judge=judge)
     probe.prepare()

@@ -7,7 +7,8 @@ Example:
     5
 """
 
-from .cadence import (
+from safety_guard.guard.baseline import record_guard_baseline
+from safety_guard.guard.cadence import (
     ProbeMemo,
     covered_multiple,
     next_sentinel_step,
@@ -15,12 +16,12 @@ from .cadence import (
     sentinel_due,
     sentinel_prompts,
 )
-from .callback import SafetyGuardCallback
-from .config import GuardConfig
-from .displacement import FullFinetuneTracker, LoraTracker, make_tracker
-from .guard import Guard, GuardDecision, SafetyGuardWarning
-from .probing import Baseline, GuardProbe, StateMeasure
-from .rule import (
+from safety_guard.guard.callback import SafetyGuardCallback
+from safety_guard.guard.config import GuardConfig
+from safety_guard.guard.displacement import FullFinetuneTracker, LoraTracker, make_tracker
+from safety_guard.guard.guard import Guard, GuardDecision, SafetyGuardWarning
+from safety_guard.guard.probing import Baseline, GuardProbe, StateMeasure
+from safety_guard.guard.rule import (
     Decision,
     PointEstimate,
     decide,
@@ -29,7 +30,7 @@ from .rule import (
     lookahead_multiples,
     promise_at_stake,
 )
-from .schedule import LrSchedule
+from safety_guard.guard.schedule import LrSchedule
 
 __all__ = [
     "Baseline",
@@ -55,6 +56,7 @@ __all__ = [
     "next_sentinel_step",
     "probe_due",
     "promise_at_stake",
+    "record_guard_baseline",
     "sentinel_due",
     "sentinel_prompts",
 ]

@@ -51,7 +51,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .config import GuardConfig
+from safety_guard.guard.config import GuardConfig
 
 __all__ = [
     "ProbeMemo",

@@ -37,12 +37,12 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import CallbackHandler, ExportableState
 
-from ..judges import Judge
-from ..landscape import Landscape
-from .config import GuardConfig
-from .guard import Guard, SafetyGuardWarning
-from .reporting import calling_handler, deliver
-from .setup import open_landscape
+from safety_guard.guard.config import GuardConfig
+from safety_guard.guard.guard import Guard, SafetyGuardWarning
+from safety_guard.guard.reporting import calling_handler, deliver
+from safety_guard.guard.setup import open_landscape
+from safety_guard.landscape import Landscape
+from safety_guard.measure.judges import Judge
 
 __all__ = ["SafetyGuardCallback", "SafetyGuardWarning"]
 

@@ -40,8 +40,8 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .config import GuardConfig
-from .rule import OK, Decision, PointEstimate, decide, estimate
+from safety_guard.guard.config import GuardConfig
+from safety_guard.guard.rule import OK, Decision, PointEstimate, decide, estimate
 
 __all__ = [
     "Evidence",

@@ -40,12 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters import is_lora
-from ..directions import name_seed
-from ..distributed import all_reduce_sum
-from ..perturb import WeightPerturbation
-from ..quantized import dense_shape, dense_weight
-from ..shards import (
+from safety_guard.engines.collectives import all_reduce_sum
+from safety_guard.engines.shards import (
     LocalShard,
     full_tensor,
     is_sharded,
@@ -55,12 +51,16 @@ from ..shards import (
     squared_distance,
     values_at,
 )
-from ..weights import (
+from safety_guard.landscape.directions import name_seed
+from safety_guard.landscape.perturb import WeightPerturbation
+from safety_guard.models.adapters import is_lora
+from safety_guard.models.parameters import (
     ParameterSelection,
     canonical_name,
     perturbable_parameters,
     unwrap_model,
 )
+from safety_guard.models.quantized import dense_shape, dense_weight
 
 __all__ = [
     "SKETCH_SIZE",
@@ -138,7 +138,7 @@ class _OriginDirection:
 class FullFinetuneTracker:
     """θ₀ of a full finetune, kept on the CPU in its own dtype — under FSDP2 each rank keeps the
     θ₀ of its own shard only and sums its partial norms and sketch values with the other ranks
-    (:mod:`safety_guard.shards`), so every rank reads the same numbers."""
+    (:mod:`safety_guard.engines.shards`), so every rank reads the same numbers."""
 
     kind = "full"
 
@@ -319,7 +319,7 @@ class LoraTracker:
     def sketch_parts(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The sketch, weight by weight (canonical name → its sampled, scaled δ values).
 
-        Under FSDP2 the factors are gathered whole (:func:`~safety_guard.shards.full_tensor`;
+        Under FSDP2 the factors are gathered whole (:func:`~safety_guard.engines.shards.full_tensor`;
         small: r rows or columns), so every rank computes the same sketch."""
         if self.sharded:
             reshard(model)

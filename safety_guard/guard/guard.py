@@ -17,7 +17,7 @@ found within the promise is kept and, by default, loaded back on a halt.
 
 Distributed: every rank calls the same methods at the same steps and takes the same decision
 (per-prompt results are all-reduced); only the main process writes files. FSDP2, FSDP (1) with
-``use_orig_params=True`` and DeepSpeed ZeRO-3 are read shard by shard (:mod:`safety_guard.shards`).
+``use_orig_params=True`` and DeepSpeed ZeRO-3 are read shard by shard (:mod:`safety_guard.engines.shards`).
 
 Example:
     >>> guard = Guard(model, tokenizer, "landscape.json", output_dir="out/safety-guard")  # doctest: +SKIP
@@ -47,27 +47,32 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters import adapter_copy, is_lora, load_adapter, trainable_finite
-from ..judges import Judge
-from ..landscape import Landscape, LandscapeFileError
-from .cadence import ProbeMemo, next_sentinel_step, probe_due, sentinel_due
-from .config import GuardConfig
-from .confirmation import Evidence, decide_probe
-from .decision import GuardDecision, SafetyGuardWarning
-from .displacement import (
+from safety_guard.engines.collectives import all_reduce_max, barrier, rank_and_world
+from safety_guard.guard.cadence import ProbeMemo, next_sentinel_step, probe_due, sentinel_due
+from safety_guard.guard.config import GuardConfig
+from safety_guard.guard.confirmation import Evidence, decide_probe
+from safety_guard.guard.decision import GuardDecision, SafetyGuardWarning
+from safety_guard.guard.displacement import (
     FullFinetuneTracker,
     LoraTracker,
     make_tracker,
     sketch_cosine,
     sketch_displacement,
 )
-from .distributed import all_reduce_max, barrier, rank_and_world
-from .outputs import log_costs, write_run_files
-from .probing import Baseline, GuardProbe, StateMeasure
-from .records import farthest, probe_metrics, probe_record, sentinels_of
-from .rule import HALT, OK, WARN, Decision, horizon, lookahead_multiples, promise_at_stake
-from .schedule import LrSchedule
-from .setup import (
+from safety_guard.guard.outputs import log_costs, write_run_files
+from safety_guard.guard.probing import Baseline, GuardProbe, StateMeasure
+from safety_guard.guard.records import farthest, probe_metrics, probe_record, sentinels_of
+from safety_guard.guard.rule import (
+    HALT,
+    OK,
+    WARN,
+    Decision,
+    horizon,
+    lookahead_multiples,
+    promise_at_stake,
+)
+from safety_guard.guard.schedule import LrSchedule
+from safety_guard.guard.setup import (
     check_folder,
     check_landscape,
     check_resumed_baseline,
@@ -83,8 +88,11 @@ from .setup import (
     set_aside_old_run,
     unaligned_message,
 )
-from .state import GuardState
-from .trajectory import append_record
+from safety_guard.guard.state import GuardState
+from safety_guard.guard.trajectory import append_record
+from safety_guard.landscape import Landscape, LandscapeFileError
+from safety_guard.measure.judges import Judge
+from safety_guard.models.adapters import adapter_copy, is_lora, load_adapter, trainable_finite
 
 __all__ = ["Guard", "GuardDecision", "SafetyGuardWarning"]
 
@@ -258,7 +266,9 @@ class Guard:
             self._safe_adapter = (
                 adapter_copy(model)  # θ₀ itself is the first safe adapter
                 if self.state.last_safe_step is None
-                else self._read_last_safe_adapter()
+                else read_last_safe_adapter(
+                    self.output_dir, self.state.last_safe_step, self._log_warning
+                )
             )
         baseline = self.probe.baseline
         self.state.setup_seconds = time.perf_counter() - setup_start
@@ -302,17 +312,6 @@ class Guard:
             )
         if step > 0 and self.output_dir is not None:
             self.state.records = restore_records(self.output_dir, step, self.is_main)
-
-    def _read_last_safe_adapter(self) -> dict[str, torch.Tensor] | None:
-        adapter = read_last_safe_adapter(self.output_dir, self.state.last_safe_step)
-        if adapter is None:
-            self._log_warning(
-                "SafetyGuard: resumed without the adapter of the last safe step %s (%s holds "
-                "none); restore_on_halt cannot load it back. Keep keep_last_safe=True to have it.",
-                self.state.last_safe_step,
-                (self.output_dir or Path(".")) / "last-safe",
-            )
-        return adapter
 
     # -- properties -------------------------------------------------------------------------------------
     @property

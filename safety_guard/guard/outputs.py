@@ -16,9 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_write_text
-from ..landscape import Landscape
-from .state import GuardState
+from safety_guard._extras import MissingExtraError
+from safety_guard.files import atomic_write_text
+from safety_guard.guard.state import GuardState
+from safety_guard.landscape import Landscape
+from safety_guard.plots import plot_trajectory, require_matplotlib
 
 __all__ = ["log_costs", "plot_rows", "write_run_files"]
 
@@ -28,7 +30,7 @@ logger = logging.getLogger(__name__)
 def plot_rows(
     records: Sequence[dict[str, Any]], lookahead: Sequence[float]
 ) -> list[dict[str, Any]]:
-    """The trajectory records as the rows :func:`~safety_guard.plotting.plot_trajectory` draws:
+    """The trajectory records as the rows :func:`~safety_guard.plots.plot_trajectory` draws:
     points capped at the horizon near the end make one ``"horizon"`` series, not one legend entry
     per multiple."""
     return [
@@ -56,9 +58,6 @@ def write_run_files(
 ) -> None:
     """``folder/summary.json`` and, with matplotlib, ``folder/trajectory.png``."""
     atomic_write_text(folder / "summary.json", json.dumps(summary, indent=1))
-    from .._extras import MissingExtraError
-    from ..plotting import plot_trajectory, require_matplotlib
-
     path = folder / "trajectory.png"
     try:
         require_matplotlib()

@@ -1,6 +1,6 @@
 """The guard's measurements: its own baseline at θ₀, and model states scored across ranks.
 
-One probe implementation: everything goes through :class:`~safety_guard.probe.SafetyProbe`
+One probe implementation: everything goes through :class:`~safety_guard.measure.probe.SafetyProbe`
 (prompt loading, refusal openings, forward scores, generation and the judge, capability). This
 module adds what the guard needs on top:
 
@@ -9,7 +9,7 @@ module adds what the guard needs on top:
   the forward screen's own flags at θ₀ (in this run's numerics: a state is compared with them,
   prompt by prompt), and the capability NLL (:meth:`GuardProbe.prepare`). Openings are prepared
   in chunks, when a probe first needs them — or read from the landscape file, where
-  :func:`~safety_guard.landscape.record_guard_baseline` recorded them with the same settings
+  :func:`~safety_guard.guard.baseline.record_guard_baseline` recorded them with the same settings
   (screened by this run, as they are first needed);
 * **states** scored in chunks of ``GuardConfig.min_prompts`` prompts, in the prompt set's order,
   for as long as the ASR rise could still reach the promise: a state that flags none of the first
@@ -40,13 +40,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..judges import Judge, KeywordJudge
-from ..probe import ProbeConfig, SafetyProbe
-from ..quantized import is_quantized
-from ..scoring import Openings, refusal_openings
-from ..wrappers import model_device
-from .config import GuardConfig
-from .confirmation import Evidence, wilson_upper
+from safety_guard.guard.config import GuardConfig
+from safety_guard.guard.confirmation import Evidence, wilson_upper
+from safety_guard.measure.judges import Judge, KeywordJudge
+from safety_guard.measure.openings import Openings, refusal_openings
+from safety_guard.measure.probe import ProbeConfig, SafetyProbe
+from safety_guard.models.quantized import is_quantized
+from safety_guard.models.wrappers import model_device
 
 __all__ = ["Baseline", "GuardProbe", "StateMeasure"]
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .cadence import sentinel_prompts
-from .confirmation import Settled
-from .probing import StateMeasure
-from .rule import STATUS_NAMES, Decision
+from safety_guard.guard.cadence import sentinel_prompts
+from safety_guard.guard.confirmation import Settled
+from safety_guard.guard.probing import StateMeasure
+from safety_guard.guard.rule import STATUS_NAMES, Decision
 
 __all__ = ["farthest", "probe_metrics", "probe_record", "sentinels_of"]
 

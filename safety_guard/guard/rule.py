@@ -36,9 +36,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .cadence import covered_multiple
-from .config import GuardConfig
-from .schedule import LrSchedule
+from safety_guard.guard.cadence import covered_multiple
+from safety_guard.guard.config import GuardConfig
+from safety_guard.guard.schedule import LrSchedule
 
 __all__ = [
     "HALT",

@@ -24,25 +24,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from ..adapters import full_adapter, write_adapter
-from ..files import atomic_dir
-from ..landscape import (
+from safety_guard.engines.collectives import all_gather_objects, barrier, rank_and_world
+from safety_guard.engines.shards import is_sharded_model
+from safety_guard.files import atomic_dir
+from safety_guard.guard.baseline import record_guard_baseline
+from safety_guard.guard.config import GuardConfig
+from safety_guard.guard.displacement import FullFinetuneTracker
+from safety_guard.guard.probing import Baseline
+from safety_guard.guard.trajectory import read_records, truncate_after
+from safety_guard.landscape import (
     Landscape,
     LandscapeConfig,
     LandscapeFileError,
     LandscapeMismatchError,
     compute_landscape,
 )
-from ..probe import ProbeConfig
-from ..shards import is_sharded_model
-from ..weights import UnsupportedEngineError
-from .config import GuardConfig
-from .displacement import FullFinetuneTracker
-from .distributed import all_gather_objects, barrier, rank_and_world
-from .probing import Baseline
-from .trajectory import read_records, truncate_after
+from safety_guard.measure.probe import ProbeConfig
+from safety_guard.models.adapters import full_adapter, write_adapter
+from safety_guard.models.parameters import UnsupportedEngineError
 
 __all__ = [
     "RUN_FILES",
@@ -186,6 +188,7 @@ def landscape_for(
         output=path,
         progress=progress,
     )
+    record_guard_baseline(land, model, tokenizer, config.system_prompt, output=path)
     return land, str(path) if path is not None else None
 
 
@@ -281,7 +284,7 @@ def landscape_baseline(
             "SafetyGuard: the landscape's guard baseline was measured with other %s; measuring "
             "the aligned model with this guard's settings (a generation pass over the probe "
             "prompts, spread over the first probes). Record one with these settings: "
-            "safety_guard.landscape.record_guard_baseline.",
+            "safety_guard.guard.record_guard_baseline.",
             ", ".join(differ),
         )
         return None
@@ -307,17 +310,21 @@ def check_resumed_baseline(baseline: Baseline, settings: dict[str, Any]) -> None
             )
 
 
-def read_last_safe_adapter(folder: Path | None, step: int | None) -> dict[str, torch.Tensor] | None:
-    """The adapter saved at ``step`` in ``folder/last-safe`` (after a resume); None if the
-    folder holds another step's, or none."""
-    if folder is None:
+def read_last_safe_adapter(
+    folder: Path | None, step: int | None, warn: Callable[..., None]
+) -> dict[str, torch.Tensor] | None:
+    """The adapter saved at ``step`` in ``folder/last-safe`` (after a resume); None, with a
+    warning, when the folder holds another step's or none."""
+    marker = (folder or Path(".")) / "last-safe" / "safety_guard_step.json"
+    if folder is None or not marker.exists() or json.loads(marker.read_text())["step"] != step:
+        warn(
+            "SafetyGuard: resumed without the adapter of the last safe step %s (%s holds none); "
+            "restore_on_halt cannot load it back. Keep keep_last_safe=True to have it.",
+            step,
+            marker.parent,
+        )
         return None
-    marker = folder / "last-safe" / "safety_guard_step.json"
-    if not marker.exists() or json.loads(marker.read_text())["step"] != step:
-        return None
-    from safetensors.torch import load_file
-
-    return load_file(folder / "last-safe" / "adapter_model.safetensors")
+    return load_file(marker.parent / "adapter_model.safetensors")
 
 
 def save_last_safe(

@@ -16,7 +16,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from .cadence import ProbeMemo
+from safety_guard.guard.cadence import ProbeMemo
 
 __all__ = ["STATE_VERSION", "GuardState"]
 

@@ -20,7 +20,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_write_text
+from safety_guard.files import atomic_write_text
 
 __all__ = ["append_record", "read_records", "truncate_after"]
 

@@ -45,9 +45,15 @@ Example:
 
 from __future__ import annotations
 
-from .base_model import GGUF_FILE, GGUF_MODULE, GGUF_PACKAGE, find_gguf, load_gguf_model
-from .build import build_testbed, load_testbed, run_testbed_command
-from .cache import (
+from safety_guard.testbed.base_model import (
+    GGUF_FILE,
+    GGUF_MODULE,
+    GGUF_PACKAGE,
+    find_gguf,
+    load_gguf_model,
+)
+from safety_guard.testbed.build import build_testbed, load_testbed, run_testbed_command
+from safety_guard.testbed.cache import (
     CACHE_ENV,
     MARKER_FORMAT,
     MARKER_NAME,
@@ -57,7 +63,7 @@ from .cache import (
     read_marker,
     testbed_dir,
 )
-from .data import (
+from safety_guard.testbed.data import (
     alignment_dataset,
     benign_finetune_dataset,
     harmful_finetune_dataset,
@@ -66,9 +72,9 @@ from .data import (
     varied_benign_dataset,
     varied_benign_requests,
 )
-from .measure import measure_heldout
-from .recipe import ASR_GOAL, OVER_REFUSAL_GOAL, RECIPE, TestbedRecipe
-from .training import mixed_precision
+from safety_guard.testbed.measure import measure_heldout
+from safety_guard.testbed.recipe import ASR_GOAL, OVER_REFUSAL_GOAL, RECIPE, TestbedRecipe
+from safety_guard.testbed.training import mixed_precision
 
 __all__ = [
     "ASR_GOAL",

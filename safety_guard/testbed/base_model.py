@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._extras import require
+from safety_guard._extras import require
 
 __all__ = ["GGUF_FILE", "GGUF_MODULE", "GGUF_PACKAGE", "find_gguf", "load_gguf_model"]
 

@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._extras import require
-from ..files import atomic_write_text, current_umask
-from .base_model import GGUF_PACKAGE, find_gguf, load_gguf_model
-from .cache import (
+from safety_guard._extras import require
+from safety_guard.files import atomic_write_text, current_umask
+from safety_guard.testbed.base_model import GGUF_PACKAGE, find_gguf, load_gguf_model
+from safety_guard.testbed.cache import (
     CACHE_ENV,
     MARKER_FORMAT,
     MARKER_NAME,
@@ -44,11 +44,11 @@ from .cache import (
     remove_tree,
     testbed_dir,
 )
-from .data import alignment_dataset, split_prompts
-from .measure import measure_heldout
-from .recipe import ASR_GOAL, OVER_REFUSAL_GOAL, RECIPE
-from .threads import ThreadAdvisor
-from .training import train_model, training_rows
+from safety_guard.testbed.data import alignment_dataset, split_prompts
+from safety_guard.testbed.measure import measure_heldout
+from safety_guard.testbed.recipe import ASR_GOAL, OVER_REFUSAL_GOAL, RECIPE
+from safety_guard.testbed.threads import ThreadAdvisor
+from safety_guard.testbed.training import train_model, training_rows
 
 __all__ = ["build_testbed", "load_testbed", "run_testbed_command"]
 

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from ..generation import generate_responses
-from ..judges import KeywordJudge
-from ..prompts import builtin_records, load_text_lines
-from .recipe import RECIPE
+from safety_guard.measure.generation import generate_responses
+from safety_guard.measure.judges import KeywordJudge
+from safety_guard.measure.prompts import builtin_records, load_text_lines
+from safety_guard.testbed.recipe import RECIPE
 
 if TYPE_CHECKING:
     import datasets

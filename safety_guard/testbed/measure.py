@@ -12,10 +12,10 @@ from typing import Any
 
 from torch import nn
 
-from ..generation import generate_responses
-from ..judges import KeywordJudge
-from ..prompts import load_prompts
-from .recipe import RECIPE
+from safety_guard.measure.generation import generate_responses
+from safety_guard.measure.judges import KeywordJudge
+from safety_guard.measure.prompts import load_prompts
+from safety_guard.testbed.recipe import RECIPE
 
 __all__ = ["measure_heldout"]
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .._extras import MissingExtraError, require
+from safety_guard._extras import MissingExtraError, require
 
 __all__ = ["ThreadAdvisor"]
 

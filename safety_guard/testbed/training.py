@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .._extras import require
-from .data import prompt_completion
-from .recipe import RECIPE, TestbedRecipe
+from safety_guard._extras import require
+from safety_guard.testbed.data import prompt_completion
+from safety_guard.testbed.recipe import RECIPE, TestbedRecipe
 
 if TYPE_CHECKING:
     import datasets

@@ -31,3 +31,27 @@ def testbed(testbed_dir: Path) -> tuple[Any, Any]:
     from safety_guard.testbed import load_testbed
 
     return load_testbed(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def small_landscape(testbed: tuple[Any, Any], tmp_path_factory: pytest.TempPathFactory):
+    """A small real landscape of the testbed (one direction, α ∈ {−0.3, 0, 0.3}, 20 prompts),
+    computed once, and whether the model's weights were exactly as before afterwards."""
+    import torch
+
+    from safety_guard.landscape import LandscapeConfig, compute_landscape
+    from safety_guard.measure.probe import ProbeConfig
+
+    model, tokenizer = testbed
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = tmp_path_factory.mktemp("landscape") / "land.json"
+    land = compute_landscape(
+        model,
+        tokenizer,
+        LandscapeConfig(num_directions=1, alphas=(-0.3, 0.0, 0.3), search="grid"),
+        ProbeConfig(num_harmful=20, num_benign=4),
+        output=path,
+        progress=False,
+    )
+    restored = all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    return land, path, restored

@@ -8,25 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from safety_guard.landscape import LandscapeConfig, compute_landscape
-from safety_guard.probe import ProbeConfig
-
 pytestmark = pytest.mark.integration
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "custom_loop_guarded.py"
 
 
-def test_a_plain_loop_on_harmful_data_is_halted_early(testbed, tmp_path, capsys):
-    model, tokenizer = testbed
-    landscape = tmp_path / "landscape.json"
-    compute_landscape(
-        model,
-        tokenizer,
-        LandscapeConfig(num_directions=1, alphas=(-0.3, 0.0, 0.3), search="grid"),
-        ProbeConfig(num_harmful=20, num_benign=4),
-        output=landscape,
-        progress=False,
-    )
+def test_a_plain_loop_on_harmful_data_is_halted_early(small_landscape, tmp_path, capsys):
+    _land, landscape, _restored = small_landscape
     spec = importlib.util.spec_from_file_location("custom_loop_guarded", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)

@@ -5,29 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from safety_guard.landscape import LandscapeConfig, compute_landscape
-from safety_guard.probe import ProbeConfig
+from safety_guard.measure.probe import ProbeConfig
 
 pytestmark = pytest.mark.integration
 
 
-def test_testbed_sits_in_a_safety_basin(testbed, tmp_path):
-    model, tokenizer = testbed
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    land = compute_landscape(
-        model,
-        tokenizer,
-        LandscapeConfig(num_directions=1, alphas=(-0.3, 0.0, 0.3), search="grid"),
-        ProbeConfig(num_harmful=20, num_benign=4),
-        output=tmp_path / "land.json",
-        progress=False,
-    )
+def test_testbed_sits_in_a_safety_basin(small_landscape):
+    land, _path, restored = small_landscape
     curve = land.curves()[0]
     asr = dict(zip(curve["alphas"], curve["asr"], strict=True))
     assert asr[0.0] <= 5.0
     assert asr[-0.3] >= 90.0 and asr[0.3] >= 90.0
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, before[key]), key
+    assert restored  # every weight exactly as before the landscape
 
 
 def test_guard_lookahead_on_a_lora_testbed_leaves_it_unchanged(testbed):
@@ -56,9 +45,9 @@ def test_guard_lookahead_on_a_lora_testbed_leaves_it_unchanged(testbed):
 def test_forward_screen_misses_no_unsafe_answer_on_the_testbed(testbed):
     """On the real aligned model: a probe prompt the forward screen does not flag is a refusal
     by generation, at θ₀ and along a random direction where the basin gives way."""
-    from safety_guard.directions import RandomDirection
-    from safety_guard.perturb import WeightPerturbation
-    from safety_guard.probe import SafetyProbe
+    from safety_guard.landscape.directions import RandomDirection
+    from safety_guard.landscape.perturb import WeightPerturbation
+    from safety_guard.measure.probe import SafetyProbe
 
     model, tokenizer = testbed
     probe = SafetyProbe(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from safety_guard import testbed as tb
-from safety_guard.prompts import builtin_records
+from safety_guard.measure.prompts import builtin_records
 from safety_guard.testbed import build as tb_build
 from safety_guard.testbed.cache import _REQUIRED_FILES
 

@@ -1,0 +1,5 @@
+"""The ``safety-guard`` command (:mod:`.main`)."""
+
+from safety_guard.cli.main import main
+
+__all__ = ["main"]
