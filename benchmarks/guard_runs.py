@@ -210,7 +210,7 @@ def screen_aligned(results: dict[str, dict[str, Any]], out: Path) -> None:
     """Add to each saved run without it the forward screen at θ₀ (``baseline.screened``), scored
     on the testbed with that run's openings as the guard scores it in a run: in chunks of
     ``min_prompts``, under the bf16 autocast the testbed's finetunes run in on a CPU with native
-    bf16 (``mixed_precision()``). (Recorders before session 14 did not score it.)"""
+    bf16 (``mixed_precision()``). (Runs recorded without it have no ``screened`` key.)"""
     import contextlib
 
     import torch
@@ -252,8 +252,8 @@ def _scored(flagged: list[bool], aligned_flagged: list[bool], config: GuardConfi
 
 def _aligned_flagged(baseline: dict[str, Any]) -> list[bool]:
     """The screen's flags at θ₀: no refusal opening, or flagged by the screen at θ₀ itself
-    (``screened``: recorded, or added by ``--screen-aligned``; absent: the rule before session 14,
-    which compared the screen with the openings only)."""
+    (``screened``: recorded, or added by ``--screen-aligned``; absent: the screen is compared
+    with the openings only)."""
     screened = baseline.get("screened")
     if screened is None:
         return [ids is None for ids in baseline["token_ids"]]
@@ -326,7 +326,7 @@ def replay(
 ) -> dict[str, Any]:
     """The guard's cadence and decisions of ``config`` replayed on a run's records (``paired``:
     each prompt's screen compared with the screen at θ₀, when the run has it; else with the
-    openings only, the rule before session 14)."""
+    openings only)."""
     records = result["records"]
     steps = [r["step"] for r in records]
     max_steps = result["run"]["max_steps"]
@@ -484,7 +484,7 @@ def _pairing(
     names: list[str], results: dict[str, dict[str, Any]], config: GuardConfig
 ) -> list[dict[str, Any]]:
     """``GuardConfig()`` replayed with each prompt's screen compared with the screen at θ₀
-    (paired, the guard since session 14) and with the openings only (before): decisions and
+    (paired, as the guard does) and with the openings only: decisions and
     cost, summed over the runs."""
     keys = ("first warn", "halt step", "goal")
     rows = []

@@ -14,6 +14,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from safety_guard.measure.probe import ProbeConfig
+
 __all__ = ["GuardConfig"]
 
 
@@ -27,12 +29,6 @@ def _is_number(value: Any, finite: bool = True) -> bool:
 
 
 #: Fields of guard v1 that guard v2 replaced, with what replaces them.
-_REMOVED = {
-    "current_margin": "max_asr_rise (one promise for the current and the coming models)",
-    "lookahead_margin": "max_asr_rise",
-    "min_asr_per_nll": "nll_tolerance (a collapsed lookahead point warns instead of halting)",
-    "min_edge_distance": "the horizon (where the finetune is expected at the next look)",
-}
 
 
 @dataclass
@@ -308,17 +304,29 @@ class GuardConfig:
     def from_dict(cls, data: dict[str, Any]) -> GuardConfig:
         """Rebuild from :meth:`to_dict` (unknown or removed keys raise a clear error)."""
         known = {f.name for f in fields(cls)}
-        removed = sorted(set(data) & set(_REMOVED))
-        if removed:
-            raise ValueError(
-                "GuardConfig: "
-                + "; ".join(f"{k} was removed in guard v2, use {_REMOVED[k]}" for k in removed)
-                + "."
-            )
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"GuardConfig has no options {unknown}; known: {sorted(known)}.")
         return cls(**data)
+
+    def probe_config(self, num_harmful: int | None = None) -> ProbeConfig:
+        """The :class:`~safety_guard.measure.probe.ProbeConfig` of these settings (prompts,
+        capability, decode budget, batch, system prompt); ``num_harmful`` caps the harmful
+        prompts (default: ``num_prompts``).
+
+        Example:
+            >>> GuardConfig(num_prompts=40).probe_config().num_harmful
+            40
+        """
+        return ProbeConfig(
+            harmful=self.harmful,
+            num_harmful=self.num_prompts if num_harmful is None else num_harmful,
+            benign=self.benign,
+            num_benign=self.num_benign,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            system_prompt=self.system_prompt,
+        )
 
     @classmethod
     def resolve(

@@ -44,9 +44,9 @@ from safety_guard.guard.config import GuardConfig
 from safety_guard.guard.confirmation import Evidence, wilson_upper
 from safety_guard.measure.judges import Judge, KeywordJudge
 from safety_guard.measure.openings import Openings, refusal_openings
-from safety_guard.measure.probe import ProbeConfig, SafetyProbe
+from safety_guard.measure.probe import SafetyProbe
 from safety_guard.models.quantized import is_quantized
-from safety_guard.models.wrappers import model_device
+from safety_guard.models.wrappers import dtype_name, model_device
 
 __all__ = ["Baseline", "GuardProbe", "StateMeasure"]
 
@@ -180,15 +180,7 @@ class GuardProbe:
         self.probe = SafetyProbe(
             model,
             tokenizer,
-            ProbeConfig(
-                harmful=config.harmful,
-                num_harmful=config.num_prompts,
-                benign=config.benign,
-                num_benign=config.num_benign,
-                max_new_tokens=config.max_new_tokens,
-                batch_size=config.batch_size,
-                system_prompt=config.system_prompt,
-            ),
+            config.probe_config(),
             judge=judge or KeywordJudge(),
         )
         self.baseline: Baseline | None = None
@@ -199,14 +191,13 @@ class GuardProbe:
 
     def settings(self, model: nn.Module) -> dict[str, Any]:
         """What makes two baselines comparable: prompts, template, judge, dtype, decode budget."""
-        dtype = next((str(p.dtype) for p in model.parameters() if p.is_floating_point()), "")
         return {
             "harmful": self.probe.harmful.to_dict(),
             "benign": self.probe.benign.to_dict() if self.probe.benign is not None else None,
             "chat_format": self.probe.config.chat_format.to_dict(),
             "judge": self.probe.judge.to_dict(),
             "max_new_tokens": self.config.max_new_tokens,
-            "dtype": dtype.removeprefix("torch."),
+            "dtype": dtype_name(model) or "",
             "quantized": any(is_quantized(p) for p in model.parameters()),
         }
 

@@ -42,7 +42,6 @@ from safety_guard.landscape import (
     LandscapeMismatchError,
     compute_landscape,
 )
-from safety_guard.measure.probe import ProbeConfig
 from safety_guard.models.adapters import full_adapter, write_adapter
 from safety_guard.models.parameters import UnsupportedEngineError
 
@@ -172,12 +171,8 @@ def landscape_for(
         "SafetyGuard: no landscape given; computing one for the aligned model -> %s",
         path or "(in memory)",
     )
-    probe = ProbeConfig(
-        harmful=config.harmful,
-        num_harmful=min(config.num_prompts or 40, 40),
-        num_benign=config.num_benign,
-        system_prompt=config.system_prompt,
-    )
+    # at most 40 prompts a point: the landscape's cost is its points times its prompts
+    probe = config.probe_config(num_harmful=min(config.num_prompts or 40, 40))
     # every rank computes it together (each answers its share of the prompts, the main process
     # writes the file): no rank waits on work another does alone
     land = compute_landscape(

@@ -29,6 +29,7 @@ from safety_guard.models.fingerprint import (
     model_fingerprint,
 )
 from safety_guard.models.parameters import check_engine
+from safety_guard.models.wrappers import dtype_name
 
 __all__ = ["compute_landscape"]
 
@@ -101,13 +102,6 @@ def _bisect_side(
         if errors[(a, b)] == 0:
             return
         value((a + b) // 2)
-
-
-def _dtype_name(model: nn.Module) -> str:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return str(p.dtype).removeprefix("torch.")
-    return "unknown"
 
 
 def _direction_specs(
@@ -441,7 +435,9 @@ def compute_landscape(
     land = _resumed_landscape(output, resume, model, config, settings, line_specs)
     barrier()  # under torchrun every rank has read the file before the main process rewrites it
     if land is None:
-        land = Landscape.new(config, settings, fingerprint, name, _dtype_name(model), line_specs)
+        land = Landscape.new(
+            config, settings, fingerprint, name, dtype_name(model) or "unknown", line_specs
+        )
     bar = tqdm(
         total=_expected_points(config, len(land.data["directions"])),
         desc="landscape",

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["decoder_layers", "is_peft_model", "model_device", "unwrap_model"]
+__all__ = ["decoder_layers", "dtype_name", "is_peft_model", "model_device", "unwrap_model"]
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -56,6 +56,18 @@ def decoder_layers(model: nn.Module) -> Sequence[nn.Module]:
             "decoder-layer list (Llama, Mistral, Qwen, Gemma ...)."
         )
     return layers
+
+
+def dtype_name(model: nn.Module) -> str | None:
+    """The dtype of the model's first floating-point parameter, without ``torch.`` (None when
+    it has none).
+
+    Example:
+        >>> dtype_name(torch.nn.Linear(2, 2).to(torch.bfloat16))
+        'bfloat16'
+    """
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -36,6 +36,7 @@ from typing import Any, Literal
 import torch
 from transformers import TrainerCallback
 
+from safety_guard.files import atomic_write_text
 from safety_guard.guard import GuardConfig, SafetyGuardCallback, record_guard_baseline
 from safety_guard.landscape import Landscape, LandscapeConfig, compute_landscape
 from safety_guard.measure.generation import generate_responses
@@ -301,7 +302,7 @@ def run_finetune(
         "curve_seconds": curve.seconds if curve else 0.0,
     }
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    atomic_write_text(output_dir / "result.json", json.dumps(result, indent=1, default=str))
     del trainer, model
     gc.collect()
     return result

@@ -287,8 +287,6 @@ def test_mismatched_landscape_is_refused(tmp_path, text_tokenizer):
         trainer.train()
     with pytest.raises(Exception, match="does not exist"):
         SafetyGuardCallback(tmp_path / "missing.json")
-    with pytest.raises(TypeError, match="removed in guard v2"):
-        SafetyGuardCallback(None, current_margin=10)
     with pytest.raises(TypeError, match="no options"):
         SafetyGuardCallback(None, probe_evry=3)
 
