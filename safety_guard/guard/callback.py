@@ -104,8 +104,8 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
 
     @property
     def records(self) -> list[dict[str, Any]]:
-        """The trajectory: one record per check or probe."""
-        return self.guard.state.records if self.guard else []
+        """The trajectory as its file keeps it: a JSON record per check or probe."""
+        return [r.to_json() for r in self.guard.state.records] if self.guard else []
 
     @property
     def halt_step(self) -> int | None:

@@ -61,7 +61,14 @@ from safety_guard.guard.displacement import (
 )
 from safety_guard.guard.outputs import log_costs, write_run_files
 from safety_guard.guard.probing import Baseline, GuardProbe, StateMeasure
-from safety_guard.guard.records import farthest, probe_metrics, probe_record, sentinels_of
+from safety_guard.guard.records import (
+    CheckRecord,
+    ProbeRecord,
+    probe_metrics,
+    probe_record,
+    record_from_json,
+    sentinels_of,
+)
 from safety_guard.guard.rule import (
     HALT,
     OK,
@@ -311,7 +318,8 @@ class Guard:
                 step,
             )
         if step > 0 and self.output_dir is not None:
-            self.state.records = restore_records(self.output_dir, step, self.is_main)
+            restored = restore_records(self.output_dir, step, self.is_main)
+            self.state.records = [record_from_json(r) for r in restored]
 
     # -- properties -------------------------------------------------------------------------------------
     @property
@@ -377,8 +385,7 @@ class Guard:
         )
         growth = self._growth(step, disp) if not broken else 0.0
         self.state.check_seconds.append(time.perf_counter() - t0)
-        record: dict[str, Any] = {"step": step, "event": "check", "displacement": disp}
-        record["cosine"] = cosine
+        record = CheckRecord(step, disp, cosine)
         metrics = {"safety/displacement": disp}
         radius = self.basin_radius
         if radius:
@@ -400,11 +407,9 @@ class Guard:
             return GuardDecision(step, metrics=metrics)
         steps_left = (self.max_steps - step) if self.max_steps else None
         asked = horizon(steps_left, config, step, disp, growth, self.schedule)
-        checked = record.get("sentinel")
-        record, decision = self._probe(step, disp, asked)
-        record.update({"reason": reason, "cosine": cosine})
-        if checked is not None:
-            record["sentinel"] = checked
+        probed, decision = self._probe(step, disp, asked)
+        probed.reason, probed.cosine, probed.sentinel = reason, cosine, record.sentinel
+        record = probed
         metrics.update(probe_metrics(record, decision.status, self.aligned_asr, config.lookahead))
         stake = promise_at_stake(decision, asked, config)
         self.state.memo = ProbeMemo(
@@ -415,7 +420,7 @@ class Guard:
             sentinels_of(record, self.config.sentinel_prompts),
             next_sentinel_step(step, at_stake=stake),
             stake,
-            farthest(record),
+            record.farthest,
         )
         self._record(record)
         return self._act(decision, step, metrics)
@@ -430,7 +435,7 @@ class Guard:
         (s0, d0), (s1, d1) = self.state.history[0], self.state.history[-1]
         return max((d1 - d0) / (s1 - s0), 0.0) if s1 > s0 else 0.0
 
-    def _sentinel(self, step: int, record: dict[str, Any]) -> str | None:
+    def _sentinel(self, step: int, record: CheckRecord) -> str | None:
         """Re-score the last probe's sentinel prompts at the lookahead point; a reason to probe
         when enough of them flipped (:mod:`~safety_guard.guard.cadence`)."""
         memo = self.state.memo
@@ -441,7 +446,7 @@ class Guard:
         seconds = time.perf_counter() - start
         self.state.sentinel_seconds.append(seconds)
         memo.next_sentinel = next_sentinel_step(step, at_stake=memo.at_stake)
-        record["sentinel"] = {"flips": flips, "of": len(memo.sentinels), "seconds": seconds}
+        record.sentinel = {"flips": flips, "of": len(memo.sentinels), "seconds": seconds}
         if flips < self.config.sentinel_flips:
             return None
         return (
@@ -452,7 +457,7 @@ class Guard:
     @torch.no_grad()
     def _probe(
         self, step: int, displacement: float, horizon_multiple: float
-    ) -> tuple[dict[str, Any], Decision]:
+    ) -> tuple[ProbeRecord, Decision]:
         """Measure and decide (:func:`~safety_guard.guard.confirmation.decide_probe`) for the
         horizon ``horizon_multiple`` (:func:`~safety_guard.guard.rule.horizon`), describe it."""
         start = time.perf_counter()
@@ -493,10 +498,10 @@ class Guard:
         """The model at θ₀ + s·δ inside the block (s = 1: as it is), restored exactly after."""
         return self.tracker.along(self.model, s) if s != 1.0 else contextlib.nullcontext()
 
-    def _record(self, record: dict[str, Any]) -> None:
+    def _record(self, record: CheckRecord | ProbeRecord) -> None:
         self.state.records.append(record)
         if self.is_main and self.output_dir is not None:
-            append_record(self.output_dir / "trajectory.jsonl", record)
+            append_record(self.output_dir / "trajectory.jsonl", record.to_json())
 
     def _act(self, decision: Decision, step: int, metrics: dict[str, float]) -> GuardDecision:
         reasons = "; ".join(decision.reasons)

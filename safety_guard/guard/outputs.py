@@ -4,7 +4,8 @@ Written by the main process, atomically; a plot that cannot be drawn (no matplot
 disk) is a warning, never a failed run.
 
 Example:
-    >>> plot_rows([{"step": 3, "displacement": 0.1, "event": "check"}], lookahead=(2.0,))
+    >>> from safety_guard.guard.records import CheckRecord
+    >>> plot_rows([CheckRecord(step=3, displacement=0.1, cosine=None)], lookahead=(2.0,))
     [{'step': 3, 'displacement': 0.1, 'asr': None, 'lookahead': {}, 'event': None}]
 """
 
@@ -18,6 +19,7 @@ from typing import Any
 
 from safety_guard._extras import MissingExtraError
 from safety_guard.files import atomic_write_text
+from safety_guard.guard.records import CheckRecord, ProbeRecord
 from safety_guard.guard.state import GuardState
 from safety_guard.landscape import Landscape
 from safety_guard.plots import plot_trajectory, require_matplotlib
@@ -28,31 +30,35 @@ logger = logging.getLogger(__name__)
 
 
 def plot_rows(
-    records: Sequence[dict[str, Any]], lookahead: Sequence[float]
+    records: Sequence[CheckRecord | ProbeRecord], lookahead: Sequence[float]
 ) -> list[dict[str, Any]]:
     """The trajectory records as the rows :func:`~safety_guard.plots.plot_trajectory` draws:
     points capped at the horizon near the end make one ``"horizon"`` series, not one legend entry
     per multiple."""
-    return [
-        {
-            "step": r["step"],
-            "displacement": r.get("displacement"),
-            "asr": r.get("asr"),
-            "lookahead": {
-                (k if float(k) in lookahead else "horizon"): p["asr"]
-                for k, p in (r.get("points") or {}).items()
-                if k != "1"
-            },
-            "event": r.get("status") if r.get("status") in ("warn", "halt") else None,
-        }
-        for r in records
-    ]
+    rows = []
+    for r in records:
+        probe = r if isinstance(r, ProbeRecord) else None
+        points = probe.points if probe else {}
+        rows.append(
+            {
+                "step": r.step,
+                "displacement": r.displacement,
+                "asr": probe.asr if probe else None,
+                "lookahead": {
+                    (f"{s:g}" if s in lookahead else "horizon"): p.asr
+                    for s, p in points.items()
+                    if s != 1.0
+                },
+                "event": probe.status if probe and probe.status in ("warn", "halt") else None,
+            }
+        )
+    return rows
 
 
 def write_run_files(
     folder: Path,
     summary: dict[str, Any],
-    records: Sequence[dict[str, Any]],
+    records: Sequence[CheckRecord | ProbeRecord],
     lookahead: Sequence[float],
     landscape: Landscape | None,
 ) -> None:

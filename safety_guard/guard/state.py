@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from safety_guard.guard.cadence import ProbeMemo
+from safety_guard.guard.records import CheckRecord, ProbeRecord
 
 __all__ = ["STATE_VERSION", "GuardState"]
 
@@ -43,7 +44,7 @@ class GuardState:
         total_seconds: all of the guard's time (begin, steps, end).
     """
 
-    records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    records: list[CheckRecord | ProbeRecord] = dataclasses.field(default_factory=list)
     last_safe_step: int | None = None
     warn_count: int = 0
     halt_step: int | None = None
@@ -77,7 +78,7 @@ class GuardState:
             "sentinel_seconds": self.sentinel_seconds,
             "total_seconds": self.total_seconds,
             "baseline": baseline,
-            "step": self.records[-1]["step"] if self.records else 0,
+            "step": self.records[-1].step if self.records else 0,
         }
 
     @classmethod
@@ -112,7 +113,7 @@ class GuardState:
 
     def summary(self) -> dict[str, Any]:
         """The state's part of the guard's summary: decisions, counts, timings."""
-        probes = [r for r in self.records if r.get("event") == "probe"]
+        probes = [r for r in self.records if isinstance(r, ProbeRecord)]
 
         def mean(values: list[float]) -> float | None:
             return sum(values) / len(values) if values else None
@@ -128,10 +129,9 @@ class GuardState:
             "probes": len(probes),
             "checks": len(self.check_seconds),
             "max_rise": max(
-                (r["rise"] for r in probes if r.get("rise") is not None and r["rise"] == r["rise"]),
-                default=None,
+                (r.rise for r in probes if r.rise is not None and r.rise == r.rise), default=None
             ),
-            "final": probes[-1] if probes else None,
+            "final": probes[-1].to_json() if probes else None,
             "mean_probe_seconds": mean(self.probe_seconds),
             "total_probe_seconds": sum(self.probe_seconds),
             "setup_seconds": self.setup_seconds,

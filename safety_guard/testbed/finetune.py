@@ -38,6 +38,7 @@ from transformers import TrainerCallback
 
 from safety_guard.files import atomic_write_text
 from safety_guard.guard import GuardConfig, SafetyGuardCallback, record_guard_baseline
+from safety_guard.guard.records import ProbeRecord
 from safety_guard.landscape import Landscape, LandscapeConfig, compute_landscape
 from safety_guard.measure.generation import generate_responses
 from safety_guard.measure.judges import KeywordJudge
@@ -318,7 +319,7 @@ def describe(result: dict[str, Any]) -> str:
     guard = result["guard"]
     lines = [head]
     if guard:
-        final = guard.get("final") or {}
+        final = ProbeRecord.from_json(guard["final"]) if guard.get("final") else None
         if guard["halt_step"] is not None:
             lines.append(f"  guard HALTED at step {guard['halt_step']}: {guard['halt_reason']}")
         else:
@@ -340,26 +341,23 @@ def describe(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _last_probe(final: dict[str, Any]) -> str:
+def _last_probe(final: ProbeRecord | None) -> str:
     """The last probe in words. A probe that settled its lookahead below the promise did not
     score the current model (``rise`` is None): the lookahead's rise bounds it.
 
     Example:
-        >>> _last_probe({"step": 6, "rise": None, "rise_bound": 2.5, "horizon_rise": 2.5,
-        ...              "horizon": 2.0})
-        'last probe (step 6): rise at most +2.5 points (bounded by the lookahead), +2.5 expected by θ₀ + 2·δ'
-        >>> _last_probe({})
+        >>> _last_probe(None)
         'no probe'
     """
-    if not final:
+    if final is None:
         return "no probe"
-    if final.get("rise") is not None:
-        now = f"rise {final['rise']:+.1f} points"
+    if final.rise is not None:
+        now = f"rise {final.rise:+.1f} points"
     else:
-        now = f"rise at most {final['rise_bound']:+.1f} points (bounded by the lookahead)"
+        now = f"rise at most {final.rise_bound:+.1f} points (bounded by the lookahead)"
     return (
-        f"last probe (step {final['step']}): {now}, {final['horizon_rise']:+.1f} expected by "
-        f"θ₀ + {final['horizon']:.2g}·δ"
+        f"last probe (step {final.step}): {now}, {final.horizon_rise:+.1f} expected by "
+        f"θ₀ + {final.horizon:.2g}·δ"
     )
 
 

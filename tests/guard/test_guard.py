@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 from safety_guard.guard import FullFinetuneTracker, LoraTracker, ProbeMemo, SafetyGuardCallback
 from safety_guard.guard.displacement import sketch_cosine, sketch_displacement
-from safety_guard.guard.records import sentinels_of
+from safety_guard.guard.records import CheckRecord, ProbeRecord, sentinels_of
 from safety_guard.landscape import LandscapeMismatchError
 from safety_guard.measure.prompts import load_prompts
 from safety_guard.testbed.finetune import describe
@@ -153,26 +153,25 @@ def test_model_and_tokenizer_unchanged_after_a_probe(tmp_path, text_tokenizer, l
     assert disp > 0
     record, decision = guard.guard._probe(2, disp, 2.0)
     # the current model is scored (and judged) when the lookahead's decision is not ok
-    assert set(record["points"]) == ({"2"} if decision.status == 0 else {"1", "2"})
+    assert set(record.points) == ({2.0} if decision.status == 0 else {1.0, 2.0})
+    assert ProbeRecord.from_json(json.loads(json.dumps(record.to_json()))) == record
     # the sentinel: the unflagged prompts nearest to flipping at θ₀ + 2·δ, re-scored there;
     # the same weights flip none of them
     sentinels = sentinels_of(record, guard.config.sentinel_prompts)
-    point = record["points"]["2"]
+    point = record.points[2.0]
     unflagged = [
-        m
-        for i, m in enumerate(point["margins"])
-        if i not in point["flagged_prompts"] and m is not None
+        m for i, m in enumerate(point.margins) if i not in point.flagged_prompts and m is not None
     ]
     assert len(sentinels) == min(len(unflagged), guard.config.sentinel_prompts)
-    assert not set(sentinels) & set(point["flagged_prompts"])
+    assert not set(sentinels) & set(point.flagged_prompts)
     if lora:  # (the full model moved by 0.01 everywhere flags every prompt at 2·δ)
         assert sentinels
     if sentinels:
-        assert max(point["margins"][i] for i in sentinels) <= sorted(unflagged)[len(sentinels) - 1]
+        assert max(point.margins[i] for i in sentinels) <= sorted(unflagged)[len(sentinels) - 1]
         guard.guard.state.memo = ProbeMemo(2, disp, 2 * disp, None, sentinels, 3)
-        check: dict = {}
+        check = CheckRecord(3, disp, None)
         assert guard.guard._sentinel(3, check) is None
-        assert check["sentinel"]["flips"] == 0 and check["sentinel"]["of"] == len(sentinels)
+        assert check.sentinel["flips"] == 0 and check.sentinel["of"] == len(sentinels)
         assert guard.guard.state.memo.next_sentinel == 4
     after = _snapshot(model, text_tokenizer)
     for key in before[0]:
