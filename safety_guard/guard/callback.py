@@ -169,7 +169,7 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
             self.config,
             self.config.output_dir or Path(args.output_dir) / "safety-guard",
             judge=self.judge,
-            progress=not getattr(args, "disable_tqdm", False) and state.is_world_process_zero,
+            progress=not getattr(args, "disable_tqdm", False),  # (the Guard: main process only)
         )
         self.guard.landscape_path = self.landscape_path or self.guard.landscape_path
         saved = _saved_state(state) if state.global_step > 0 else None
