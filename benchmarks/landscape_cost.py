@@ -1,4 +1,4 @@
-"""Cost of a safety landscape: memory and time of weight moves (Part A), decode work (Part B).
+"""Cost of a safety landscape: memory and time of its weight moves (Part A).
 
 Part A builds a Llama-shaped model with random weights (8 layers, hidden 768, vocab 32000,
 untied: 99.5M float32 parameters) and, each variant in a fresh subprocess so that peak RSS is

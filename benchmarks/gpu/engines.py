@@ -1,6 +1,6 @@
 """What the guard and the landscape cost on the engines big models train with, on one GPU.
 
-One script for a lent GPU machine (under 8 minutes on one H200 for the 7B-shaped model): each
+One script for a GPU machine (under 8 minutes on one H200 for the 7B-shaped model): each
 case runs in a fresh ``torchrun --standalone --nproc_per_node 1`` process (world size 1 still
 runs the sharded code paths), builds a Llama model from a config with random weights (7B-shaped:
 hidden 4096, 32 layers, MLP 11008, in bf16; the vocabulary is the offline test tokenizer's, so

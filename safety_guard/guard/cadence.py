@@ -7,8 +7,8 @@ as the finetune keeps its direction, the models it passes through on the way the
 
 * the displacement is about to pass s_c·d (predicted at the next cheap check from its growth;
   with the current model itself at the promise, s_c = 1, the sentinel watches instead, every
-  step: probing every step cost a 200-step benign LoRA finetune 16 probes in its last 16 steps;
-  a lookahead point whose capability collapsed counts with its ASR, gibberish reading as
+  step: probing every step would cost a 200-step benign LoRA finetune 16 probes in its last 16
+  steps; a lookahead point whose capability collapsed counts with its ASR, gibberish reading as
   compliance, so it brings s_c nearer but does not make it 1),
 * or δ has turned away from the probed direction (cosine of cheap sketches of δ below
   ``min_cosine``),
@@ -82,7 +82,7 @@ class ProbeMemo:
         multiple: the lookahead multiple the sentinels were chosen at, where they are
             re-scored (the probe's farthest point, capped at its horizon,
             :func:`~safety_guard.guard.rule.lookahead_multiples`); ``None``: the largest
-            ``GuardConfig.lookahead`` (memos saved before the cap).
+            ``GuardConfig.lookahead`` (a saved memo without ``multiple``).
     """
 
     step: int
@@ -110,7 +110,7 @@ class ProbeMemo:
             "multiple",
         )
         values = {k: data[k] for k in keys if k in data}
-        if "warned" in data and "at_stake" not in data:  # saved before at_stake replaced it
+        if "warned" in data and "at_stake" not in data:  # a saved memo that names it "warned"
             values["at_stake"] = data["warned"]
         return cls(**values)
 

@@ -52,8 +52,8 @@ __all__ = ["Baseline", "GuardProbe", "StateMeasure"]
 
 _NO_MARGIN = -1e30  # stands for NaN (no opening) in sums across ranks
 
-#: Baseline settings added after baselines were first recorded, with the value every earlier
-#: baseline had: a landscape file's baseline from before QLoRA support was measured unquantized.
+#: Baseline settings a stored baseline may lack, with the value to assume then: a baseline
+#: without ``quantized`` was measured on an unquantized model.
 SETTING_DEFAULTS: dict[str, Any] = {"quantized": False}
 
 
@@ -117,8 +117,8 @@ class Baseline:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Baseline:
-        """Rebuild from :meth:`to_dict`; settings that files written before they were compared
-        lack take the value they then had (``SETTING_DEFAULTS``)."""
+        """Rebuild from :meth:`to_dict`; a setting the stored baseline lacks takes its value
+        from ``SETTING_DEFAULTS``."""
         return cls(
             list(data["token_ids"]),
             list(data["responses"]),

@@ -234,7 +234,7 @@ def model_fingerprint(model: nn.Module, num_tensors: int = 4) -> dict[str, Any]:
     norm and a *projection* ``Σᵢ vᵢ·bf16(wᵢ)``, with signs ``vᵢ = ±1`` hashed from the tensor's
     name and the element's flat index (the same on every device, in every shard layout). Of
     ``num_tensors`` tensors spread over the model, 16 sampled values are kept too, as the
-    version-1 fingerprint did, so that files written before still compare
+    version-1 fingerprint does, so that files holding a version-1 fingerprint still compare
     (:func:`compare_fingerprints`). Format version :data:`FINGERPRINT_VERSION`.
 
     One pass over the weights, in float64 chunks of 2²⁰ elements: no copy of the model, no

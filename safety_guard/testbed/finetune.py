@@ -84,7 +84,7 @@ def heldout_asr(model: torch.nn.Module, tokenizer: Any, max_new_tokens: int = 24
 
 def testbed_landscape(path: str | Path, model: torch.nn.Module, tokenizer: Any) -> Landscape:
     """The testbed's landscape for the guard (2 random directions, adaptive, 40 probe prompts),
-    with the guard's baseline of the aligned model (recorded into an older file once)."""
+    with the guard's baseline of the aligned model (recorded into the file when it has none)."""
     path = Path(path)
     land = Landscape.load(path) if path.exists() else None
     if land is None or not land.complete:

@@ -31,9 +31,10 @@ class TestbedRecipe:
     CPU cores that took 88 s against 118 s at 32, with the same greedy answers.
     ``opening_weight`` (off by default) weighs each answer's first ``opening_tokens`` tokens,
     where a reply refuses or complies, that much more in the loss. Measured with the basin
-    example: at 4 it moved v2's 40-prompt ASR near θ₀ from 2 to 1 prompt but its held-out ASR
-    from 5 to 7 %; at 4 with ``harmful_repeats=3`` it gave 5 % / 2 % and passed the basin goal
-    on 1 of 3 directions (3 of 40 prompts on the other two), in an 18.7-minute build.
+    example: at 4 it moved the testbed's 40-prompt ASR near θ₀ from 2 to 1 prompt but its
+    held-out ASR from 5 to 7 %; at 4 with ``harmful_repeats=3`` it gave 5 % / 2 % and passed
+    the basin goal on 1 of 3 directions (3 of 40 prompts on the other two), in an 18.7-minute
+    build.
 
     Example:
         >>> TestbedRecipe().epochs, TestbedRecipe().learning_rate

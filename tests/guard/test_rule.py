@@ -194,7 +194,7 @@ def _judge(truth):
 
 
 def _full_decision(flags, truth, cfg, aligned):
-    """The decision with every flagged prompt judged (what guard v2 step 5 did)."""
+    """The decision with every flagged prompt judged (what `confirm="always"` gives)."""
     points = {
         s: estimate([f and truth[s][i] for i, f in enumerate(fl)], aligned[: len(fl)])
         for s, fl in flags.items()
