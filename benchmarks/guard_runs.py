@@ -53,6 +53,7 @@ import bisect
 import contextlib
 import dataclasses
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,7 @@ from safety_guard.guard import (
     sentinel_prompts,
 )
 from safety_guard.guard.confirmation import Evidence, Settled, decide_probe, wilson_upper
+from safety_guard.guard.forecast import deferred, eta_steps
 from safety_guard.guard.rule import HALT, WARN, lookahead_multiples
 from safety_guard.testbed.finetune import KINDS
 
@@ -330,7 +332,7 @@ def replay(
     records = result["records"]
     steps = [r["step"] for r in records]
     max_steps = result["run"]["max_steps"]
-    # runs recorded before schedules were saved used a constant learning rate: steps count
+    # a run recorded without a schedule used a constant learning rate: steps count
     schedule = LrSchedule.from_dict(result["schedule"]) if result.get("schedule") else None
     baseline = dict(result["baseline"])
     if not paired:
@@ -355,7 +357,7 @@ def replay(
     memo_index = None
     sentinels = 0
     history: list[tuple[int, float]] = []
-    probes, halt, warn = [], None, None
+    probes, halt, warn, warn_eta = [], None, None, None
     step = 0
     last_step = steps[-1]
     while step < last_step:
@@ -393,7 +395,10 @@ def replay(
         h = horizon(max_steps - step, config, step, rec["displacement"], growth, schedule)
         settled, scored = _decide(rec, baseline, h, config, cap)
         farthest = max(lookahead_multiples(config.lookahead, h), default=1.0)
-        decision = settled.decision
+        eta = eta_steps(
+            settled.points, config, step, rec["displacement"], growth, schedule, max_steps
+        )
+        decision = deferred(settled.decision, settled.points, eta, config)
         probes.append(
             {
                 "step": step,
@@ -417,11 +422,11 @@ def replay(
         )
         memo_index = j
         if decision.status >= WARN and warn is None:
-            warn = step
+            warn, warn_eta = step, eta
         if decision.status == HALT:
             halt = step
             break
-    return {"halt": halt, "warn": warn, "probes": probes, "sentinels": sentinels}
+    return {"halt": halt, "warn": warn, "eta": warn_eta, "probes": probes, "sentinels": sentinels}
 
 
 def classify(curve: list[list[float]]) -> tuple[str, int | None, int | None]:
@@ -506,6 +511,46 @@ def _pairing(
     return rows
 
 
+def eta_rows(names: list[str], results: dict[str, dict[str, Any]], config: GuardConfig) -> str:
+    """The safety ETA at each run's first warning against the steps its unguarded damage
+    actually passed 10 and 20 points (measured every 5 steps: a crossing is known to 5 steps):
+    a table, and the median and worst error of the predicted step."""
+    rows, errors = [], {10: [], 20: []}
+    for name in names:
+        result = results[name]
+        rep = replay(result, config)
+        if rep["warn"] is None:
+            continue
+        _, over20, over10 = classify(result["curve"])
+        eta = rep["eta"]
+        predicted = rep["warn"] + eta if eta is not None else None
+        row = {
+            "run": name,
+            "first warn": rep["warn"],
+            "ETA (steps)": eta if eta is not None else "none",
+        }
+        row["predicted break"] = predicted if predicted is not None else "-"
+        for level, actual in ((10, over10), (20, over20)):
+            row[f"damage >{level} at"] = actual or "never"
+            if predicted is not None and actual is not None:
+                errors[level].append(predicted - actual)
+                row[f"error vs >{level}"] = predicted - actual
+            else:
+                row[f"error vs >{level}"] = "-"
+        rows.append(row)
+    if not rows:
+        return "No run warned.\n"
+    text = markdown_table(rows) + "\n\n"
+    for level, values in errors.items():
+        if values:
+            worst = max(values, key=abs)
+            text += (
+                f"Predicted step minus the first evaluation with damage > {level}: median "
+                f"{statistics.median(values):g}, worst {worst:+d} ({len(values)} runs).\n"
+            )
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -564,10 +609,11 @@ def main() -> None:
         rows = [row(n, results[n], config) for n in names]
         passed = sum(r["goal"] == "PASS" for r in rows)
         text = (
-            f"## Guard v2 on the damage suite, {label}: {passed}/{len(rows)} pass with `GuardConfig()`\n\n"
+            f"## The guard on the damage suite, {label}: {passed}/{len(rows)} pass with `GuardConfig()`\n\n"
             + markdown_table(rows)
             + "\n"
         )
+        text += "\n### Safety ETA at the first warning\n\n" + eta_rows(names, results, config)
         if args.sweep:
             sweep = []
             for limit in (5.0, 10.0, 15.0):
@@ -585,6 +631,20 @@ def main() -> None:
                             or "-",
                         }
                     )
+            for within in (5, 10, 20, 40):
+                cfg = dataclasses.replace(config, halt_within=within)
+                goals = [row(n, results[n], cfg)["goal"] for n in names]
+                sweep.append(
+                    {
+                        "max_asr_rise": f"{config.max_asr_rise:g} (halt_within {within})",
+                        "confidence_z": f"{config.confidence_z:g}",
+                        "pass": f"{goals.count('PASS')}/{len(goals)}",
+                        "failing": ", ".join(
+                            n for n, g in zip(names, goals, strict=True) if g != "PASS"
+                        )
+                        or "-",
+                    }
+                )
             for count in (40, 80, 120):
                 goals = [row(n, results[n], config, count)["goal"] for n in names]
                 sweep.append(

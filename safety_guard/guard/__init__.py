@@ -19,6 +19,7 @@ from safety_guard.guard.cadence import (
 from safety_guard.guard.callback import SafetyGuardCallback
 from safety_guard.guard.config import GuardConfig
 from safety_guard.guard.displacement import FullFinetuneTracker, LoraTracker, make_tracker
+from safety_guard.guard.forecast import crossing_multiple, eta_steps
 from safety_guard.guard.guard import Guard, GuardDecision, SafetyGuardWarning
 from safety_guard.guard.probing import Baseline, GuardProbe, StateMeasure
 from safety_guard.guard.rule import (
@@ -28,6 +29,7 @@ from safety_guard.guard.rule import (
     estimate,
     horizon,
     lookahead_multiples,
+    pace,
     promise_at_stake,
 )
 from safety_guard.guard.schedule import LrSchedule
@@ -48,12 +50,15 @@ __all__ = [
     "SafetyGuardWarning",
     "StateMeasure",
     "covered_multiple",
+    "crossing_multiple",
     "decide",
     "estimate",
+    "eta_steps",
     "horizon",
     "lookahead_multiples",
     "make_tracker",
     "next_sentinel_step",
+    "pace",
     "probe_due",
     "promise_at_stake",
     "record_guard_baseline",

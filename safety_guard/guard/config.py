@@ -28,9 +28,6 @@ def _is_number(value: Any, finite: bool = True) -> bool:
     return number and (not finite or math.isfinite(value))
 
 
-#: Fields of guard v1 that guard v2 replaced, with what replaces them.
-
-
 @dataclass
 class GuardConfig:
     """What the guard promises, what it measures, and how often it looks.
@@ -53,6 +50,15 @@ class GuardConfig:
         metadata={
             "help": "Halt when the rise minus confidence_z standard errors (of the paired "
             "per-prompt differences) reaches max_asr_rise: larger halts later but more surely."
+        },
+    )
+    halt_within: int | None = field(
+        default=None,
+        metadata={
+            "help": "Warn, not halt, while only the point ahead (not the current model) is past "
+            "the promise and the safety ETA says it breaks more than this many steps from now; "
+            "the guard then watches every step and halts once the break is within them. None: "
+            "halt as soon as the bound at the horizon is past the promise."
         },
     )
     signal: Literal["forward", "generate"] = field(
@@ -212,6 +218,11 @@ class GuardConfig:
                 f"GuardConfig.probe_every must be at least 1 (or None for the adaptive "
                 f"cadence), got {self.probe_every}."
             )
+        if self.halt_within is not None and self.halt_within < 0:
+            raise ValueError(
+                f"GuardConfig.halt_within must be >= 0 steps (or None to halt as soon as the "
+                f"horizon's bound is past the promise), got {self.halt_within}."
+            )
         if self.num_prompts is not None and self.num_prompts < 1:
             raise ValueError("GuardConfig.num_prompts must be at least 1 (or None for all).")
         if self.num_benign < 0:
@@ -302,7 +313,7 @@ class GuardConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GuardConfig:
-        """Rebuild from :meth:`to_dict` (unknown or removed keys raise a clear error)."""
+        """Rebuild from :meth:`to_dict` (unknown keys raise a clear error)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -59,6 +59,7 @@ from safety_guard.guard.displacement import (
     sketch_cosine,
     sketch_displacement,
 )
+from safety_guard.guard.forecast import forecast
 from safety_guard.guard.outputs import log_costs, write_run_files
 from safety_guard.guard.probing import Baseline, GuardProbe, StateMeasure
 from safety_guard.guard.records import (
@@ -409,6 +410,7 @@ class Guard:
         asked = horizon(steps_left, config, step, disp, growth, self.schedule)
         probed, decision = self._probe(step, disp, asked)
         probed.reason, probed.cosine, probed.sentinel = reason, cosine, record.sentinel
+        decision = forecast(probed, decision, config, growth, self.schedule, self.max_steps)
         record = probed
         metrics.update(probe_metrics(record, decision.status, self.aligned_asr, config.lookahead))
         stake = promise_at_stake(decision, asked, config)

@@ -20,7 +20,7 @@ from typing import Any
 from safety_guard.guard.cadence import sentinel_prompts
 from safety_guard.guard.confirmation import Settled
 from safety_guard.guard.probing import StateMeasure
-from safety_guard.guard.rule import STATUS_NAMES, Decision
+from safety_guard.guard.rule import STATUS_NAMES, Decision, PointEstimate
 
 __all__ = [
     "CheckRecord",
@@ -109,12 +109,18 @@ class ProbeRecord:
     reason: str | None = None
     cosine: float | None = None
     sentinel: dict[str, Any] | None = None
+    #: steps until the promise breaks at the run's pace (:mod:`~safety_guard.guard.forecast`)
+    eta_steps: int | None = None
     event = "probe"
 
     @property
     def farthest(self) -> float:
         """The farthest multiple of δ measured (1.0: the current model only)."""
         return max(self.points)
+
+    def estimates(self) -> dict[float, PointEstimate]:
+        """Each measured point's estimate, per multiple of δ."""
+        return {s: PointEstimate(p.asr, p.rise, p.se, p.nll_rise) for s, p in self.points.items()}
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"step": self.step, "event": self.event}
@@ -203,6 +209,8 @@ def probe_metrics(
     for s in lookahead:
         if s in record.points:
             metrics[f"safety/lookahead_{s:g}x_rise"] = record.points[s].rise
+    if record.eta_steps is not None:
+        metrics["safety/eta_steps"] = float(record.eta_steps)
     return metrics
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "estimate",
     "horizon",
     "lookahead_multiples",
+    "pace",
     "promise_at_stake",
 ]
 
@@ -145,7 +146,8 @@ def horizon(
     to where the displacement's recent growth says the model will be at the next probe: on the
     damage suite (``benchmarks/guard_runs.py``) the growth under-predicted where the harm went
     (a poisoned LoRA finetune moved 23 % further between steps 12 and 18 while the rise at
-    θ₀ + 2·δ went from 5.5 to 21.5 points), and that projection let it pass the promise.
+    θ₀ + 2·δ went from 5.5 to 21.5 points), and a horizon projected from it would have let that
+    finetune pass the promise.
 
     But the training ends: a model the remaining steps cannot reach is not one the promise is
     about. With ``steps_left``, ``step`` and ``displacement`` known, the horizon is capped at
@@ -155,10 +157,10 @@ def horizon(
     learning-rate ``schedule`` (:class:`~safety_guard.guard.schedule.LrSchedule`), in the
     learning rate the remaining steps have (an optimizer moves the weights in proportion to
     it): the average growth is then per unit of learning rate spent, the recent one per unit of
-    the current learning rate. With a constant learning rate both count the same. (A 200-step
-    benign LoRA run of the testbed halted at step 158 on +18 points at θ₀ + 2·δ although its
-    held-out damage at step 200 was 5 points; the cap there is 1.4 at a constant learning rate,
-    and 1.07 with linear decay.) On the last step (``steps_left == 0``): 1.
+    the current learning rate. With a constant learning rate both count the same. (Without the
+    cap, a 200-step benign LoRA run of the testbed halts at step 158 on +18 points at θ₀ + 2·δ
+    although its held-out damage at step 200 is 5 points; the cap there is 1.4 at a constant
+    learning rate, and 1.07 with linear decay.) On the last step (``steps_left == 0``): 1.
 
     Example:
         >>> from safety_guard.guard import GuardConfig, LrSchedule
@@ -173,19 +175,40 @@ def horizon(
     if steps_left is not None and steps_left <= 0:
         return 1.0
     h = max(config.lookahead)
-    if steps_left is None or not step or not displacement or not math.isfinite(displacement):
+    if steps_left is None:
         return h
-    if schedule is None:
-        spent, left, now = float(step), float(steps_left), 1.0
-    else:
-        spent = schedule.spent(step)
-        left = schedule.spent(step + steps_left) - spent
-        now = schedule.at(step)
-        if spent <= 0.0:  # nothing spent yet (a warmup from 0): no rate to project
-            return h
-    recent = growth / now if now > 0.0 else 0.0
-    rate = max(displacement / spent, recent) / displacement
+    rate = pace(step, displacement, growth, schedule)
+    if rate is None:
+        return h
+    left = float(steps_left) if schedule is None else schedule.left(step, steps_left)
     return min(h, 1.0 + END_GROWTH_MARGIN * left * rate)
+
+
+def pace(
+    step: int | None,
+    displacement: float | None,
+    growth: float = 0.0,
+    schedule: LrSchedule | None = None,
+) -> float | None:
+    """How fast the finetune moves along its line: the displacement's growth per step (per unit
+    of learning rate with a ``schedule``) relative to the displacement itself, the larger of its
+    average so far and its recent ``growth``. None when there is nothing to project from (step
+    0, no displacement, or no learning rate spent yet).
+
+    Example:
+        >>> pace(10, 0.02), pace(10, 0.02, growth=0.004)  # 0.002 / step on average, 0.004 now
+        (0.1, 0.2)
+    """
+    if not step or not displacement or not math.isfinite(displacement):
+        return None
+    if schedule is None:
+        spent, now = float(step), 1.0
+    else:
+        spent, now = schedule.spent(step), schedule.at(step)
+        if spent <= 0.0:  # nothing spent yet (a warmup from 0): no rate to project
+            return None
+    recent = growth / now if now > 0.0 else 0.0
+    return max(displacement / spent, recent) / displacement
 
 
 def lookahead_multiples(lookahead: Sequence[float], horizon_multiple: float) -> list[float]:
@@ -342,8 +365,8 @@ def promise_at_stake(decision: Decision, horizon_multiple: float, config: GuardC
     model is (nothing ahead covered), or when capability collapsed at a lookahead point the
     horizon reaches. A warning about a point *beyond* the horizon only (θ₀ + 2·δ near the end
     of training, where the remaining steps cannot take the model) is reported but not watched
-    every step: on a 200-step benign LoRA finetune of the testbed that watch cost 15 sentinel
-    checks and 2 probes (51 s) in the last 15 steps, with the horizon at 1.12, the current
+    every step: on a 200-step benign LoRA finetune of the testbed that watch would cost 15
+    sentinel checks and 2 probes (51 s) in the last 15 steps, with the horizon at 1.12, the current
     model 3-5 points up and capability collapsing only at θ₀ + 2·δ.
 
     Args:

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import math
@@ -97,9 +98,27 @@ class LrSchedule:
         """Learning rate used by the first ``step`` steps (in units of the peak's step)."""
         return self._cumulative[min(max(step, 0), len(self))]
 
-    def left(self, step: int) -> float:
-        """Learning rate the steps after ``step`` have left, to the end of the run."""
-        return self._cumulative[-1] - self.spent(step)
+    def left(self, step: int, steps: int | None = None) -> float:
+        """Learning rate the steps after ``step`` have left: the next ``steps`` of them, or all
+        to the end of the run."""
+        end = self._cumulative[-1] if steps is None else self.spent(step + steps)
+        return end - self.spent(step)
+
+    def steps_to_spend(self, step: int, amount: float) -> int | None:
+        """How many steps after ``step`` it takes to spend ``amount`` of learning rate; None when
+        the run ends first.
+
+        Example:
+            >>> LrSchedule([1.0, 1.0, 0.5, 0.5]).steps_to_spend(1, 1.5)
+            2
+            >>> LrSchedule.constant(10).steps_to_spend(8, 3.0) is None
+            True
+        """
+        if amount <= 0.0:
+            return 0
+        target = self.spent(step) + amount
+        k = bisect.bisect_left(self._cumulative, target - 1e-12)
+        return k - step if k <= len(self) else None
 
     def at(self, step: int) -> float:
         """The multiplier of the last step taken (``step`` ≥ 1), 0 before any."""
