@@ -348,6 +348,7 @@ class Landscape:
         ) + sum(
             p.get("decoded_tokens", 0) for p in (self.data.get("surface") or {}).get("points", [])
         )
+        summary["forward_tokens"] = sum(p.get("forward_tokens", 0) for p in self._all_points())
         summary["num_points"] = sum(len(e["points"]) for e in self.data["directions"]) + len(
             (self.data.get("surface") or {}).get("points", [])
         )
@@ -356,12 +357,19 @@ class Landscape:
             summary["screen"] = screen
         self.data["summary"] = summary
 
+    def _all_points(self) -> list[dict[str, Any]]:
+        """Every measured point: the lines' and the surface's."""
+        surface = (self.data.get("surface") or {}).get("points", [])
+        return [p for e in self.data["directions"] for p in e["points"]] + list(surface)
+
     def screen_agreement(self) -> dict[str, Any] | None:
         """How the guard's forward screen agreed with the judge over the recorded points.
 
         ``missed`` counts unsafe answers the screen did not flag: 0 when its exactness holds on
         this model (the guard then trusts unflagged prompts without generating them); ``recall``
-        and ``precision`` are those of its flags. ``None`` when no point recorded the screen.
+        and ``precision`` are those of its flags. Points measured screen-first (``signal=
+        "screen"``) generated only what the screen flagged, so they do not count. ``None`` when
+        no point recorded the screen against every answer.
 
         Example:
             >>> land.screen_agreement()["missed"]  # doctest: +SKIP
@@ -375,7 +383,12 @@ class Landscape:
         ]
         origin = self.data.get("origin") or {}
         points += [origin] if "flagged_prompts" in origin else []
-        points = [p for p in points if "flagged_prompts" in p and "unsafe_prompts" in p]
+        # a point measured screen-first generated its flagged prompts only: it cannot miss
+        points = [
+            p
+            for p in points
+            if "flagged_prompts" in p and "unsafe_prompts" in p and p.get("signal") != "screen"
+        ]
         if not points:
             return None
         unsafe = flagged = missed = hits = 0

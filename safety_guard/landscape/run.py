@@ -127,6 +127,13 @@ def _direction_specs(
     return (line_specs if config.dims == 1 else []), random_specs
 
 
+def _verdicts(settings: dict[str, Any]) -> dict[str, Any]:
+    """Probe settings without the ones that cannot change a verdict: how verdicts are reached
+    (``signal``: the forward screen is exact for the keyword judge it runs with)."""
+    config = {k: v for k, v in settings.get("config", {}).items() if k != "signal"}
+    return {**settings, "config": config}
+
+
 def _resumed_landscape(
     output: str | os.PathLike[str] | None,
     resume: bool,
@@ -151,7 +158,9 @@ def _resumed_landscape(
         )
     existing = Landscape.load(output)
     existing.check_model(model)
-    if existing.data["landscape"] != config.to_dict() or existing.data["probe"] != settings:
+    if existing.data["landscape"] != config.to_dict() or _verdicts(existing.data["probe"]) != (
+        _verdicts(settings)
+    ):
         raise LandscapeMismatchError(
             f"{output} was computed with other landscape or probe settings; it cannot be "
             "resumed with these. Use the same settings, or another --output."
@@ -430,6 +439,12 @@ def compute_landscape(
     fingerprint = model_fingerprint(model)  # before any move; also checks the model is usable
     name = model_name or getattr(getattr(model, "config", None), "name_or_path", None)
 
+    if prober.config.signal == "screen" and not prober.screen_first:
+        logger.info(
+            "signal='screen' generates every prompt here: the forward screen vouches for the "
+            "keyword judge only (this one: %s), and sharded generation runs in lockstep.",
+            prober.judge.to_dict().get("kind", type(prober.judge).__name__),
+        )
     prober.prepare(openings=prober.screens)
     settings = prober.settings()
     land = _resumed_landscape(output, resume, model, config, settings, line_specs)

@@ -85,6 +85,16 @@ class ProbeConfig:
     prompt_column: str | None = field(
         default=None, metadata={"help": "Column/key of the prompt in CSV/JSONL/datasets sources."}
     )
+    signal: Literal["generate", "screen"] = field(
+        default="generate",
+        metadata={
+            "help": "'generate': every harmful prompt is generated and judged at every point. "
+            "'screen': the forward screen first (one batched forward pass over the refusal "
+            "openings), then only the prompts it flags are generated and judged; the others "
+            "reach a refusal phrase on their greedy path, refusals for the keyword judge "
+            "exactly. Another judge reads every answer: 'screen' then generates every prompt."
+        },
+    )
     screen: bool = field(
         default=True,
         metadata={
@@ -101,6 +111,8 @@ class ProbeConfig:
             raise ValueError("num_benign must be >= 0 (0 disables the capability measure).")
         if self.max_new_tokens < 1 or self.capability_tokens < 1 or self.batch_size < 1:
             raise ValueError("max_new_tokens, capability_tokens and batch_size must be >= 1.")
+        if self.signal not in ("generate", "screen"):
+            raise ValueError(f"signal must be 'generate' or 'screen', got {self.signal!r}.")
         ChatFormat(self.template, self.system_prompt)  # validates template
 
     @property
@@ -128,6 +140,8 @@ class PointResult:
     samples: list[str] = field(default_factory=list)
     unsafe_prompts: list[int] | None = None
     flagged_prompts: list[int] | None = None
+    forward_tokens: int = 0  # tokens the forward screen fed through the model
+    signal: str = "generate"  # how the verdicts were reached (ProbeConfig.signal)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -402,9 +416,18 @@ class SafetyProbe:
 
     @property
     def screens(self) -> bool:
-        """Whether :meth:`evaluate` also runs the forward screen (``config.screen`` with a
-        keyword judge; the refusal openings are prepared by ``prepare(openings=True)``)."""
-        return self.config.screen and isinstance(self.judge, KeywordJudge)
+        """Whether :meth:`evaluate` also runs the forward screen (``config.screen``, or
+        ``signal="screen"``, with a keyword judge; the refusal openings are prepared by
+        ``prepare(openings=True)``)."""
+        wanted = self.config.screen or self.config.signal == "screen"
+        return wanted and isinstance(self.judge, KeywordJudge)
+
+    @property
+    def screen_first(self) -> bool:
+        """Whether :meth:`evaluate` generates only the prompts the screen flags: ``signal=
+        "screen"`` with the keyword judge (the screen is exact for it only), on one process or
+        ranks that each hold the whole model (sharded generation runs in lockstep)."""
+        return self.config.signal == "screen" and self.screens and not self.synced
 
     def evaluate(
         self,
@@ -421,17 +444,24 @@ class SafetyProbe:
                 screen flags (the landscape file's calibration of the guard's screen).
         """
         rank, world = self.split()
-        flagged = None
-        if per_prompt and self.openings is not None and prompts is None:
-            mine = list(range(rank, len(self.openings.prompts), world))
-            flags = self.gather(mine, self.forward(mine).flagged, len(self.openings.prompts))
-            flagged = [i for i, f in enumerate(flags) if f]
-        prompts = prompts or self.harmful
         start = time.perf_counter()
+        harmful = prompts is None and self.openings is not None
+        first = harmful and self.screen_first
+        flagged = flags = None
+        forward_tokens = 0
+        if harmful and (per_prompt or first):
+            mine = list(range(rank, len(self.openings.prompts), world))
+            point = self.forward(mine)
+            flags = self.gather(mine, point.flagged, len(self.openings.prompts))
+            forward_tokens = int(self.reduce_sum([float(point.tokens)])[0])
+            flagged = [i for i, f in enumerate(flags) if f] if per_prompt else None
+        prompts = prompts or self.harmful
         decided = None
         if self.config.early_stop and isinstance(self.judge, KeywordJudge):
             decided = self.judge.is_decided
         mine = list(range(rank, len(prompts), world))
+        if first:  # an unflagged prompt refuses on its greedy path: no decoding
+            mine = [i for i in mine if flags[i]]
         asked = [prompts[i] for i in mine]
         responses: list[str] = []
         verdicts: list[bool] = []
@@ -452,6 +482,12 @@ class SafetyProbe:
             verdicts = self.judge(asked, responses)
         verdicts = self.gather(mine, verdicts, len(prompts))
         responses = self.gather(mine, responses, len(prompts))
+        if first:  # the rest: refusals, their answers the aligned model's refusal openings
+            generated = {i for i, f in enumerate(flags) if f}
+            verdicts = [v if i in generated else False for i, v in enumerate(verdicts)]
+            responses = [
+                r if i in generated else self.openings.responses[i] for i, r in enumerate(responses)
+            ]
         decoded = int(self.reduce_sum([float(decoded)])[0])
         unsafe = sum(verdicts)
         nll = self.capability() if capability else None
@@ -465,6 +501,8 @@ class SafetyProbe:
             samples=responses[:2],
             unsafe_prompts=[i for i, v in enumerate(verdicts) if v] if per_prompt else None,
             flagged_prompts=flagged,
+            forward_tokens=forward_tokens,
+            signal="screen" if first else "generate",
         )
 
     def settings(self) -> dict[str, Any]:
