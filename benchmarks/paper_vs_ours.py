@@ -20,8 +20,9 @@ exactly those points (walking outward from 0 on each side until ASR reaches 100 
 paper setting, which makes its VISAGE exact; the decoded tokens and time of the remaining grid
 points (all beyond the edges) are **extrapolated** from the measured points at or beyond the edge,
 and the table says so. ``--paper-budget-s`` stops the walk early (then VISAGE is not reported);
-every paper point is appended to ``paper_vs_ours_paper.points.jsonl`` and a new run resumes from
-them (delete the file to start afresh).
+every paper point is appended to ``paper_vs_ours_paper.points.jsonl`` with the model's fingerprint
+and a new run resumes from them; points of another model stop it with a message (delete the file
+to start afresh).
 
     python benchmarks/paper_vs_ours.py                 # ~20-40 min on 2 CPU cores
     python benchmarks/paper_vs_ours.py --with-grid --directions 3
@@ -45,6 +46,16 @@ from _common import MIB, machine_info, max_rss_bytes, rss_bytes, run_in_subproce
 
 VARIANTS = ("ours", "ours-grid", "paper")
 EDGE_ASR = 100.0
+
+
+def fingerprint_key(model: Any) -> str:
+    """A short digest of the model's fingerprint (every weight tensor's norm and projection)."""
+    import hashlib
+
+    from safety_guard.models.fingerprint import model_fingerprint
+
+    text = json.dumps(model_fingerprint(model), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _child(variant: str, directions: int, budget_s: float, out_dir: Path, result: Path) -> None:
@@ -105,10 +116,17 @@ def _child(variant: str, directions: int, budget_s: float, out_dir: Path, result
         complete = True
         points_file = out_dir / "paper_vs_ours_paper.points.jsonl"  # resume: one line a point
         saved: dict[tuple[int, float], tuple[float, int, float]] = {}
+        model_key = fingerprint_key(model)  # a point of another model is never reused
         if points_file.exists():
             for line in points_file.read_text(encoding="utf-8").splitlines():
                 if line.strip():
                     rec = json.loads(line)
+                    if rec.get("model") != model_key:
+                        raise SystemExit(
+                            f"{points_file} holds points of another model (or of one not "
+                            "recorded): move it away, or pass another --output-dir, to measure "
+                            "this testbed's paper landscape from the start."
+                        )
                     saved[(rec["direction"], rec["alpha"])] = (
                         rec["asr"],
                         rec["decoded_tokens"],
@@ -135,6 +153,7 @@ def _child(variant: str, directions: int, budget_s: float, out_dir: Path, result
                     measured[alpha] = (r.asr, r.decoded_tokens, r.seconds)
                     with points_file.open("a", encoding="utf-8") as fh:
                         record = {
+                            "model": model_key,
                             "direction": k,
                             "alpha": alpha,
                             "asr": r.asr,
