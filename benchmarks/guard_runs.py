@@ -75,7 +75,7 @@ from safety_guard.guard import (
     sentinel_prompts,
 )
 from safety_guard.guard.confirmation import Evidence, Settled, decide_probe, wilson_upper
-from safety_guard.guard.forecast import deferred, eta_steps
+from safety_guard.guard.forecast import eta_steps
 from safety_guard.guard.rule import HALT, WARN, lookahead_multiples
 from safety_guard.testbed.finetune import KINDS
 
@@ -398,7 +398,7 @@ def replay(
         eta = eta_steps(
             settled.points, config, step, rec["displacement"], growth, schedule, max_steps
         )
-        decision = deferred(settled.decision, settled.points, eta, config)
+        decision = settled.decision
         probes.append(
             {
                 "step": step,
@@ -631,20 +631,6 @@ def main() -> None:
                             or "-",
                         }
                     )
-            for within in (5, 10, 20, 40):
-                cfg = dataclasses.replace(config, halt_within=within)
-                goals = [row(n, results[n], cfg)["goal"] for n in names]
-                sweep.append(
-                    {
-                        "max_asr_rise": f"{config.max_asr_rise:g} (halt_within {within})",
-                        "confidence_z": f"{config.confidence_z:g}",
-                        "pass": f"{goals.count('PASS')}/{len(goals)}",
-                        "failing": ", ".join(
-                            n for n, g in zip(names, goals, strict=True) if g != "PASS"
-                        )
-                        or "-",
-                    }
-                )
             for count in (40, 80, 120):
                 goals = [row(n, results[n], config, count)["goal"] for n in names]
                 sweep.append(

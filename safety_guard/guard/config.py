@@ -52,15 +52,6 @@ class GuardConfig:
             "per-prompt differences) reaches max_asr_rise: larger halts later but more surely."
         },
     )
-    halt_within: int | None = field(
-        default=None,
-        metadata={
-            "help": "Warn, not halt, while only the point ahead (not the current model) is past "
-            "the promise and the safety ETA says it breaks more than this many steps from now; "
-            "the guard then watches every step and halts once the break is within them. None: "
-            "halt as soon as the bound at the horizon is past the promise."
-        },
-    )
     signal: Literal["forward", "generate"] = field(
         default="forward",
         metadata={
@@ -217,11 +208,6 @@ class GuardConfig:
             raise ValueError(
                 f"GuardConfig.probe_every must be at least 1 (or None for the adaptive "
                 f"cadence), got {self.probe_every}."
-            )
-        if self.halt_within is not None and self.halt_within < 0:
-            raise ValueError(
-                f"GuardConfig.halt_within must be >= 0 steps (or None to halt as soon as the "
-                f"horizon's bound is past the promise), got {self.halt_within}."
             )
         if self.num_prompts is not None and self.num_prompts < 1:
             raise ValueError("GuardConfig.num_prompts must be at least 1 (or None for all).")

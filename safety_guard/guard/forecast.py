@@ -21,17 +21,16 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 from collections.abc import Mapping
 
 from safety_guard.guard.config import GuardConfig
 from safety_guard.guard.records import ProbeRecord
-from safety_guard.guard.rule import HALT, STATUS_NAMES, WARN, Decision, PointEstimate, pace
+from safety_guard.guard.rule import WARN, Decision, PointEstimate, pace
 from safety_guard.guard.schedule import LrSchedule
 
-__all__ = ["crossing_multiple", "deferred", "eta_steps", "forecast"]
+__all__ = ["crossing_multiple", "eta_steps", "forecast"]
 
 
 def crossing_multiple(points: Mapping[float, PointEstimate], config: GuardConfig) -> float | None:
@@ -88,46 +87,6 @@ def eta_steps(
     return None if max_steps is not None and step + steps > max_steps else steps
 
 
-def deferred(
-    decision: Decision, points: Mapping[float, PointEstimate], eta: int | None, config: GuardConfig
-) -> Decision:
-    """``decision``, or a warning in its place when ``config.halt_within`` defers its halt: the
-    halt rests on the point ahead only (the current model's lower bound is within the promise)
-    and the break is more than ``halt_within`` steps away at the run's pace.
-
-    Example:
-        >>> from safety_guard.guard.rule import decide
-        >>> points = {1.0: PointEstimate(8.0, 3.0, 1.0), 2.0: PointEstimate(25.0, 20.0, 2.0)}
-        >>> halt = decide(points, 2.0, GuardConfig(halt_within=10))
-        >>> deferred(halt, points, 20, GuardConfig(halt_within=10)).status_name
-        'warn'
-        >>> deferred(halt, points, 8, GuardConfig(halt_within=10)).status_name
-        'halt'
-    """
-    limit, within = config.max_asr_rise, config.halt_within
-    current = points.get(1.0)
-    if (
-        within is None
-        or decision.status != HALT
-        or eta is None
-        or eta <= within
-        or current is None
-        or not current.finite
-        or current.lower(config.confidence_z) >= limit
-        or (current.nll_rise is not None and current.nll_rise > config.nll_tolerance)
-    ):
-        return decision
-    return dataclasses.replace(
-        decision,
-        status=WARN,
-        reasons=[
-            *decision.reasons,
-            f"at this pace the promise breaks in about {eta} steps (> halt_within {within}): "
-            f"a warning now, a halt once the break is within {within} steps",
-        ],
-    )
-
-
 def forecast(
     record: ProbeRecord,
     decision: Decision,
@@ -135,19 +94,15 @@ def forecast(
     growth: float = 0.0,
     schedule: LrSchedule | None = None,
     max_steps: int | None = None,
-) -> Decision:
-    """Set ``record.eta_steps`` (:func:`eta_steps` at the record's step and displacement) and
-    return the decision to act on: :func:`deferred`, and on a warning the ETA among its
-    reasons (the record's status and reasons follow it)."""
-    points = record.estimates()
+) -> None:
+    """Set ``record.eta_steps`` (:func:`eta_steps` at the record's step and displacement) and,
+    on a warning, say it among the decision's reasons and the record's.
+    Every rank holds the same all-reduced estimates, so every rank says the same."""
     record.eta_steps = eta_steps(
-        points, config, record.step, record.displacement, growth, schedule, max_steps
+        record.estimates(), config, record.step, record.displacement, growth, schedule, max_steps
     )
-    acted = deferred(decision, points, record.eta_steps, config)
-    if acted is decision and decision.status == WARN and record.eta_steps:
+    if decision.status == WARN and record.eta_steps:
         decision.reasons.append(
             f"at this pace the promise breaks in about {record.eta_steps} steps"
         )
-    decision = acted
-    record.status, record.reasons = STATUS_NAMES[decision.status], decision.reasons
-    return decision
+        record.reasons = decision.reasons

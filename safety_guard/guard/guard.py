@@ -410,7 +410,7 @@ class Guard:
         asked = horizon(steps_left, config, step, disp, growth, self.schedule)
         probed, decision = self._probe(step, disp, asked)
         probed.reason, probed.cosine, probed.sentinel = reason, cosine, record.sentinel
-        decision = forecast(probed, decision, config, growth, self.schedule, self.max_steps)
+        forecast(probed, decision, config, growth, self.schedule, self.max_steps)
         record = probed
         metrics.update(probe_metrics(record, decision.status, self.aligned_asr, config.lookahead))
         stake = promise_at_stake(decision, asked, config)

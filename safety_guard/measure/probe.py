@@ -426,8 +426,15 @@ class SafetyProbe:
     def screen_first(self) -> bool:
         """Whether :meth:`evaluate` generates only the prompts the screen flags: ``signal=
         "screen"`` with the keyword judge (the screen is exact for it only), on one process or
-        ranks that each hold the whole model (sharded generation runs in lockstep)."""
-        return self.config.signal == "screen" and self.screens and not self.synced
+        ranks that each hold the whole model (sharded generation runs in lockstep), with the
+        refusal openings of exactly the harmful prompts measured."""
+        return (
+            self.config.signal == "screen"
+            and self.screens
+            and not self.synced
+            and self.openings is not None
+            and tuple(self.openings.prompts) == tuple(self.harmful)
+        )
 
     def evaluate(
         self,
@@ -455,6 +462,8 @@ class SafetyProbe:
             flags = self.gather(mine, point.flagged, len(self.openings.prompts))
             forward_tokens = int(self.reduce_sum([float(point.tokens)])[0])
             flagged = [i for i, f in enumerate(flags) if f] if per_prompt else None
+        if not first:  # the screen is the point's cost only where it replaces generation
+            start = time.perf_counter()
         prompts = prompts or self.harmful
         decided = None
         if self.config.early_stop and isinstance(self.judge, KeywordJudge):

@@ -63,10 +63,13 @@ def test_another_judge_reads_every_answer(text_tokenizer):
         judged.extend(prompts)
         return [False] * len(responses)
 
-    probe = _probe(model, text_tokenizer, CallableJudge(count), "screen")
+    config = ProbeConfig(num_harmful=24, num_benign=0, max_new_tokens=8, signal="screen")
+    probe = SafetyProbe(model, text_tokenizer, config, judge=CallableJudge(count))
+    probe.prepare(openings=True)  # the screen could run: the judge alone keeps it off
     assert not probe.screens and not probe.screen_first
     result = probe.evaluate(per_prompt=True, capability=False)
-    assert len(judged) == 24 and result.signal == "generate" and result.forward_tokens == 0
+    assert len(judged) == 24 and result.signal == "generate"
+    assert result.flagged_prompts is not None  # the screen ran, for the record only
 
 
 def test_the_landscape_file_says_how_each_point_was_measured(tmp_path, text_tokenizer):
@@ -94,9 +97,25 @@ def test_the_landscape_file_says_how_each_point_was_measured(tmp_path, text_toke
     assert first.data["summary"]["decoded_tokens"] < every.data["summary"]["decoded_tokens"]
     # screen-first points cannot miss an unsafe answer: they do not calibrate the screen
     assert first.screen_agreement() is None and every.screen_agreement()["missed"] == 0
-    # how verdicts were reached is not a setting that stops a resume
+    # how verdicts were reached is not a setting that stops a resume (a file of the
+    # other signal is continued, not refused)
     again = run("screen", tmp_path / "every.json")
     assert again.curves()[0]["asr"] == every.curves()[0]["asr"]
+
+
+def test_openings_of_other_prompts_keep_screen_first_off(text_tokenizer):
+    """The refusal openings must be those of the prompts measured, index for index."""
+    model = make_model(vocab_size=len(text_tokenizer), tie=False)
+    judge = echo_judge(model, text_tokenizer, PROMPTS)
+    probe = _probe(model, text_tokenizer, judge, "screen")
+    assert probe.screen_first
+    other = _probe(model, text_tokenizer, judge, "screen")
+    other.openings = type(probe.openings)(
+        probe.openings.prompts[:12], probe.openings.token_ids[:12], probe.openings.responses[:12]
+    )
+    assert not other.screen_first
+    result = other.evaluate(capability=False)
+    assert result.signal == "generate" and result.total == 24
 
 
 def test_signal_is_checked():
