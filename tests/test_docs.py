@@ -55,12 +55,32 @@ def test_every_block_has_a_checked_language():
     assert languages <= {"python", "bash", "yaml"}, languages
 
 
+def anchors(path: Path) -> set[str]:
+    """The anchors of a Markdown file's headings, as GitHub makes them."""
+    headings = re.findall(r"^#+ (.+)$", FENCE.sub("", path.read_text()), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
 @pytest.mark.parametrize("path", LINKED, ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_resolve(path):
     text = FENCE.sub("", path.read_text())
     targets = [t for t in LINK.findall(text) if not re.match(r"[a-z]+:", t)]
-    missing = [t for t in targets if not (path.parent / t.split("#")[0]).exists()]
+    missing = []
+    for target in targets:
+        file, _, anchor = target.partition("#")
+        linked = path.parent / file if file else path
+        if not linked.exists() or (
+            anchor and linked.suffix == ".md" and anchor not in anchors(linked)
+        ):
+            missing.append(target)
     assert not missing, f"{path.relative_to(ROOT)}: links to missing {missing}"
+
+
+def test_the_link_check_reads_anchors():
+    assert "the-offline-testbed" in anchors(ROOT / "docs" / "testbed.md")
+    assert "landscape_costpy--what-a-safety-landscape-costs" in anchors(
+        ROOT / "benchmarks" / "README.md"
+    )
 
 
 # -- Python blocks: imports, signatures, attributes ------------------------------------------------

@@ -493,9 +493,11 @@ class SafetyProbe:
         responses = self.gather(mine, responses, len(prompts))
         if first:  # the rest: refusals, their answers the aligned model's refusal openings
             generated = {i for i, f in enumerate(flags) if f}
+            openings = list(self.openings.responses or [])
             verdicts = [v if i in generated else False for i, v in enumerate(verdicts)]
             responses = [
-                r if i in generated else self.openings.responses[i] for i, r in enumerate(responses)
+                r if i in generated else (openings[i] if i < len(openings) else "")
+                for i, r in enumerate(responses)
             ]
         decoded = int(self.reduce_sum([float(decoded)])[0])
         unsafe = sum(verdicts)
