@@ -343,15 +343,10 @@ class Landscape:
             summary["visage"] = self.visage()
             if self.has_basin_radius():
                 summary["basin_radius"] = self.basin_radius()
-        summary["decoded_tokens"] = sum(
-            p.get("decoded_tokens", 0) for e in self.data["directions"] for p in e["points"]
-        ) + sum(
-            p.get("decoded_tokens", 0) for p in (self.data.get("surface") or {}).get("points", [])
-        )
-        summary["forward_tokens"] = sum(p.get("forward_tokens", 0) for p in self._all_points())
-        summary["num_points"] = sum(len(e["points"]) for e in self.data["directions"]) + len(
-            (self.data.get("surface") or {}).get("points", [])
-        )
+        points = self._all_points()
+        summary["decoded_tokens"] = sum(p.get("decoded_tokens", 0) for p in points)
+        summary["forward_tokens"] = sum(p.get("forward_tokens", 0) for p in points)
+        summary["num_points"] = len(points)
         screen = self.screen_agreement()
         if screen is not None:
             summary["screen"] = screen
