@@ -95,12 +95,20 @@ STOP_DAMAGE = 20.0
 
 
 def run_name(
-    kind: str, method: str, seed: int, scheduler: str = "constant", steps: int | None = None
+    kind: str,
+    method: str,
+    seed: int,
+    scheduler: str = "constant",
+    steps: int | None = None,
+    warmup_ratio: float = 0.0,
 ) -> str:
-    """``harmful-lora-0.0002-seed0``; a schedule other than constant, or other steps than the
-    suite's, are named too (``benign-lora-0.0002-linear-200-seed0``)."""
+    """``harmful-lora-0.0002-seed0``; a schedule other than constant, a warmup, or other steps
+    than the suite's, are named too (``benign-lora-0.0002-linear-200-seed0``,
+    ``harmful-lora-0.0002-cosine-w0.1-200-seed0``)."""
     lr, default_steps = METHODS[method]
     extra = "" if scheduler == "constant" else f"-{scheduler}"
+    if warmup_ratio:
+        extra += f"-w{warmup_ratio:g}"
     if steps is not None and steps != default_steps:
         extra += f"-{steps}"
     return f"{kind}-{method}-{lr:g}{extra}-seed{seed}"
@@ -120,6 +128,7 @@ def run_one(
     out: Path,
     scheduler: str = "constant",
     steps: int | None = None,
+    warmup_ratio: float = 0.0,
 ) -> dict[str, Any]:
     """Train one run of the suite with the recorders; returns (and saves) its result (with the
     run's learning-rate multipliers, which the replay's horizon counts in)."""
@@ -183,12 +192,13 @@ def run_one(
         learning_rate=lr,
         max_steps=steps,
         lr_scheduler_type=scheduler,
+        warmup_ratio=warmup_ratio,
         guarded=False,
         eval_every=EVERY,
         stop_damage=STOP_DAMAGE,
         seed=seed,
     )
-    name = run_name(kind, method, seed, scheduler, steps)
+    name = run_name(kind, method, seed, scheduler, steps, warmup_ratio)
     result = run_finetune(run, out / name, None, progress=False, callbacks=[recorder])
     cos = [[sketch_cosine(a, b) for b in recorder.sketches] for a in recorder.sketches]
     result.update(
@@ -543,7 +553,7 @@ def eta_rows(names: list[str], results: dict[str, dict[str, Any]], config: Guard
     text = markdown_table(rows) + "\n\n"
     for level, values in errors.items():
         if values:
-            worst = max(values, key=abs)
+            worst = max(values, key=lambda v: (abs(v), v))  # a tie: the later one
             text += (
                 f"Predicted step minus the first evaluation with damage > {level}: median "
                 f"{statistics.median(values):g}, worst {worst:+d} ({len(values)} runs).\n"
@@ -563,6 +573,13 @@ def main() -> None:
         default="constant",
         help="The runs' learning-rate schedule (constant, linear, cosine, ...); the replay's "
         "horizon counts the learning rate each run has left.",
+    )
+    parser.add_argument(
+        "--warmup-ratio",
+        type=float,
+        default=0.0,
+        help="Share of each run's steps spent warming the learning rate up (the Trainer's "
+        "warmup_ratio).",
     )
     parser.add_argument(
         "--steps", type=int, default=None, help="Steps per run (default: the suite's 40 / 30)."
@@ -589,12 +606,22 @@ def main() -> None:
     for seed in (0, 1, 2):
         for method in args.methods:
             for kind in args.kinds:
-                name = run_name(kind, method, seed, args.lr_scheduler, args.steps)
+                name = run_name(
+                    kind, method, seed, args.lr_scheduler, args.steps, args.warmup_ratio
+                )
                 path = out / name / "result.json"
                 if path.exists():
                     results[name] = json.loads(path.read_text())
                 elif not args.replay and seed in args.seeds:
-                    results[name] = run_one(kind, method, seed, out, args.lr_scheduler, args.steps)
+                    results[name] = run_one(
+                        kind,
+                        method,
+                        seed,
+                        out,
+                        args.lr_scheduler,
+                        args.steps,
+                        args.warmup_ratio,
+                    )
                     print(f"{name}: done", flush=True)
     if args.screen_aligned:
         screen_aligned(results, out)
@@ -648,8 +675,11 @@ def main() -> None:
             text += "\n### The screen against itself at θ₀, or against the openings only\n\n"
             text += markdown_table(_pairing(names, results, config)) + "\n"
         print(text)
-        (out.parent / f"{out.name}{suffix}.md").write_text(text)
-        (out.parent / f"{out.name}{suffix}.json").write_text(json.dumps(rows, indent=1))
+        # one table per schedule: guard_damage.md, guard_schedules-linear.md, ...-cosine-w0.1.md
+        tag = "" if args.lr_scheduler == "constant" else f"-{args.lr_scheduler}"
+        tag += f"-w{args.warmup_ratio:g}" if args.warmup_ratio else ""
+        (out.parent / f"{out.name}{tag}{suffix}.md").write_text(text)
+        (out.parent / f"{out.name}{tag}{suffix}.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from safety_guard.landscape.analysis import BasinEdges, basin_edges, visage
 from safety_guard.landscape.directions import InterpolationDirection, LoraDirection, RandomDirection
 from safety_guard.landscape.perturb import WeightPerturbation
 from safety_guard.measure.generation import ChatFormat, MissingChatTemplateError, generate_responses
+from safety_guard.measure.generative_judge import GenerativeJudge, JudgeFormat
 from safety_guard.measure.judges import CallableJudge, KeywordJudge, PipelineJudge
 from safety_guard.measure.probe import PAPER_PROBE, PointResult, ProbeConfig, SafetyProbe
 from safety_guard.measure.prompts import PromptSet, load_prompts
@@ -34,10 +35,12 @@ __all__ = [
     "BasinEdges",
     "CallableJudge",
     "ChatFormat",
+    "GenerativeJudge",
     "Guard",
     "GuardConfig",
     "GuardDecision",
     "InterpolationDirection",
+    "JudgeFormat",
     "KeywordJudge",
     "Landscape",
     "LandscapeConfig",

@@ -293,6 +293,20 @@ def check_command(argv: list[str], where: str) -> None:
                 unknown = set(match.group(1).split(",")) - _extras()
                 assert not unknown, f"{where}: no extra {unknown} in the package"
         return
+    if head == "accelerate":  # accelerate launch ... -m safety_guard ARGS
+        at = argv.index("-m")
+        assert argv[at + 1] == "safety_guard", where
+        argv, head = ["safety-guard", *argv[at + 2 :]], "safety-guard"
+    if head == "safety-guard" and argv[1:2] == ["sft"]:  # TRL's parser, the guard's options
+        from safety_guard.cli.sft import make_parser
+
+        rest = argv[2:]
+        if "--config" in rest:  # the user's YAML file: not ours to read
+            at = rest.index("--config")
+            rest = rest[:at] + rest[at + 2 :]
+        _, unknown = make_parser().parse_known_args(rest)  # names only: no SFTConfig is built
+        assert not unknown, f"{where}: safety-guard sft has no option {unknown}"
+        return
     if head == "safety-guard":
         build_parser().parse_args(argv[1:])
         return
@@ -323,6 +337,8 @@ def test_shell_blocks_parse(where, code):
 def test_the_command_check_catches_a_wrong_option():
     with pytest.raises(SystemExit):
         check_command(["safety-guard", "landscape", "M", "-o", "x", "--num-directons", "3"], "t")
+    with pytest.raises(AssertionError, match="no option"):
+        check_command(["safety-guard", "sft", "--output_dir", "o", "--max-asr-rice", "5"], "t")
     with pytest.raises(AssertionError, match="no extra"):
         check_command(["pip", "install", "safety-guard[plot]"], "t")
 

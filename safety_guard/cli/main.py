@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from safety_guard._extras import MissingExtraError
 from safety_guard._options import (
@@ -142,19 +142,7 @@ def _add_landscape(sub: argparse._SubParsersAction) -> None:
         help="The paper's probing: "
         f"{PAPER_PROBE.max_new_tokens} new tokens, every response decoded to the end, full grid.",
     )
-    q.add_argument(
-        "--judge",
-        default="keyword",
-        help="keyword (default), a keyword file, or pipeline:MODEL (text-classification).",
-    )
-    q.add_argument(
-        "--unsafe-label",
-        action="append",
-        default=None,
-        metavar="LABEL",
-        help="A label of the pipeline:MODEL classifier that means unsafe (repeatable; default: "
-        "the labels of its id2label named unsafe/harmful/toxic).",
-    )
+    _add_judge_options(q)
     m = p.add_argument_group("model")
     m.add_argument("--dtype", default="float32", help="float32 (paper), bfloat16 or float16.")
     m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
@@ -173,6 +161,43 @@ def _add_landscape(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quiet", "-q", action="store_true", help="No progress bar.")
     p.set_defaults(func=_cmd_landscape)
+
+
+JUDGE_HELP = (
+    "keyword (default: the paper's refusal phrases), a keyword file, pipeline:MODEL (a "
+    "text-classification model), llamaguard:MODEL (the Llama Guard family) or harmbench:MODEL "
+    "(the HarmBench classifier); MODEL a folder or hub id."
+)
+
+
+def _add_judge_options(group: argparse._ArgumentGroup, judge: bool = True) -> None:
+    """``--judge`` (unless ``judge`` is false), ``--unsafe-label``, ``--judge-device``,
+    ``--judge-dtype``."""
+    if judge:
+        group.add_argument("--judge", default="keyword", help=JUDGE_HELP)
+    group.add_argument(
+        "--unsafe-label",
+        action="append",
+        default=None,
+        metavar="LABEL",
+        help="A label of the pipeline:MODEL classifier that means unsafe (repeatable; default: "
+        "the labels of its id2label named unsafe/harmful/toxic).",
+    )
+    group.add_argument(
+        "--judge-device",
+        default="auto",
+        help="Device of a llamaguard:/harmbench: judge (auto, cpu, cuda:N): it may sit on "
+        "another GPU than the model.",
+    )
+    group.add_argument(
+        "--judge-dtype", default="bfloat16", help="Weight dtype of a llamaguard:/harmbench: judge."
+    )
+
+
+def _judge(args: argparse.Namespace, spec: str | None) -> Any:
+    from safety_guard.measure.judges import build_judge
+
+    return build_judge(spec, args.unsafe_label, device=args.judge_device, dtype=args.judge_dtype)
 
 
 def landscape_configs(args: argparse.Namespace) -> tuple[LandscapeConfig, ProbeConfig]:
@@ -244,7 +269,6 @@ def _run_landscape(
     from safety_guard.guard.baseline import record_guard_baseline
     from safety_guard.landscape import compute_landscape
     from safety_guard.landscape.directions import InterpolationDirection, LoraDirection
-    from safety_guard.measure.judges import build_judge
     from safety_guard.measure.probe import SafetyProbe
     from safety_guard.models.loading import load_model
     from safety_guard.plots import plot_landscape, require_matplotlib
@@ -279,9 +303,7 @@ def _run_landscape(
             direction = InterpolationDirection(target)
         else:
             raise FileNotFoundError(f"--target {target} does not exist.")
-    probe = SafetyProbe(
-        model, tokenizer, probe_config, judge=build_judge(args.judge, args.unsafe_label)
-    )
+    probe = SafetyProbe(model, tokenizer, probe_config, judge=_judge(args, args.judge))
     land = compute_landscape(
         model,
         tokenizer,
@@ -391,6 +413,51 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_judge_agreement(args: argparse.Namespace) -> int:
+    from safety_guard.landscape.answers import recorded_answers
+    from safety_guard.measure.agreement import judge_agreement
+
+    specs = args.judge or []
+    if len(specs) > 2:
+        raise ValueError(f"--judge names the two judges to compare; got {len(specs)}.")
+    specs = ["keyword"] * (2 - len(specs)) + specs
+    records = recorded_answers(args.file)  # a file without answers fails before any judge loads
+    judges = [_judge(args, spec) for spec in specs]
+    report = judge_agreement(
+        [r.prompt for r in records],
+        [r.answer for r in records],
+        *judges,
+        where=[r.where for r in records],
+    )
+    if args.output:
+        Path(args.output).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    print(json.dumps(report.to_dict()) if args.json else report.format())
+    return 0
+
+
+def _add_judge_agreement(sub: argparse._SubParsersAction) -> None:
+    j = sub.add_parser(
+        "judge-agreement",
+        help="Compare two judges on the answers a file recorded (agreement, Cohen's kappa).",
+        description="Judge every answer FILE recorded with two judges and print how they agree: "
+        "the cross table, the share of equal verdicts and Cohen's kappa. FILE: a landscape file "
+        "(its points' answers, computed with --record-answers, and the aligned model's answers "
+        'the guard recorded in it) or a JSONL file of {"prompt", "response"} records.',
+    )
+    j.add_argument("file", help="Landscape JSON or prompt/response JSONL file.")
+    j.add_argument(
+        "--judge",
+        action="append",
+        metavar="JUDGE",
+        help="A judge to compare (give it twice for A and B; once: A is the keyword judge). "
+        + JUDGE_HELP,
+    )
+    _add_judge_options(j, judge=False)
+    j.add_argument("--json", action="store_true", help="Print the report as one JSON object.")
+    j.add_argument("--output", "-o", help="Also write the report (JSON) here.")
+    j.set_defaults(func=_cmd_judge_agreement)
+
+
 def _cmd_testbed(args: argparse.Namespace) -> int:
     from safety_guard.testbed import run_testbed_command
 
@@ -427,6 +494,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--rebuild", action="store_true", help="Build a new testbed even if one is cached."
     )
     t.set_defaults(func=_cmd_testbed)
+    _add_judge_agreement(sub)
+    sft = sub.add_parser(
+        "sft",
+        add_help=False,
+        help="TRL's `trl sft` with the guard attached (same arguments, plus the guard's; "
+        "`safety-guard sft --help`).",
+    )
+    sft.set_defaults(func=_cmd_sft_misplaced)
     from safety_guard.testbed.finetune import add_demo_parser
 
     add_demo_parser(sub)
@@ -435,6 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``safety-guard`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sft"]:  # TRL's parser takes every argument after it
+        return _sft(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -450,6 +528,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("safety-guard: interrupted; run the same command again to resume.", file=sys.stderr)
         return 130
+
+
+def _cmd_sft_misplaced(args: argparse.Namespace) -> int:
+    raise ValueError(
+        "`sft` comes first and takes every option after it: safety-guard sft --help "
+        "(TRL's arguments and the guard's)."
+    )
+
+
+def _sft(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        from safety_guard.cli.sft import main as sft_main
+
+        return sft_main(argv)
+    except (ValueError, FileNotFoundError, OSError, MissingExtraError) as err:
+        print(f"safety-guard sft: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

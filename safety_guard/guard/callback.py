@@ -40,7 +40,7 @@ from transformers.trainer_callback import CallbackHandler, ExportableState
 from safety_guard.guard.config import GuardConfig
 from safety_guard.guard.guard import Guard, SafetyGuardWarning
 from safety_guard.guard.reporting import calling_handler, deliver
-from safety_guard.guard.setup import open_landscape
+from safety_guard.guard.setup import config_and_judge, open_landscape
 from safety_guard.landscape import Landscape
 from safety_guard.measure.judges import Judge
 
@@ -61,7 +61,8 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         trainer: the trainer (or call :meth:`attach`); optional: the guard finds the trainer's
             callbacks (your loggers) when training begins.
         tokenizer: the tokenizer (default: the trainer's ``processing_class``).
-        judge: the judge of generated answers (default: the paper's keyword judge).
+        judge: the judge of generated answers, or a ``GuardConfig.judge`` string (default: the
+            one ``config.judge`` names, loaded here, once).
     """
 
     def __init__(
@@ -71,12 +72,12 @@ class SafetyGuardCallback(TrainerCallback, ExportableState):
         *,
         trainer: Any = None,
         tokenizer: Any = None,
-        judge: Judge | None = None,
+        judge: Judge | str | None = None,
         **overrides: Any,
     ) -> None:
-        self.config = GuardConfig.resolve(config, overrides, "SafetyGuardCallback")
         self.landscape, self.landscape_path = open_landscape(landscape)  # a bad file fails now
-        self.trainer, self.tokenizer, self.judge = trainer, tokenizer, judge
+        self.config, judge = config_and_judge(config, overrides, judge, "SafetyGuardCallback")
+        self.trainer, self.tokenizer, self.judge = trainer, tokenizer, judge  # (loaded once)
         self.guard: Guard | None = None  # built at each train begin
         self._handler: CallbackHandler | None = None  # the trainer's, found at train begin
         self._pending: dict[str, float] = {}  # safety/* values for the next log entry

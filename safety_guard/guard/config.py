@@ -57,8 +57,25 @@ class GuardConfig:
         metadata={
             "help": "'forward': teacher-force the aligned model's refusal opening (one forward "
             "pass, no decoding; prompts whose greedy path leaves the opening are flagged); "
-            "'generate': greedy generation and the keyword judge on every prompt."
+            "'generate': greedy generation and the judge on every prompt."
         },
+    )
+    judge: str = field(
+        default="keyword",
+        metadata={
+            "help": "The judge of generated answers: keyword (the paper's refusal phrases), a "
+            "keyword file, pipeline:MODEL, llamaguard:MODEL or harmbench:MODEL. With "
+            "signal='forward' it judges the prompts the screen flags; an unflagged prompt "
+            "(its greedy answer opens with the aligned model's refusal) counts as a refusal."
+        },
+    )
+    judge_device: str = field(
+        default="auto",
+        metadata={"help": "Device of a llamaguard:/harmbench: judge (e.g. cuda:1)."},
+    )
+    judge_dtype: str = field(
+        default="bfloat16",
+        metadata={"help": "Weight dtype of a llamaguard:/harmbench: judge."},
     )
     confirm: Literal["never", "halt", "always"] = field(
         default="halt",

@@ -2,8 +2,7 @@
 
 Give it the model being finetuned and its tokenizer, call :meth:`Guard.begin` before the first
 step, :meth:`Guard.step` after every optimizer step and :meth:`Guard.end` at the end; stop
-training when a step's decision says ``halt``.
-:class:`~safety_guard.guard.callback.SafetyGuardCallback` is this guard inside a ``Trainer``.
+training when a step's decision says ``halt``. ``SafetyGuardCallback`` is it in a ``Trainer``.
 
 The promise (``GuardConfig.max_asr_rise``): halt before the ASR on the probe prompts rises more
 than this many points above the aligned model's. Every ``check_every`` steps a cheap check
@@ -85,6 +84,7 @@ from safety_guard.guard.setup import (
     check_landscape,
     check_resumed_baseline,
     check_sharded,
+    config_and_judge,
     effective_settings,
     landscape_baseline,
     landscape_for,
@@ -139,7 +139,7 @@ class Guard:
         config: a :class:`GuardConfig` (or its ``to_dict()``); keyword arguments override fields.
         output_dir: the folder of the run's trajectory, summary, plot and last safe weights
             (default: ``config.output_dir``; None writes no files).
-        judge: the judge of generated answers (default: the paper's keyword judge).
+        judge: the judge of answers, or a ``GuardConfig.judge`` string (default: ``config.judge``).
         progress: progress bars on long work (the main process only).
     """
 
@@ -151,11 +151,10 @@ class Guard:
         config: GuardConfig | dict[str, Any] | None = None,
         output_dir: str | os.PathLike[str] | None = None,
         *,
-        judge: Judge | None = None,
+        judge: Judge | str | None = None,
         progress: bool = True,
         **overrides: Any,
     ) -> None:
-        self.config = GuardConfig.resolve(config, overrides, "Guard")
         if tokenizer is None:
             raise ValueError("Guard needs the model's tokenizer (tokenizer=...).")
         if getattr(tokenizer, "chat_template", None) is None:
@@ -163,6 +162,7 @@ class Guard:
                 "The tokenizer has no chat template; the guard probes the model as a chat model. "
                 "Set tokenizer.chat_template before training."
             )
+        self.config, judge = config_and_judge(config, overrides, judge, "Guard")  # (loads it)
         self.model, self.tokenizer, self.judge = model, tokenizer, judge
         self.landscape, self.landscape_path = open_landscape(landscape)
         folder = output_dir if output_dir is not None else self.config.output_dir

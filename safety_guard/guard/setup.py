@@ -42,6 +42,7 @@ from safety_guard.landscape import (
     LandscapeMismatchError,
     compute_landscape,
 )
+from safety_guard.measure.judges import Judge, KeywordJudge, build_judge
 from safety_guard.models.adapters import full_adapter, write_adapter
 from safety_guard.models.parameters import UnsupportedEngineError
 
@@ -355,3 +356,33 @@ def unaligned_message(asr: float, prompts: int, max_asr_rise: float) -> str | No
         + ". Start from the aligned (chat) model, or check the chat template and the harmful "
         "prompts (GuardConfig.harmful)."
     )
+
+
+def config_and_judge(
+    config: GuardConfig | dict[str, Any] | None,
+    overrides: dict[str, Any],
+    judge: Judge | str | None,
+    owner: str,
+) -> tuple[GuardConfig, Judge | None]:
+    """The guard's settings and its judge: the judge object given, else the one the settings
+    name (``judge="llamaguard:MODEL"`` as a keyword is that setting), loaded now; ``None``: the
+    probe's default keyword judge.
+
+    Example:
+        >>> config, judge = config_and_judge(None, {"max_asr_rise": 5}, "keyword", "Guard")
+        >>> config.max_asr_rise, config.judge, judge
+        (5, 'keyword', None)
+    """
+    if isinstance(judge, str):
+        overrides, judge = {**overrides, "judge": judge}, None
+    config = GuardConfig.resolve(config, overrides, owner)
+    if judge is None and config.judge != "keyword":
+        judge = build_judge(config.judge, device=config.judge_device, dtype=config.judge_dtype)
+    if judge is not None and not isinstance(judge, KeywordJudge) and config.max_new_tokens < 64:
+        logger.warning(
+            "SafetyGuard: the %s judge reads answers of at most max_new_tokens=%d tokens: a "
+            "classifier may call a compliance cut that short safe; consider max_new_tokens=128.",
+            judge.to_dict().get("kind", type(judge).__name__),
+            config.max_new_tokens,
+        )
+    return config, judge

@@ -24,6 +24,7 @@ from safety_guard.landscape.config import LandscapeConfig
 from safety_guard.landscape.directions import Direction, direction_from_dict
 from safety_guard.landscape.file import Landscape, LandscapeMismatchError
 from safety_guard.landscape.perturb import WeightPerturbation, check_shard_directions
+from safety_guard.measure.judges import KeywordJudge
 from safety_guard.measure.probe import PointResult, ProbeConfig, SafetyProbe
 from safety_guard.models.fingerprint import (
     model_fingerprint,
@@ -128,9 +129,17 @@ def _direction_specs(
 
 
 def _verdicts(settings: dict[str, Any]) -> dict[str, Any]:
-    """Probe settings without the ones that cannot change a verdict: how verdicts are reached
-    (``signal``: the forward screen is exact for the keyword judge it runs with)."""
-    config = {k: v for k, v in settings.get("config", {}).items() if k != "signal"}
+    """Probe settings without the ones that cannot change a verdict: what the file keeps
+    (``record_answers``) and, where the forward screen is exact (the keyword judge), how the
+    verdicts were reached (``signal``, ``screen_settles``). A file written before
+    ``screen_settles`` existed had it off."""
+    keyword = (settings.get("judge") or {}).get("kind") == "keyword"
+    config = dict(settings.get("config", {}))
+    config.setdefault("screen_settles", False)
+    config.pop("record_answers", None)
+    if keyword:
+        config.pop("signal", None)
+        config.pop("screen_settles", None)
     return {**settings, "config": config}
 
 
@@ -442,8 +451,21 @@ def compute_landscape(
     if prober.config.signal == "screen" and not prober.screen_first:
         logger.info(
             "signal='screen' generates every prompt here: the forward screen vouches for the "
-            "keyword judge only (this one: %s), and sharded generation runs in lockstep.",
+            "keyword judge only (this one: %s; screen_settles lets it settle refusal openings "
+            "for another), and sharded generation runs in lockstep.",
             prober.judge.to_dict().get("kind", type(prober.judge).__name__),
+        )
+    elif not isinstance(prober.judge, KeywordJudge) and not prober.screen_first:
+        logger.info(
+            "The %s judge reads every answer: every harmful prompt is generated at every point.",
+            prober.judge.to_dict().get("kind", type(prober.judge).__name__),
+        )
+    if not isinstance(prober.judge, KeywordJudge) and prober.config.max_new_tokens < 64:
+        logger.warning(
+            "The %s judge reads answers of at most %d tokens: a classifier may call a "
+            "compliance cut that short safe; consider --max-new-tokens 128 or more.",
+            prober.judge.to_dict().get("kind", type(prober.judge).__name__),
+            prober.config.max_new_tokens,
         )
     prober.prepare(openings=prober.screens)
     settings = prober.settings()

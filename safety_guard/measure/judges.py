@@ -7,6 +7,8 @@
 * :class:`PipelineJudge` — a ``transformers`` text-classification pipeline (e.g. a safety
   classifier); the labels in ``unsafe_labels`` (default: those of the model's ``id2label`` whose
   names clearly mean unsafe) count as unsafe.
+* :class:`~safety_guard.measure.generative_judge.GenerativeJudge` — a causal-LM safety
+  classifier (Llama Guard, the HarmBench classifier, or a format of your own).
 
 Example:
     >>> judge = KeywordJudge()
@@ -219,25 +221,48 @@ class PipelineJudge:
         return {"kind": "pipeline", "model": model, "unsafe_labels": sorted(self.unsafe_labels)}
 
 
-def build_judge(spec: str | None, unsafe_labels: Iterable[str] | None = None) -> Judge:
-    """A judge from a CLI string: ``keyword`` (default), a keyword file, or ``pipeline:MODEL``.
+def build_judge(
+    spec: str | None,
+    unsafe_labels: Iterable[str] | None = None,
+    *,
+    device: str = "auto",
+    dtype: str = "bfloat16",
+) -> Judge:
+    """A judge from a CLI string.
 
-    ``unsafe_labels`` are the labels of a ``pipeline:`` classifier that mean unsafe (default: read
-    from its ``id2label``, see :class:`PipelineJudge`); they go with ``pipeline:`` only.
+    * ``keyword`` (default) or a keyword file: :class:`KeywordJudge`;
+    * ``pipeline:MODEL``: a text-classification :class:`PipelineJudge` (``unsafe_labels`` go
+      with it only);
+    * ``llamaguard:MODEL``, ``harmbench:MODEL``: a
+      :class:`~safety_guard.measure.generative_judge.GenerativeJudge` of that format, loaded on
+      ``device`` in ``dtype``.
 
     Example:
         >>> build_judge("keyword").to_dict()["kind"]
         'keyword'
     """
-    if spec is None or not spec.startswith("pipeline:"):
-        if unsafe_labels:
-            raise ValueError("Unsafe labels go with a pipeline:MODEL judge only.")
-        if spec in (None, "", "keyword"):
-            return KeywordJudge()
-        return KeywordJudge(spec)
-    from transformers import pipeline
+    from safety_guard.measure.generative_judge import JUDGE_FORMATS, GenerativeJudge
 
-    return PipelineJudge(
-        pipeline("text-classification", model=spec.split(":", 1)[1]),
-        unsafe_labels=list(unsafe_labels) if unsafe_labels else None,
-    )
+    kind, _, model = (spec or "").partition(":")
+    generative = kind in JUDGE_FORMATS
+    if unsafe_labels and kind != "pipeline":
+        raise ValueError("Unsafe labels go with a pipeline:MODEL judge only.")
+    if (generative or kind == "pipeline") and not model:
+        raise ValueError(f"--judge {spec!r} names no model: write {kind}:MODEL (folder or hub id).")
+    if generative:
+        return GenerativeJudge.from_pretrained(model, kind, device=device, dtype=dtype)
+    if kind == "pipeline":
+        from transformers import pipeline
+
+        return PipelineJudge(
+            pipeline("text-classification", model=model),
+            unsafe_labels=list(unsafe_labels) if unsafe_labels else None,
+        )
+    if spec in (None, "", "keyword"):
+        return KeywordJudge()
+    if not Path(spec).exists():
+        raise FileNotFoundError(
+            f"--judge {spec!r} is neither keyword, a keyword file, pipeline:MODEL nor one of "
+            f"{', '.join(f'{k}:MODEL' for k in sorted(JUDGE_FORMATS))}."
+        )
+    return KeywordJudge(spec)

@@ -92,15 +92,36 @@ class ProbeConfig:
             "'screen': the forward screen first (one batched forward pass over the refusal "
             "openings), then only the prompts it flags are generated and judged; the others "
             "reach a refusal phrase on their greedy path, refusals for the keyword judge "
-            "exactly. Another judge reads every answer: 'screen' then generates every prompt."
+            "exactly. Another judge reads every answer: 'screen' then generates every prompt "
+            "(unless screen_settles)."
         },
     )
     screen: bool = field(
         default=True,
         metadata={
-            "help": "With the keyword judge: also run the guard's forward-only screen at every "
-            "point and record which prompts it flags, so the file says how well it agrees with "
-            "the judge on this model (the guard's calibration; about a third of a point's cost)."
+            "help": "Also run the guard's forward-only screen at every point and record which "
+            "prompts it flags, so the file says how well it agrees with the judge on this model "
+            "(the guard's calibration; with a judge other than the keyword judge: how often it "
+            "called an answer that opens with a refusal unsafe). About a third of a point's cost."
+        },
+    )
+    screen_settles: bool = field(
+        default=False,
+        metadata={
+            "help": "With signal='screen' and a judge other than the keyword judge: let the "
+            "forward screen settle the prompts it does not flag (their greedy answer opens with "
+            "the aligned model's refusal) as safe without asking the judge. Faster, but the "
+            "judge may call such an answer unsafe: the screen record (screen=True, generate) "
+            "says how often it does on your model."
+        },
+    )
+    record_answers: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep every harmful prompt's answer at every point in the file (for "
+            "`safety-guard judge-agreement`), each decoded to max_new_tokens (no early stop); "
+            "with signal='screen' a prompt the screen settled keeps the aligned model's "
+            "refusal opening."
         },
     )
 
@@ -142,10 +163,11 @@ class PointResult:
     flagged_prompts: list[int] | None = None
     forward_tokens: int = 0  # tokens the forward screen fed through the model
     signal: str = "generate"  # how the verdicts were reached (ProbeConfig.signal)
+    answers: list[str] | None = None  # every answer, with ProbeConfig.record_answers
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for key in ("unsafe_prompts", "flagged_prompts"):
+        for key in ("unsafe_prompts", "flagged_prompts", "answers"):
             if data[key] is None:
                 del data[key]
         return data
@@ -417,20 +439,25 @@ class SafetyProbe:
     @property
     def screens(self) -> bool:
         """Whether :meth:`evaluate` also runs the forward screen (``config.screen``, or
-        ``signal="screen"``, with a keyword judge; the refusal openings are prepared by
-        ``prepare(openings=True)``)."""
-        wanted = self.config.screen or self.config.signal == "screen"
-        return wanted and isinstance(self.judge, KeywordJudge)
+        ``signal="screen"``; the refusal openings are prepared by ``prepare(openings=True)``)."""
+        return self.config.screen or self.config.signal == "screen"
+
+    @property
+    def screen_settles(self) -> bool:
+        """Whether a prompt the screen does not flag is a refusal for this judge without its
+        answer: exactly for the keyword judge, by choice (``config.screen_settles``) for another."""
+        return isinstance(self.judge, KeywordJudge) or self.config.screen_settles
 
     @property
     def screen_first(self) -> bool:
         """Whether :meth:`evaluate` generates only the prompts the screen flags: ``signal=
-        "screen"`` with the keyword judge (the screen is exact for it only), on one process or
-        ranks that each hold the whole model (sharded generation runs in lockstep), with the
+        "screen"`` with a judge the screen settles for (:attr:`screen_settles`), on one process
+        or ranks that each hold the whole model (sharded generation runs in lockstep), with the
         refusal openings of exactly the harmful prompts measured."""
         return (
             self.config.signal == "screen"
             and self.screens
+            and self.screen_settles
             and not self.synced
             and self.openings is not None
             and tuple(self.openings.prompts) == tuple(self.harmful)
@@ -465,9 +492,9 @@ class SafetyProbe:
         if not first:  # the screen is the point's cost only where it replaces generation
             start = time.perf_counter()
         prompts = prompts or self.harmful
-        decided = None
+        decided = None  # recorded answers are whole: another judge will read them
         if self.config.early_stop and isinstance(self.judge, KeywordJudge):
-            decided = self.judge.is_decided
+            decided = None if self.config.record_answers else self.judge.is_decided
         mine = list(range(rank, len(prompts), world))
         if first:  # an unflagged prompt refuses on its greedy path: no decoding
             mine = [i for i in mine if flags[i]]
@@ -514,6 +541,7 @@ class SafetyProbe:
             flagged_prompts=flagged,
             forward_tokens=forward_tokens,
             signal="screen" if first else "generate",
+            answers=responses if self.config.record_answers else None,
         )
 
     def settings(self) -> dict[str, Any]:

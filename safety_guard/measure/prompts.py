@@ -85,7 +85,8 @@ class PromptSet:
         return {"name": self.name, "count": len(self.prompts), "sha256": self.sha256}
 
 
-def _data_file(name: str) -> Path:
+def data_file(name: str) -> Path:
+    """The path of a file shipped in ``safety_guard/data``."""
     return Path(str(resources.files("safety_guard") / "data" / name))
 
 
@@ -103,7 +104,7 @@ def builtin_records(kind: str) -> list[dict[str, str]]:
         raise ValueError(f"Unknown built-in prompt set {kind!r}; choose 'harmful' or 'benign'.")
     records = []
     for name in _BUILTIN_FILES[kind]:
-        with _data_file(name).open(encoding="utf-8") as fh:
+        with data_file(name).open(encoding="utf-8") as fh:
             records += [json.loads(line) for line in fh if line.strip()]
     return records
 
@@ -112,7 +113,7 @@ def load_text_lines(name: str) -> list[str]:
     """Non-empty lines of a packaged text file (``refusals.txt``, ``compliance.txt`` ...)."""
     return [
         line.strip()
-        for line in _data_file(name).read_text(encoding="utf-8").splitlines()
+        for line in data_file(name).read_text(encoding="utf-8").splitlines()
         if line.strip()
     ]
 

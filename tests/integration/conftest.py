@@ -35,8 +35,9 @@ def testbed(testbed_dir: Path) -> tuple[Any, Any]:
 
 @pytest.fixture(scope="session")
 def small_landscape(testbed: tuple[Any, Any], tmp_path_factory: pytest.TempPathFactory):
-    """A small real landscape of the testbed (one direction, α ∈ {−0.3, 0, 0.3}, 20 prompts),
-    computed once, and whether the model's weights were exactly as before afterwards."""
+    """A small real landscape of the testbed (one direction, α ∈ {−0.3, 0, 0.3}, 20 prompts,
+    every answer recorded), computed once, and whether the model's weights were exactly as
+    before afterwards."""
     import torch
 
     from safety_guard.landscape import LandscapeConfig, compute_landscape
@@ -49,7 +50,7 @@ def small_landscape(testbed: tuple[Any, Any], tmp_path_factory: pytest.TempPathF
         model,
         tokenizer,
         LandscapeConfig(num_directions=1, alphas=(-0.3, 0.0, 0.3), search="grid"),
-        ProbeConfig(num_harmful=20, num_benign=4),
+        ProbeConfig(num_harmful=20, num_benign=4, record_answers=True),
         output=path,
         progress=False,
     )

@@ -72,3 +72,36 @@ def test_forward_screen_misses_no_unsafe_answer_on_the_testbed(testbed):
                     assert not bad
             unsafe_seen += sum(unsafe)
     assert unsafe_seen > 0  # α = 0.1 leaves the basin on some prompts: the check is not vacuous
+
+
+def test_judge_agreement_on_the_testbed_landscape(small_landscape):
+    """The keyword judge against a tiny random generative judge on the testbed's recorded
+    answers: the mechanics (a real judge gives the real table). A random judge's answers are
+    malformed, so it calls everything unsafe: agreement is the keyword judge's ASR."""
+    from conftest import make_model
+
+    from safety_guard.landscape.answers import recorded_answers
+    from safety_guard.measure.agreement import judge_agreement
+    from safety_guard.measure.generative_judge import GenerativeJudge
+    from safety_guard.measure.judges import KeywordJudge
+    from safety_guard.testbed.tiny import tiny_tokenizer
+
+    _land, path, _ = small_landscape
+    answers = recorded_answers(path)
+    assert len(answers) >= 3 * 20 and {a.where for a in answers} >= {"origin"}
+    tok = tiny_tokenizer()
+    random_judge = GenerativeJudge(
+        make_model(vocab_size=len(tok)), tok, "harmbench", max_malformed=1.0
+    )
+    report = judge_agreement(
+        [a.prompt for a in answers],
+        [a.answer for a in answers],
+        KeywordJudge(),
+        random_judge,
+        where=[a.where for a in answers],
+    )
+    keyword_unsafe = report.table["both_unsafe"] + report.table["only_a"]
+    assert report.table["both_safe"] == report.table["only_a"] == 0
+    assert report.total == len(answers) == random_judge.counts["malformed"]
+    assert report.agreement == keyword_unsafe / len(answers)
+    assert "origin" in report.by_source

@@ -65,8 +65,8 @@ def test_another_judge_reads_every_answer(text_tokenizer):
 
     config = ProbeConfig(num_harmful=24, num_benign=0, max_new_tokens=8, signal="screen")
     probe = SafetyProbe(model, text_tokenizer, config, judge=CallableJudge(count))
-    probe.prepare(openings=True)  # the screen could run: the judge alone keeps it off
-    assert not probe.screens and not probe.screen_first
+    probe.prepare(openings=True)  # the screen runs, for the record: it settles nothing
+    assert probe.screens and not probe.screen_settles and not probe.screen_first
     result = probe.evaluate(per_prompt=True, capability=False)
     assert len(judged) == 24 and result.signal == "generate"
     assert result.flagged_prompts is not None  # the screen ran, for the record only
