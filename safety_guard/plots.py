@@ -8,9 +8,10 @@ chosen. Files are written atomically (temporary file in the same folder, then re
   direction's safety basin shaded, the edge threshold dashed, and the capability (NLL of the
   reference answers) in a panel below; or a 2D landscape: a filled ASR contour over (α, β) and a
   3D surface.
-* :func:`plot_trajectory` — a finetune watched by the training guard: ASR of the current model
-  (and of the look-ahead extrapolations) against the step, with warn/halt events, and the size of
-  the weight displacement against the step, compared with the landscape's basin radius.
+* :func:`plot_trajectory` — a finetune watched by the training guard: the ASR rise of the
+  current model and of the points ahead on its line against the promise, with warnings, the halt
+  and its reason, the adapter put back and the safety ETA; and the weight displacement against
+  the step, compared with the displacement at which a point ahead passed the promise.
 
 Example:
     >>> from safety_guard.landscape import Landscape
@@ -18,10 +19,11 @@ Example:
     >>> plot_landscape("landscape.json", "plots/landscape.png")  # doctest: +SKIP
     PosixPath('plots/landscape.png')
     >>> records = [
-    ...     {"step": 0, "displacement": 0.0, "asr": 2.0},
-    ...     {"step": 50, "displacement": 0.08, "asr": 10.0, "lookahead": {"2": 40.0}, "event": "warn"},
+    ...     {"step": 0, "displacement": 0.0, "rise": 0.0},
+    ...     {"step": 50, "displacement": 0.08, "rise": 4.0,
+    ...      "lookahead": {"2": {"rise": 14.0, "lower": 11.0}}, "event": "warn"},
     ... ]
-    >>> plot_trajectory(records, "plots/trajectory.png")  # doctest: +SKIP
+    >>> plot_trajectory(records, "plots/trajectory.png", promise=10)  # doctest: +SKIP
     PosixPath('plots/trajectory.png')
 """
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -308,26 +311,34 @@ def plot_trajectory(
     records: Sequence[dict[str, Any]],
     path: str | os.PathLike[str],
     *,
+    promise: float | None = None,
+    halt: dict[str, Any] | None = None,
     landscape: Landscape | None = None,
     title: str | None = None,
     dpi: int = 120,
 ) -> Path:
-    """Plot a training-guard trajectory to a PNG file.
+    """Plot a guarded finetune to a PNG file: what the guard decided on, and why.
 
-    Top panel: ASR (%) of the current model and of each look-ahead multiple against the step,
-    with vertical lines at ``warn`` (orange) and ``halt`` (red) events. Bottom panel: the
-    layer-normalized displacement from the original weights against the step (log scale), with the
-    landscape's mean random basin radius as a horizontal line when ``landscape`` is given and has
-    random directions, and the distance to the basin edge (in multiples of the current
-    displacement) on a right-hand axis when recorded.
+    Top panel: the ASR **rise** over the aligned model (points) of the current model and of
+    each point ahead on the finetune's line (θ₀ + s·δ), each with its lower bound (the rise
+    less ``confidence_z`` standard errors: what a halt reads), against the promise line
+    (``max_asr_rise``); warnings (orange) and the halt (red) as vertical lines, the step whose
+    adapter was put back (green), and where the safety ETA says the promise breaks (×).
+    Bottom panel: the layer-normalized displacement against the step (log scale), with the
+    displacement at which a point ahead first passed the promise, and the landscape's random
+    basin radius, labelled for what it is (how far *random* noise can go).
 
     Args:
-        records: one dict per check, with ``step`` and ``displacement``, and optionally ``asr``,
-            ``edge_distance``, ``lookahead`` (``{"2": asr, "4": asr}``), ``nll`` and ``event``
-            (``"warn"``/``"halt"``/None). Missing keys and None values are skipped.
+        records: one dict per check: ``step``, ``displacement`` and optionally ``rise`` (the
+            current model's), ``lookahead`` (``{"2": {"rise": r, "lower": b}}``),
+            ``eta_steps`` and ``event`` (``"warn"``/``"halt"``/None). Missing keys and None
+            values are skipped.
         path: the PNG to write (parent folders are created; written atomically).
+        promise: ``max_asr_rise`` (the line the decisions are about).
+        halt: ``{"step", "reason", "restored"}`` of a halted run (``restored``: the step whose
+            adapter was put back, or None).
         landscape: the model's landscape, for the basin-radius reference line.
-        title: figure title (default: "training-guard trajectory").
+        title: figure title (default: "guarded finetune"; a halt adds its reason).
         dpi: resolution.
 
     Returns:
@@ -336,6 +347,12 @@ def plot_trajectory(
     Raises:
         ValueError: ``records`` is empty or no record has a step.
         MissingExtraError: matplotlib is not installed (``pip install "safety-guard[plots]"``).
+
+    Example:
+        >>> rows = [{"step": 4, "displacement": 1e-3, "rise": 0.0,
+        ...          "lookahead": {"2": {"rise": 12.0, "lower": 9.0}}, "eta_steps": 6}]
+        >>> plot_trajectory(rows, "trajectory.png", promise=10)  # doctest: +SKIP
+        PosixPath('trajectory.png')
     """
     require_matplotlib()
     rows = [r for r in records or [] if _number(r.get("step")) is not None]
@@ -355,94 +372,139 @@ def plot_trajectory(
                 ys.append(y)
         return xs, ys
 
-    fig = _figure((10.5, 6.5))
-    ax_asr, ax_disp = fig.subplots(2, 1, sharex=True)
+    fig = _figure((11.5, 7.0))
+    ax_rise, ax_disp = fig.subplots(2, 1, sharex=True)
 
-    xs, ys = series(lambda r: r.get("asr"))
+    if promise is not None:
+        ax_rise.axhline(
+            promise,
+            color="tab:red",
+            linestyle="--",
+            linewidth=1.2,
+            label=f"the promise: rise < {promise:g} points",
+        )
+    xs, ys = series(lambda r: r.get("rise"))
     if xs:
-        ax_asr.plot(xs, ys, marker="o", markersize=4, color="k", label="ASR now")
+        ax_rise.plot(xs, ys, marker="o", markersize=4, color="k", label="rise now")
     multiples = sorted(
         {k for r in rows if isinstance(r.get("lookahead"), dict) for k in r["lookahead"]},
         key=_multiple_key,
     )
     for i, m in enumerate(multiples):
-        mx, my = series(lambda r, m=m: (r.get("lookahead") or {}).get(m))
+        color = f"C{i % 10}"
+        name = f"θ₀ + {m}·δ" if _number(m) is not None else f"θ₀ + s·δ ({m})"
+        mx, my = series(lambda r, m=m: ((r.get("lookahead") or {}).get(m) or {}).get("rise"))
         if mx:
-            ax_asr.plot(
+            ax_rise.plot(
                 mx,
                 my,
                 marker="^",
                 markersize=4,
                 linestyle="--",
-                color=f"C{i % 10}",
-                label=f"look-ahead ×{m}",
+                color=color,
+                label=f"rise at {name}, ahead",
             )
-    if landscape is not None:
-        ax_asr.axhline(
-            landscape.edge_asr, color="0.4", linestyle=":", linewidth=1, label="basin edge ASR"
-        )
+        lx, ly = series(lambda r, m=m: ((r.get("lookahead") or {}).get(m) or {}).get("lower"))
+        if lx:
+            ax_rise.plot(
+                lx,
+                ly,
+                marker="v",
+                markersize=3,
+                linestyle=":",
+                color=color,
+                label="  its lower bound (what a halt reads)",
+            )
     seen: set[str] = set()
     for r in rows:
         event = r.get("event")
         if event in _EVENT_COLORS:
-            for ax in (ax_asr, ax_disp):
+            for ax in (ax_rise, ax_disp):
                 ax.axvline(
                     float(r["step"]),
                     color=_EVENT_COLORS[event],
                     linewidth=1.5,
                     alpha=0.8,
-                    label=event if ax is ax_asr and event not in seen else None,
+                    label=event if ax is ax_rise and event not in seen else None,
                 )
             seen.add(event)
-    ax_asr.set_ylabel("ASR (%)")
-    ax_asr.set_ylim(-3, 103)
-    ax_asr.grid(True, alpha=0.3)
+    restored = _number((halt or {}).get("restored"))
+    if restored is not None:
+        for ax in (ax_rise, ax_disp):
+            ax.axvline(
+                restored,
+                color="tab:green",
+                linestyle="-.",
+                linewidth=1.5,
+                label=f"adapter of step {restored:g} put back" if ax is ax_rise else None,
+            )
+    eta = [r for r in rows if _number(r.get("eta_steps")) is not None]
+    if eta and promise is not None:
+        last = eta[-1]
+        at = float(last["step"]) + float(last["eta_steps"])
+        ax_rise.plot(
+            [at],
+            [promise],
+            marker="X",
+            markersize=10,
+            color="tab:red",
+            linestyle="none",
+            label=f"ETA at step {last['step']}: the promise breaks ≈ step {at:g}",
+        )
+    ax_rise.set_ylabel("ASR rise over the\naligned model (points)")
+    ax_rise.grid(True, alpha=0.3)
 
     xs, ys = series(lambda r: r.get("displacement"))
     if xs:
-        ax_disp.plot(xs, ys, marker="o", markersize=4, color="C0", label="displacement")
-    ex, ey = series(lambda r: r.get("edge_distance"))
-    ax_edge = None
-    if ex:
-        # another unit (multiples of the current displacement): its own axis on the right
-        ax_edge = ax_disp.twinx()
-        ax_edge.plot(
-            ex,
-            ey,
-            marker="s",
-            markersize=3,
+        ax_disp.plot(xs, ys, marker="o", markersize=4, color="C0", label="displacement ‖δ‖")
+    crossing = _first_crossing(rows, promise)
+    if crossing is not None:
+        step, multiple, value = crossing
+        ax_disp.axhline(
+            value,
+            color="tab:red",
             linestyle="--",
-            color="C2",
-            label="distance to basin edge (× displacement, right axis)",
+            linewidth=1.2,
+            label=f"θ₀ + {multiple}·δ at step {step:g}: first point past the promise",
         )
-        ax_edge.set_ylabel("basin edge ahead\n(× current displacement)", color="C2")
-        ax_edge.set_ylim(bottom=0)
     if landscape is not None and landscape.has_basin_radius():
         radius = landscape.basin_radius()["mean"]
         ax_disp.axhline(
             radius,
-            color="tab:purple",
-            linestyle="--",
+            color="0.55",
+            linestyle=":",
             linewidth=1.2,
-            label=f"basin radius (random dirs, mean {radius:.3g})",
+            label=f"random-direction basin radius ({radius:.3g}):\nhow far random noise goes "
+            "safely, not a finetune",
         )
     ax_disp.set_ylabel("displacement\n(layer-normalized)")
     ax_disp.set_xlabel("training step")
     ax_disp.grid(True, alpha=0.3)
-    # a finetune's displacement is often orders of magnitude below the random basin radius
-    if any(y > 0 for y in ys):
+    if any(y > 0 for y in ys):  # a finetune's displacement spans orders of magnitude
         ax_disp.set_yscale("log", nonpositive="mask")
-
-    if ax_asr.get_legend_handles_labels()[0]:
-        ax_asr.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
-    handles, labels = ax_disp.get_legend_handles_labels()
-    if ax_edge is not None:
-        more = ax_edge.get_legend_handles_labels()
-        handles, labels = handles + more[0], labels + more[1]
-    if handles:
-        # right of the secondary axis' labels
-        ax_disp.legend(
-            handles, labels, loc="upper left", bbox_to_anchor=(1.12, 1.0), fontsize="small"
-        )
-    fig.suptitle(title if title is not None else "training-guard trajectory")
+    for ax in (ax_rise, ax_disp):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    head = title if title is not None else "guarded finetune"
+    if halt and halt.get("reason"):
+        head += f": halted at step {halt.get('step')}\n" + textwrap.fill(str(halt["reason"]), 110)
+    fig.suptitle(head, fontsize="medium")
     return _save(fig, path, dpi)
+
+
+def _first_crossing(
+    rows: Sequence[dict[str, Any]], promise: float | None
+) -> tuple[float, str, float] | None:
+    """(step, multiple, displacement of θ₀ + s·δ) of the first point ahead whose lower bound
+    reached the promise, or None."""
+    if promise is None:
+        return None
+    for r in rows:
+        displacement = _number(r.get("displacement"))
+        ahead = sorted((r.get("lookahead") or {}).items(), key=lambda kv: _multiple_key(kv[0]))
+        for m, point in ahead:
+            lower = _number((point or {}).get("lower"))
+            multiple = _number((point or {}).get("multiple")) or _number(m)
+            if lower is not None and lower >= promise and multiple and displacement:
+                return float(r["step"]), f"{multiple:g}", multiple * displacement
+    return None

@@ -118,17 +118,25 @@ def test_empty_inputs_raise(tmp_path: Path) -> None:
 
 
 TRAJECTORY = [
-    {"step": 0, "displacement": 0.0, "asr": 0.0, "edge_distance": 0.15, "nll": 2.0},
-    {"step": 20, "displacement": 0.03, "asr": 2.0, "lookahead": {"2": 10.0, "4": 40.0}},
+    {"step": 0, "displacement": 0.0, "rise": 0.0},
+    {
+        "step": 20,
+        "displacement": 0.03,
+        "rise": 1.0,
+        "lookahead": {"2": {"rise": 6.0, "lower": 4.0}, "4": {"rise": 12.0, "lower": 9.0}},
+        "eta_steps": 30,
+    },
     {
         "step": 40,
         "displacement": 0.07,
-        "asr": 8.0,
-        "lookahead": {"2": 30.0, "4": 90.0},
+        "rise": 4.0,
+        "lookahead": {"2": {"rise": 13.0, "lower": 10.5}, "4": {"rise": 40.0, "lower": 35.0}},
+        "eta_steps": 12,
         "event": "warn",
     },
-    {"step": 60, "displacement": 0.11, "asr": 30.0, "edge_distance": None, "event": "halt"},
+    {"step": 60, "displacement": 0.11, "rise": 9.0, "event": "halt"},
 ]
+HALT = {"step": 60, "reason": "at θ₀ + 2·δ the ASR would rise 13 points", "restored": 20}
 
 
 def test_plot_trajectory_without_landscape(tmp_path: Path) -> None:
@@ -139,8 +147,7 @@ def test_plot_trajectory_with_landscape(tmp_path: Path) -> None:
     _assert_png(plot_trajectory(TRAJECTORY, tmp_path / "traj.png", landscape=_landscape_1d()))
 
 
-def test_plot_trajectory_axes_units(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Displacement on a log axis, the edge distance (another unit) on its own right-hand axis."""
+def _drawn(monkeypatch: pytest.MonkeyPatch) -> list:
     from safety_guard import plots as plotting
 
     figures = []
@@ -151,18 +158,38 @@ def test_plot_trajectory_axes_units(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         return real_save(fig, path, dpi)
 
     monkeypatch.setattr(plotting, "_save", keep)
-    plot_trajectory(TRAJECTORY, tmp_path / "traj.png", landscape=_landscape_1d())
-    _, ax_disp, ax_edge = figures[0].axes
-    assert ax_disp.get_yscale() == "log"
-    assert [line.get_label() for line in ax_edge.get_lines()] == [
-        "distance to basin edge (× displacement, right axis)"
-    ]
-    assert list(ax_edge.get_lines()[0].get_ydata()) == [0.15]
+    return figures
 
-    figures.clear()
-    no_edge = [{k: v for k, v in r.items() if k != "edge_distance"} for r in TRAJECTORY]
-    plot_trajectory(no_edge, tmp_path / "traj2.png")
-    assert len(figures[0].axes) == 2
+
+def test_the_plot_explains_a_halt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The promise line, the rises ahead with their lower bounds, the ETA, the halt's reason,
+    the adapter put back; the displacement where a point ahead first passed the promise, and
+    the random basin radius labelled for what it is."""
+    figures = _drawn(monkeypatch)
+    plot_trajectory(
+        TRAJECTORY, tmp_path / "traj.png", promise=10, halt=HALT, landscape=_landscape_1d()
+    )
+    fig = figures[0]
+    ax_rise, ax_disp = fig.axes
+    labels = [line.get_label() for line in ax_rise.get_lines()]
+    assert "the promise: rise < 10 points" in labels
+    assert "rise at θ₀ + 2·δ, ahead" in labels and "rise at θ₀ + 4·δ, ahead" in labels
+    assert labels.count("  its lower bound (what a halt reads)") == 2
+    assert "adapter of step 20 put back" in labels
+    eta = next(line for line in ax_rise.get_lines() if line.get_label().startswith("ETA"))
+    assert eta.get_label() == "ETA at step 40: the promise breaks ≈ step 52"
+    assert list(eta.get_xdata()) == [52.0] and list(eta.get_ydata()) == [10.0]
+    assert "halted at step 60" in fig._suptitle.get_text()
+    assert "would rise 13 points" in fig._suptitle.get_text()
+    crossing = next(
+        line for line in ax_disp.get_lines() if "first point past the promise" in line.get_label()
+    )
+    # step 20: θ₀ + 4·δ's lower bound 9 < 10; step 40: θ₀ + 2·δ's 10.5 ≥ 10 → 2 × 0.07
+    assert crossing.get_label().startswith("θ₀ + 2·δ at step 40")
+    assert list(crossing.get_ydata()) == [pytest.approx(0.14)] * 2
+    radius = next(line for line in ax_disp.get_lines() if "basin radius" in line.get_label())
+    assert "random noise" in radius.get_label()
+    assert ax_disp.get_yscale() == "log"
 
 
 def test_plot_trajectory_landscape_without_random_direction(tmp_path: Path) -> None:
@@ -174,5 +201,5 @@ def test_plot_trajectory_landscape_without_random_direction(tmp_path: Path) -> N
 
 
 def test_plot_trajectory_missing_keys(tmp_path: Path) -> None:
-    records = [{"step": 0}, {"step": 5, "displacement": 0.01}, {"step": 10, "asr": None}]
+    records = [{"step": 0}, {"step": 5, "displacement": 0.01}, {"step": 10, "rise": None}]
     _assert_png(plot_trajectory(records, tmp_path / "sparse.png"))

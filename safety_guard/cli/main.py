@@ -409,6 +409,12 @@ def _cmd_visage(args: argparse.Namespace) -> int:
 def _cmd_plot(args: argparse.Namespace) -> int:
     from safety_guard.plots import plot_landscape
 
+    path = Path(args.file)
+    if path.is_dir() or path.name in ("trajectory.jsonl", "summary.json"):  # a guarded run
+        from safety_guard.guard.outputs import plot_run_folder
+
+        print(plot_run_folder(path if path.is_dir() else path.parent, args.output))
+        return 0
     print(plot_landscape(args.file, args.output))
     return 0
 
@@ -482,8 +488,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="Print a JSON object (key 'visage' and more)."
     )
     v.set_defaults(func=_cmd_visage)
-    pl = sub.add_parser("plot", help="Plot a landscape file to PNG.")
-    pl.add_argument("file")
+    pl = sub.add_parser(
+        "plot",
+        help="Plot a landscape file, or a guarded run's folder (its trajectory), to PNG.",
+    )
+    pl.add_argument(
+        "file",
+        help="A landscape JSON file, or a guarded run's folder (trajectory.jsonl, summary.json).",
+    )
     pl.add_argument("--output", "-o", required=True, help="PNG file to write.")
     pl.set_defaults(func=_cmd_plot)
     t = sub.add_parser(

@@ -9,14 +9,12 @@ than this many points above the aligned model's. Every ``check_every`` steps a c
 measures the displacement δ = θₜ − θ₀ (:mod:`~safety_guard.guard.displacement`); when the last
 probe stops covering the finetune (:mod:`~safety_guard.guard.cadence`) a probe scores the
 current model and the models ahead on its line, θ₀ + s·δ, forward-only, judges flagged prompts
-by generation before a warning or a halt (:mod:`~safety_guard.guard.confirmation`), and the rule
-(:mod:`~safety_guard.guard.rule`) decides at the horizon the run's remaining learning rate can
-reach. Non-finite weights, loss or scores halt, never "ok". With LoRA the last adapter a probe
-found within the promise is kept and, by default, loaded back on a halt.
+before a warning or a halt (:mod:`~safety_guard.guard.confirmation`), and the rule decides at the
+horizon the run's remaining learning rate can reach. Non-finite weights, loss or scores halt.
+With LoRA the last adapter within the promise is kept and, by default, loaded back on a halt.
 
-Distributed: every rank calls the same methods at the same steps and takes the same decision
-(per-prompt results are all-reduced); only the main process writes files. FSDP2, FSDP (1) with
-``use_orig_params=True`` and DeepSpeed ZeRO-3 are read shard by shard (:mod:`safety_guard.engines.shards`).
+Distributed: every rank takes the same decision; only the main process writes files; sharded
+models are read shard by shard (:mod:`safety_guard.engines.shards`).
 
 Example:
     >>> guard = Guard(model, tokenizer, "landscape.json", output_dir="out/safety-guard")  # doctest: +SKIP
@@ -535,10 +533,9 @@ class Guard:
         lora = self.tracker is not None and self.tracker.kind == "lora"
         if self.config.halt and self.config.restore_on_halt and lora and self._safe_adapter:
             load_adapter(self.model, self._safe_adapter)
-            restored = (
-                f" The model holds the adapter of step {self.state.last_safe_step or 0} again "
-                "(restore_on_halt)."
-            )
+            self.state.restored_step = self.state.last_safe_step or 0
+            restored = f" The model holds the adapter of step {self.state.restored_step} again"
+            restored += " (restore_on_halt)."
         self._log_warning(
             f"SafetyGuard step {step}: {reason}."
             + (" Halting training." if self.config.halt else " (halt disabled)")
@@ -581,7 +578,7 @@ class Guard:
                     self.output_dir,
                     summary,
                     self.state.records,
-                    self.config.lookahead,
+                    self.settings,
                     self.landscape,
                 )
         finally:
@@ -597,4 +594,6 @@ class Guard:
             "basin_radius": self.basin_radius,
             "horizon_counts": "steps" if self.schedule is None else "learning rate",
             "signal": self.settings.signal,
+            "settings": self.settings.to_dict(),  # the promise and how it was kept
+            "landscape": str(self.landscape_path) if self.landscape_path else None,
         }

@@ -5,8 +5,8 @@ disk) is a warning, never a failed run.
 
 Example:
     >>> from safety_guard.guard.records import CheckRecord
-    >>> plot_rows([CheckRecord(step=3, displacement=0.1, cosine=None)], lookahead=(2.0,))
-    [{'step': 3, 'displacement': 0.1, 'asr': None, 'lookahead': {}, 'event': None}]
+    >>> plot_rows([CheckRecord(step=3, displacement=0.1, cosine=None)], (2.0,), 1.0)
+    [{'step': 3, 'displacement': 0.1, 'rise': None, 'lookahead': {}, 'eta_steps': None, 'event': None}]
 """
 
 from __future__ import annotations
@@ -19,22 +19,23 @@ from typing import Any
 
 from safety_guard._extras import MissingExtraError
 from safety_guard.files import atomic_write_text
+from safety_guard.guard.config import GuardConfig
 from safety_guard.guard.records import CheckRecord, ProbeRecord
 from safety_guard.guard.state import GuardState
 from safety_guard.landscape import Landscape
 from safety_guard.plots import plot_trajectory, require_matplotlib
 
-__all__ = ["log_costs", "plot_rows", "write_run_files"]
+__all__ = ["log_costs", "plot_rows", "plot_run", "plot_run_folder", "write_run_files"]
 
 logger = logging.getLogger(__name__)
 
 
 def plot_rows(
-    records: Sequence[CheckRecord | ProbeRecord], lookahead: Sequence[float]
+    records: Sequence[CheckRecord | ProbeRecord], lookahead: Sequence[float], confidence_z: float
 ) -> list[dict[str, Any]]:
     """The trajectory records as the rows :func:`~safety_guard.plots.plot_trajectory` draws:
-    points capped at the horizon near the end make one ``"horizon"`` series, not one legend entry
-    per multiple."""
+    each point ahead's rise and lower bound (rise − ``confidence_z``·se); points capped at the
+    horizon near the end make one ``"horizon"`` series, not one legend entry per multiple."""
     rows = []
     for r in records:
         probe = r if isinstance(r, ProbeRecord) else None
@@ -43,12 +44,17 @@ def plot_rows(
             {
                 "step": r.step,
                 "displacement": r.displacement,
-                "asr": probe.asr if probe else None,
+                "rise": probe.rise if probe else None,
                 "lookahead": {
-                    (f"{s:g}" if s in lookahead else "horizon"): p.asr
+                    (f"{s:g}" if s in lookahead else "horizon"): {
+                        "rise": p.rise,
+                        "lower": p.rise - confidence_z * p.se,
+                        "multiple": s,
+                    }
                     for s, p in points.items()
                     if s != 1.0
                 },
+                "eta_steps": probe.eta_steps if probe else None,
                 "event": probe.status if probe and probe.status in ("warn", "halt") else None,
             }
         )
@@ -59,7 +65,7 @@ def write_run_files(
     folder: Path,
     summary: dict[str, Any],
     records: Sequence[CheckRecord | ProbeRecord],
-    lookahead: Sequence[float],
+    config: GuardConfig,
     landscape: Landscape | None,
 ) -> None:
     """``folder/summary.json`` and, with matplotlib, ``folder/trajectory.png``."""
@@ -71,9 +77,71 @@ def write_run_files(
         logger.warning("SafetyGuard: no trajectory plot %s: %s", path, err)
         return
     try:
-        plot_trajectory(plot_rows(records, lookahead), path, landscape=landscape)
+        plot_run(records, summary, config, path, landscape)
     except (OSError, ValueError, RuntimeError) as err:  # a plot must not fail a finished run
         logger.warning("SafetyGuard: could not write the trajectory plot %s: %s", path, err)
+
+
+def plot_run(
+    records: Sequence[CheckRecord | ProbeRecord],
+    summary: dict[str, Any],
+    config: GuardConfig,
+    path: str | Path,
+    landscape: Landscape | None = None,
+) -> Path:
+    """The trajectory plot of a guarded run: its records against the promise, with the halt,
+    its reason and the adapter put back (from ``summary``).
+
+    Example:
+        >>> plot_run(records, guard.summary(), guard.settings, "trajectory.png")  # doctest: +SKIP
+        PosixPath('trajectory.png')
+    """
+    halt = None
+    if summary.get("halt_step") is not None:
+        halt = {
+            "step": summary["halt_step"],
+            "reason": summary.get("halt_reason"),
+            "restored": summary.get("restored_step"),
+        }
+    title = None
+    if halt is None:
+        title = (
+            f"guarded finetune: no halt ({summary.get('probes', 0)} probes, "
+            f"{summary.get('warn_count', 0)} warnings)"
+        )
+    rows = plot_rows(records, config.lookahead, config.confidence_z)
+    return plot_trajectory(
+        rows, path, promise=config.max_asr_rise, halt=halt, landscape=landscape, title=title
+    )
+
+
+def plot_run_folder(folder: str | Path, output: str | Path | None = None) -> Path:
+    """Redraw the plot of a guarded run from its folder (``trajectory.jsonl``, ``summary.json``
+    and the landscape file it names, when it exists); writes ``output`` (default:
+    ``folder/trajectory.png``).
+
+    Raises:
+        FileNotFoundError: the folder holds no trajectory or summary.
+
+    Example:
+        >>> plot_run_folder("outputs/demo/harmful-lora/safety-guard")  # doctest: +SKIP
+        PosixPath('outputs/demo/harmful-lora/safety-guard/trajectory.png')
+    """
+    from safety_guard.guard.records import record_from_json
+    from safety_guard.guard.trajectory import read_records
+
+    folder = Path(folder)
+    for name in ("trajectory.jsonl", "summary.json"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} holds no {name}: is it a guarded run's folder?")
+    summary = json.loads((folder / "summary.json").read_text())
+    config = GuardConfig.from_dict(summary.get("settings") or {})
+    records = [record_from_json(r) for r in read_records(folder / "trajectory.jsonl")]
+    landscape = None
+    named = summary.get("landscape")
+    if named and Path(named).is_file():
+        landscape = Landscape.load(named)
+    return plot_run(records, summary, config, output or folder / "trajectory.png", landscape)
 
 
 def log_costs(state: GuardState, session_seconds: float, wall: float) -> None:

@@ -34,6 +34,7 @@ class GuardState:
         last_safe_step: the last step a probe found within the promise.
         warn_count: warn decisions so far.
         halt_step, halt_reason: the halt, when the guard halted the run.
+        restored_step: the step whose LoRA adapter the halt put back (``restore_on_halt``).
         would_halt_step, would_halt_reason, would_halt_count: monitor mode (``halt=False``):
             the first halt decision, and how many there were.
         memo: what the last probe left for the cadence (:class:`ProbeMemo`).
@@ -49,6 +50,7 @@ class GuardState:
     warn_count: int = 0
     halt_step: int | None = None
     halt_reason: str | None = None
+    restored_step: int | None = None
     would_halt_step: int | None = None
     would_halt_reason: str | None = None
     would_halt_count: int = 0
@@ -68,6 +70,7 @@ class GuardState:
             "warn_count": self.warn_count,
             "halt_step": self.halt_step,
             "halt_reason": self.halt_reason,
+            "restored_step": self.restored_step,
             "would_halt_step": self.would_halt_step,
             "would_halt_reason": self.would_halt_reason,
             "would_halt_count": self.would_halt_count,
@@ -100,6 +103,7 @@ class GuardState:
             warn_count=data["warn_count"],
             halt_step=data["halt_step"],
             halt_reason=data.get("halt_reason"),
+            restored_step=data.get("restored_step"),
             would_halt_step=data.get("would_halt_step"),
             would_halt_reason=data.get("would_halt_reason"),
             would_halt_count=int(data.get("would_halt_count", 0)),
@@ -121,6 +125,7 @@ class GuardState:
         return {
             "halt_step": self.halt_step,
             "halt_reason": self.halt_reason,
+            "restored_step": self.restored_step,
             "would_halt_step": self.would_halt_step,
             "would_halt_reason": self.would_halt_reason,
             "would_halt_count": self.would_halt_count,

@@ -195,7 +195,10 @@ class _Poison(TrainerCallback):
                         return
 
 
-def test_nan_adapter_halts_keeps_last_safe_and_restores_it(tmp_path, text_tokenizer, caplog):
+def test_nan_adapter_halts_keeps_last_safe_and_restores_it(
+    tmp_path, text_tokenizer, caplog, capsys
+):
+    from conftest import run_cli
     from safetensors.torch import load_file
 
     model = make_model(vocab_size=len(text_tokenizer), tie=False)
@@ -220,6 +223,13 @@ def test_nan_adapter_halts_keeps_last_safe_and_restores_it(tmp_path, text_tokeni
     assert saved and set(saved) == set(current)
     for key, value in saved.items():
         assert torch.equal(current[key].detach().cpu(), value), key
+    folder = tmp_path / "out" / "safety-guard"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["restored_step"] == saved_step and summary["settings"]["keep_last_safe"]
+    # the run's plot, redrawn from its folder by the command
+    code, _out, err = run_cli(capsys, "plot", folder, "-o", tmp_path / "run.png")
+    assert code == 0, err
+    assert (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_nan_full_model_halts_and_writes_no_last_safe(tmp_path, text_tokenizer, caplog):
