@@ -242,8 +242,18 @@ def effective_settings(
 ) -> GuardConfig:
     """The settings the guard probes with: ``config``, or a copy with ``signal="generate"`` when
     the landscape shows the forward screen missing unsafe answers on this model (``warn`` says
-    so; the user's ``config`` is never changed)."""
+    so; the user's ``config`` is never changed). A landscape judged by refusal phrases says
+    nothing of another judge: ``warn`` says that instead."""
     screen = landscape.screen_agreement()
+    judged_by = ((landscape.data.get("probe") or {}).get("judge") or {}).get("kind", "keyword")
+    if config.judge != "keyword" and judged_by == "keyword" and config.signal == "forward":
+        warn(
+            "SafetyGuard: this landscape's screen record was judged by refusal phrases, not by "
+            "judge=%r: an unflagged prompt counts as a refusal without that judge reading it. "
+            "signal='generate' has it read every answer.",
+            config.judge,
+        )
+        return config
     if screen is not None and screen["missed"] and config.signal == "forward":
         warn(
             "SafetyGuard: on this model's landscape the forward screen missed %d of %d unsafe "

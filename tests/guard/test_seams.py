@@ -344,3 +344,21 @@ def test_a_resumed_full_finetune_refuses_a_wrong_aligned_model(tmp_path, text_to
         origin=str(tmp_path / "base"),
     )
     assert trainer.state.global_step == 4 and guard.records[-1]["step"] == 4
+
+
+def test_a_landscape_judged_by_phrases_says_nothing_of_another_judge():
+    """The guard trusts a landscape's screen record for the judge that made it only."""
+    from conftest import make_model
+    from guard_helpers import make_landscape
+
+    from safety_guard.guard import GuardConfig
+    from safety_guard.guard.setup import effective_settings
+
+    land = make_landscape(make_model())
+    said = []
+    config = GuardConfig(judge="harmbench:some/classifier")
+    assert effective_settings(config, land, lambda *a: said.append(a[0] % a[1:])) is config
+    assert len(said) == 1 and "judged by refusal phrases, not by judge=" in said[0]
+    said.clear()
+    assert effective_settings(GuardConfig(), land, lambda *a: said.append(a)) == GuardConfig()
+    assert said == []
