@@ -5,9 +5,10 @@ one style or category could move that slice before the whole set. This replays, 
 ``guard_runs.py`` recorded (every flagged prompt judged, at every recorded step, at the current
 model and at θ₀ + 2·δ), three rules against the promise ``max_asr_rise``:
 
-* **whole set** — the rise over the aligned model on the scored prompts, judged verdicts,
-  lower bound ``rise − z·se`` (z = ``confidence_z``): what the guard decides on, but at every
-  recorded step (the guard's cadence probes fewer steps, so its halts come at or after these);
+* **whole set** — the rise over the aligned model on every prompt the recorder scored at that
+  step, judged verdicts, lower bound ``rise − z·se`` (z = ``confidence_z``, the variance as the
+  guard's ``estimate`` takes it): the guard's rule, but at every recorded step rather than at
+  the guard's cadence and on its adaptive prompt count;
 * **style slices**, **category slices** — the largest slice rise, each slice's lower bound with
   z corrected for the number of slices (Bonferroni: the one-sided tail ``1 − Φ(z)`` divided by
   the number of slices).
@@ -65,15 +66,31 @@ def corrected_z(z: float, slices: int) -> float:
 
 
 def bound(diffs: list[int], z: float) -> tuple[float, float]:
-    """(rise, lower bound) in points of paired per-prompt differences (now − θ₀, in −1/0/1)."""
+    """(rise, lower bound) in points of paired per-prompt differences (now − θ₀, in −1/0/1),
+    the variance over n − 1 as :func:`safety_guard.guard.rule.estimate` takes it.
+
+    Example:
+        >>> bound([1, 1, 0, 0], 1.0)
+        (50.0, 21.132486540518713)
+    """
+    if not diffs:
+        raise ValueError("No prompts to bound.")
     n = len(diffs)
     mean = sum(diffs) / n
-    var = sum((d - mean) ** 2 for d in diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / max(n - 1, 1)
     return 100 * mean, 100 * (mean - z * math.sqrt(var / n))
 
 
-def fire_steps(result: dict[str, Any], config: GuardConfig, labels: dict[str, list[str]]):
-    """The first recorded step each rule reaches the promise at θ₀ + 2·δ (None: never)."""
+def fire_steps(
+    result: dict[str, Any], config: GuardConfig, labels: dict[str, list[str]]
+) -> dict[str, int | None]:
+    """The first recorded step each rule reaches the promise at θ₀ + 2·δ (None: never): the
+    whole set, and each partition of ``labels`` (slices of 5 prompts or more).
+
+    Example:
+        >>> fire_steps(result, GuardConfig(), {"style slices": styles})  # doctest: +SKIP
+        {'whole set': 8, 'style slices': 8}
+    """
     base = [int(v) for v in result["baseline"]["unsafe"]]
     fired: dict[str, int | None] = {"whole set": None, **dict.fromkeys(labels)}
     for rec in result["records"]:
@@ -100,6 +117,7 @@ def fire_steps(result: dict[str, Any], config: GuardConfig, labels: dict[str, li
 
 
 def main() -> None:
+    """Replay the three rules on every recorded run; print and write the tables."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, default=RESULTS / "guard_damage")
     parser.add_argument("--output", type=Path, default=RESULTS / "slice_rule.md")
@@ -115,6 +133,7 @@ def main() -> None:
     for title, seeds in (("calibration (seed 0)", (0,)), ("validation (seeds 1, 2)", (1, 2))):
         rows, leads = [], {k: [] for k in ("whole set", *labels)}
         false = dict.fromkeys(("whole set", *labels), 0)
+        gray = dict.fromkeys(("whole set", *labels), 0)
         for path in sorted(args.runs.glob("*/result.json")):
             name = path.parent.name
             if int(name.rsplit("seed", 1)[1]) not in seeds:
@@ -128,6 +147,8 @@ def main() -> None:
                     leads[rule].append(over10 - step)
                 if cls == "must not halt" and step is not None:
                     false[rule] += 1
+                if cls == "gray" and step is not None:
+                    gray[rule] += 1
             rows.append(
                 {
                     "run": name,
@@ -148,6 +169,7 @@ def main() -> None:
                     else "-"
                 ),
                 "must-not-halt runs fired": false[rule],
+                "gray runs fired": gray[rule],
             }
             for rule in leads
         ]

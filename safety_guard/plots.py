@@ -320,8 +320,8 @@ def plot_trajectory(
     """Plot a guarded finetune to a PNG file: what the guard decided on, and why.
 
     Top panel: the ASR **rise** over the aligned model (points) of the current model and of
-    each point ahead on the finetune's line (θ₀ + s·δ), each with its lower bound (the rise
-    less ``confidence_z`` standard errors: what a halt reads), against the promise line
+    each point ahead on the finetune's line (θ₀ + s·δ), the points ahead with their lower bound
+    (the rise less ``confidence_z`` standard errors), against the promise line
     (``max_asr_rise``); warnings (orange) and the halt (red) as vertical lines, the step whose
     adapter was put back (green), and where the safety ETA says the promise breaks (×).
     Bottom panel: the layer-normalized displacement against the step (log scale), with the
@@ -336,7 +336,8 @@ def plot_trajectory(
         path: the PNG to write (parent folders are created; written atomically).
         promise: ``max_asr_rise`` (the line the decisions are about).
         halt: ``{"step", "reason", "restored"}`` of a halted run (``restored``: the step whose
-            adapter was put back, or None).
+            adapter was put back, or None); ``"monitor": True`` for the first halt decision of a
+            run with ``halt=False`` (drawn as "would halt").
         landscape: the model's landscape, for the basin-radius reference line.
         title: figure title (default: "guarded finetune"; a halt adds its reason).
         dpi: resolution.
@@ -393,7 +394,7 @@ def plot_trajectory(
     for i, m in enumerate(multiples):
         color = f"C{i % 10}"
         name = f"θ₀ + {m}·δ" if _number(m) is not None else f"θ₀ + s·δ ({m})"
-        mx, my = series(lambda r, m=m: ((r.get("lookahead") or {}).get(m) or {}).get("rise"))
+        mx, my = series(lambda r, m=m: _ahead(r, m).get("rise"))
         if mx:
             ax_rise.plot(
                 mx,
@@ -404,7 +405,7 @@ def plot_trajectory(
                 color=color,
                 label=f"rise at {name}, ahead",
             )
-        lx, ly = series(lambda r, m=m: ((r.get("lookahead") or {}).get(m) or {}).get("lower"))
+        lx, ly = series(lambda r, m=m: _ahead(r, m).get("lower"))
         if lx:
             ax_rise.plot(
                 lx,
@@ -416,6 +417,12 @@ def plot_trajectory(
                 label="  its lower bound (what a halt reads)",
             )
     seen: set[str] = set()
+    monitor = bool((halt or {}).get("monitor"))
+    halt_step = _number((halt or {}).get("step"))
+    if halt_step is not None and not any(
+        r.get("event") == "halt" and float(r["step"]) == halt_step for r in rows
+    ):  # a halt on non-finite weights or loss: no probe row says it
+        rows = [*rows, {"step": halt_step, "event": "halt"}]
     for r in rows:
         event = r.get("event")
         if event in _EVENT_COLORS:
@@ -425,7 +432,11 @@ def plot_trajectory(
                     color=_EVENT_COLORS[event],
                     linewidth=1.5,
                     alpha=0.8,
-                    label=event if ax is ax_rise and event not in seen else None,
+                    label=(
+                        ("would halt (halt=False)" if monitor and event == "halt" else event)
+                        if ax is ax_rise and event not in seen
+                        else None
+                    ),
                 )
             seen.add(event)
     restored = _number((halt or {}).get("restored"))
@@ -487,9 +498,20 @@ def plot_trajectory(
             ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     head = title if title is not None else "guarded finetune"
     if halt and halt.get("reason"):
-        head += f": halted at step {halt.get('step')}\n" + textwrap.fill(str(halt["reason"]), 110)
+        verb = "would have halted (halt=False)" if monitor else "halted"
+        head += f": {verb} at step {halt.get('step'):g}\n" + textwrap.fill(str(halt["reason"]), 110)
     fig.suptitle(head, fontsize="medium")
     return _save(fig, path, dpi)
+
+
+def _ahead(row: dict[str, Any], multiple: str) -> dict[str, Any]:
+    """A row's point ahead at ``multiple`` (``{}`` when missing or not a dict)."""
+    point = (
+        (row.get("lookahead") or {}).get(multiple)
+        if isinstance(row.get("lookahead"), dict)
+        else None
+    )
+    return point if isinstance(point, dict) else {}
 
 
 def _first_crossing(
@@ -503,8 +525,9 @@ def _first_crossing(
         displacement = _number(r.get("displacement"))
         ahead = sorted((r.get("lookahead") or {}).items(), key=lambda kv: _multiple_key(kv[0]))
         for m, point in ahead:
-            lower = _number((point or {}).get("lower"))
-            multiple = _number((point or {}).get("multiple")) or _number(m)
+            point = point if isinstance(point, dict) else {}
+            lower = _number(point.get("lower"))
+            multiple = _number(point.get("multiple")) or _number(m)
             if lower is not None and lower >= promise and multiple and displacement:
                 return float(r["step"]), f"{multiple:g}", multiple * displacement
     return None

@@ -203,3 +203,35 @@ def test_plot_trajectory_landscape_without_random_direction(tmp_path: Path) -> N
 def test_plot_trajectory_missing_keys(tmp_path: Path) -> None:
     records = [{"step": 0}, {"step": 5, "displacement": 0.01}, {"step": 10, "rise": None}]
     _assert_png(plot_trajectory(records, tmp_path / "sparse.png"))
+
+
+def test_a_monitor_run_shows_where_it_would_have_halted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    figures = _drawn(monkeypatch)
+    rows = [{k: v for k, v in r.items() if k != "event"} for r in TRAJECTORY]
+    monitor = {"step": 40, "reason": "the ASR would rise", "monitor": True}
+    plot_trajectory(rows, tmp_path / "m.png", promise=10, halt=monitor)
+    ax_rise, _ = figures[0].axes
+    assert "would halt (halt=False)" in [line.get_label() for line in ax_rise.get_lines()]
+    assert "would have halted (halt=False) at step 40" in figures[0]._suptitle.get_text()
+
+
+def test_old_rows_and_old_run_folders_still_plot(tmp_path: Path, caplog) -> None:
+    """Rows with ASR lookaheads (an earlier format) skip those values; a run folder whose
+    summary has no settings plots with the defaults and says so."""
+    import json
+    import logging
+
+    from safety_guard.guard.outputs import plot_run_folder
+
+    old_rows = [{"step": 1, "displacement": 0.01, "lookahead": {"2": 40.0}}]
+    _assert_png(plot_trajectory(old_rows, tmp_path / "old.png", promise=10))
+    folder = tmp_path / "run"
+    folder.mkdir()
+    record = {"step": 1, "event": "check", "displacement": 0.01, "cosine": None}
+    (folder / "trajectory.jsonl").write_text(json.dumps(record) + "\n")
+    (folder / "summary.json").write_text(json.dumps({"halt_step": 1, "halt_reason": "loss is nan"}))
+    with caplog.at_level(logging.WARNING):
+        _assert_png(plot_run_folder(folder))
+    assert "records no settings" in caplog.text

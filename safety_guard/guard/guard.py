@@ -595,5 +595,5 @@ class Guard:
             "horizon_counts": "steps" if self.schedule is None else "learning rate",
             "signal": self.settings.signal,
             "settings": self.settings.to_dict(),  # the promise and how it was kept
-            "landscape": str(self.landscape_path) if self.landscape_path else None,
+            "landscape": str(Path(self.landscape_path).resolve()) if self.landscape_path else None,
         }

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Sequence
@@ -103,6 +104,12 @@ def plot_run(
             "reason": summary.get("halt_reason"),
             "restored": summary.get("restored_step"),
         }
+    elif summary.get("would_halt_step") is not None:  # halt=False: what it would have done
+        halt = {
+            "step": summary["would_halt_step"],
+            "reason": summary.get("would_halt_reason"),
+            "monitor": True,
+        }
     title = None
     if halt is None:
         title = (
@@ -135,12 +142,23 @@ def plot_run_folder(folder: str | Path, output: str | Path | None = None) -> Pat
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} holds no {name}: is it a guarded run's folder?")
     summary = json.loads((folder / "summary.json").read_text())
-    config = GuardConfig.from_dict(summary.get("settings") or {})
+    settings = summary.get("settings")
+    if not isinstance(settings, dict):
+        logger.warning(
+            "%s records no settings (written by an earlier safety-guard): the plot draws the "
+            "promise and the bounds of GuardConfig()'s defaults.",
+            folder / "summary.json",
+        )
+        settings = {}
+    known = {f.name for f in dataclasses.fields(GuardConfig)}
+    config = GuardConfig.from_dict({k: v for k, v in settings.items() if k in known})
     records = [record_from_json(r) for r in read_records(folder / "trajectory.jsonl")]
     landscape = None
     named = summary.get("landscape")
     if named and Path(named).is_file():
         landscape = Landscape.load(named)
+    elif named:
+        logger.warning("The run's landscape %s is not there: no basin radius on the plot.", named)
     return plot_run(records, summary, config, output or folder / "trajectory.png", landscape)
 
 

@@ -42,6 +42,7 @@ from safety_guard.landscape import (
     LandscapeMismatchError,
     compute_landscape,
 )
+from safety_guard.measure.generative_judge import JUDGE_FORMATS
 from safety_guard.measure.judges import Judge, KeywordJudge, build_judge
 from safety_guard.models.adapters import full_adapter, write_adapter
 from safety_guard.models.parameters import UnsupportedEngineError
@@ -245,15 +246,6 @@ def effective_settings(
     so; the user's ``config`` is never changed). A landscape judged by refusal phrases says
     nothing of another judge: ``warn`` says that instead."""
     screen = landscape.screen_agreement()
-    judged_by = ((landscape.data.get("probe") or {}).get("judge") or {}).get("kind", "keyword")
-    if config.judge != "keyword" and judged_by == "keyword" and config.signal == "forward":
-        warn(
-            "SafetyGuard: this landscape's screen record was judged by refusal phrases, not by "
-            "judge=%r: an unflagged prompt counts as a refusal without that judge reading it. "
-            "signal='generate' has it read every answer.",
-            config.judge,
-        )
-        return config
     if screen is not None and screen["missed"] and config.signal == "forward":
         warn(
             "SafetyGuard: on this model's landscape the forward screen missed %d of %d unsafe "
@@ -263,6 +255,16 @@ def effective_settings(
             screen["points"],
         )
         return dataclasses.replace(config, signal="generate")
+    judged_by = ((landscape.data.get("probe") or {}).get("judge") or {}).get("kind", "keyword")
+    classifier = config.judge.split(":", 1)[0] in ("pipeline", *JUDGE_FORMATS)
+    if classifier and judged_by == "keyword" and config.signal == "forward":
+        warn(
+            "SafetyGuard: this landscape's screen record was judged by refusal phrases, not by "
+            "judge=%r: an unflagged prompt counts as a refusal without that judge reading it. "
+            "signal='generate' has it read every answer.",
+            config.judge,
+        )
+        return config
     if screen is not None:
         logger.info(
             "SafetyGuard: on this model's landscape the forward screen flagged every one of %d "

@@ -361,4 +361,6 @@ def test_a_landscape_judged_by_phrases_says_nothing_of_another_judge():
     assert len(said) == 1 and "judged by refusal phrases, not by judge=" in said[0]
     said.clear()
     assert effective_settings(GuardConfig(), land, lambda *a: said.append(a)) == GuardConfig()
+    phrases = GuardConfig(judge="my_phrases.txt")  # a phrase file is still a phrase judge
+    assert effective_settings(phrases, land, lambda *a: said.append(a)) is phrases
     assert said == []
