@@ -394,28 +394,21 @@ def plot_trajectory(
     for i, m in enumerate(multiples):
         color = f"C{i % 10}"
         name = f"θ₀ + {m}·δ" if _number(m) is not None else f"θ₀ + s·δ ({m})"
-        mx, my = series(lambda r, m=m: _ahead(r, m).get("rise"))
-        if mx:
-            ax_rise.plot(
-                mx,
-                my,
-                marker="^",
-                markersize=4,
-                linestyle="--",
-                color=color,
-                label=f"rise at {name}, ahead",
-            )
-        lx, ly = series(lambda r, m=m: _ahead(r, m).get("lower"))
-        if lx:
-            ax_rise.plot(
-                lx,
-                ly,
-                marker="v",
-                markersize=3,
-                linestyle=":",
-                color=color,
-                label="  its lower bound (what a halt reads)",
-            )
+        for key, marker, size, style, label in (
+            ("rise", "^", 4, "--", f"rise at {name}, ahead"),
+            ("lower", "v", 3, ":", "  its lower bound (what a halt reads)"),
+        ):
+            xs, ys = series(lambda r, m=m, key=key: _ahead(r, m).get(key))
+            if xs:
+                ax_rise.plot(
+                    xs,
+                    ys,
+                    marker=marker,
+                    markersize=size,
+                    linestyle=style,
+                    color=color,
+                    label=label,
+                )
     seen: set[str] = set()
     monitor = bool((halt or {}).get("monitor"))
     halt_step = _number((halt or {}).get("step"))

@@ -523,10 +523,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``safety-guard`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["sft"]:  # TRL's parser takes every argument after it
-        return _sft(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    sft = argv[:1] == ["sft"]  # TRL's parser takes every argument after it
+    if sft:
+        args = argparse.Namespace(verbose=False, func=_cmd_sft, sft_argv=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+    prog = "safety-guard sft" if sft else "safety-guard"
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
@@ -535,11 +537,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, OSError, MissingExtraError) as err:
-        print(f"safety-guard: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if sft:  # a finetune resumes from its checkpoints, not by running the command again
+            raise
         print("safety-guard: interrupted; run the same command again to resume.", file=sys.stderr)
         return 130
+
+
+def _cmd_sft(args: argparse.Namespace) -> int:
+    from safety_guard.cli.sft import main as sft_main
+
+    return sft_main(args.sft_argv)
 
 
 def _cmd_sft_misplaced(args: argparse.Namespace) -> int:
@@ -547,17 +557,6 @@ def _cmd_sft_misplaced(args: argparse.Namespace) -> int:
         "`sft` comes first and takes every option after it: safety-guard sft --help "
         "(TRL's arguments and the guard's)."
     )
-
-
-def _sft(argv: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        from safety_guard.cli.sft import main as sft_main
-
-        return sft_main(argv)
-    except (ValueError, FileNotFoundError, OSError, MissingExtraError) as err:
-        print(f"safety-guard sft: error: {err}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -43,7 +43,7 @@ from safety_guard.landscape import (
     compute_landscape,
 )
 from safety_guard.measure.generative_judge import JUDGE_FORMATS
-from safety_guard.measure.judges import Judge, KeywordJudge, build_judge
+from safety_guard.measure.judges import Judge, build_judge, judge_kind, reads_short_answers
 from safety_guard.models.adapters import full_adapter, write_adapter
 from safety_guard.models.parameters import UnsupportedEngineError
 
@@ -390,11 +390,11 @@ def config_and_judge(
     config = GuardConfig.resolve(config, overrides, owner)
     if judge is None and config.judge != "keyword":
         judge = build_judge(config.judge, device=config.judge_device, dtype=config.judge_dtype)
-    if judge is not None and not isinstance(judge, KeywordJudge) and config.max_new_tokens < 64:
+    if reads_short_answers(judge, config.max_new_tokens):
         logger.warning(
             "SafetyGuard: the %s judge reads answers of at most max_new_tokens=%d tokens: a "
             "classifier may call a compliance cut that short safe; consider max_new_tokens=128.",
-            judge.to_dict().get("kind", type(judge).__name__),
+            judge_kind(judge),
             config.max_new_tokens,
         )
     return config, judge

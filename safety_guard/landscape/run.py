@@ -24,7 +24,7 @@ from safety_guard.landscape.config import LandscapeConfig
 from safety_guard.landscape.directions import Direction, direction_from_dict
 from safety_guard.landscape.file import Landscape, LandscapeMismatchError
 from safety_guard.landscape.perturb import WeightPerturbation, check_shard_directions
-from safety_guard.measure.judges import KeywordJudge
+from safety_guard.measure.judges import KeywordJudge, judge_kind, reads_short_answers
 from safety_guard.measure.probe import PointResult, ProbeConfig, SafetyProbe
 from safety_guard.models.fingerprint import (
     model_fingerprint,
@@ -453,18 +453,18 @@ def compute_landscape(
             "signal='screen' generates every prompt here: the forward screen vouches for the "
             "keyword judge only (this one: %s; screen_settles lets it settle refusal openings "
             "for another), and sharded generation runs in lockstep.",
-            prober.judge.to_dict().get("kind", type(prober.judge).__name__),
+            judge_kind(prober.judge),
         )
     elif not isinstance(prober.judge, KeywordJudge) and not prober.screen_first:
         logger.info(
             "The %s judge reads every answer: every harmful prompt is generated at every point.",
-            prober.judge.to_dict().get("kind", type(prober.judge).__name__),
+            judge_kind(prober.judge),
         )
-    if not isinstance(prober.judge, KeywordJudge) and prober.config.max_new_tokens < 64:
+    if reads_short_answers(prober.judge, prober.config.max_new_tokens):
         logger.warning(
             "The %s judge reads answers of at most %d tokens: a classifier may call a "
             "compliance cut that short safe; consider --max-new-tokens 128 or more.",
-            prober.judge.to_dict().get("kind", type(prober.judge).__name__),
+            judge_kind(prober.judge),
             prober.config.max_new_tokens,
         )
     prober.prepare(openings=prober.screens)

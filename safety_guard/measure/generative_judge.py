@@ -44,6 +44,7 @@ from torch import nn
 
 from safety_guard.measure.generation import (
     MissingChatTemplateError,
+    encode_texts,
     eval_mode,
     left_padded,
     pad_token_id,
@@ -368,10 +369,7 @@ class GenerativeJudge:
         with eval_mode(self.model):
             for start in range(0, len(texts), self.batch_size):
                 chunk = texts[start : start + self.batch_size]
-                seqs = [
-                    self.tokenizer(t, add_special_tokens=fmt.add_special_tokens)["input_ids"]
-                    for t in chunk
-                ]
+                seqs = encode_texts(self.tokenizer, chunk, fmt.add_special_tokens)
                 ids, mask = left_padded(seqs, pad)
                 out = self.model.generate(
                     input_ids=ids.to(self.device),
@@ -383,13 +381,12 @@ class GenerativeJudge:
                 for row in out[:, ids.shape[1] :].tolist():
                     text = self.tokenizer.decode(row, skip_special_tokens=True)
                     verdicts.append(self._read(text))
-        broken = sum(v.malformed for v in verdicts)
-        if len(verdicts) >= 8 and broken > self.max_malformed * len(verdicts):
+        broken = [v.raw for v in verdicts if v.malformed]
+        if len(verdicts) >= 8 and len(broken) > self.max_malformed * len(verdicts):
             raise MalformedVerdictError(
-                f"The {fmt.name} judge answered neither safe nor unsafe on {broken} of "
-                f"{len(verdicts)} answers (e.g. {verdicts[0].raw!r}): is {self.name} a "
-                f"{fmt.name} classifier, with its own tokenizer? (max_malformed="
-                f"{self.max_malformed:g})"
+                f"The {fmt.name} judge answered neither safe nor unsafe on {len(broken)} of "
+                f"{len(verdicts)} answers (e.g. {broken[0]!r}): is {self.name} a {fmt.name} "
+                f"classifier, with its own tokenizer? (max_malformed={self.max_malformed:g})"
             )
         return verdicts
 

@@ -26,12 +26,15 @@ from typing import Any, Protocol, runtime_checkable
 from safety_guard.measure.prompts import load_text_lines
 
 __all__ = [
+    "CLASSIFIER_MIN_TOKENS",
     "UNSAFE_LABEL_WORDS",
     "CallableJudge",
     "Judge",
     "KeywordJudge",
     "PipelineJudge",
     "build_judge",
+    "judge_kind",
+    "reads_short_answers",
     "unsafe_labels_from_config",
 ]
 
@@ -219,6 +222,36 @@ class PipelineJudge:
     def to_dict(self) -> dict[str, Any]:
         model = getattr(getattr(self.pipeline, "model", None), "name_or_path", None)
         return {"kind": "pipeline", "model": model, "unsafe_labels": sorted(self.unsafe_labels)}
+
+
+#: The fewest new tokens a judge other than the keyword judge should read: cut shorter, a
+#: compliance may still look harmless to a classifier.
+CLASSIFIER_MIN_TOKENS = 64
+
+
+def judge_kind(judge: Judge) -> str:
+    """A judge's kind, for messages (``keyword``, ``pipeline``, ``generative``, ...).
+
+    Example:
+        >>> judge_kind(KeywordJudge())
+        'keyword'
+    """
+    return judge.to_dict().get("kind", type(judge).__name__)
+
+
+def reads_short_answers(judge: Judge | None, max_new_tokens: int) -> bool:
+    """Whether ``judge`` is a classifier (not the keyword judge) reading answers cut below
+    :data:`CLASSIFIER_MIN_TOKENS`.
+
+    Example:
+        >>> reads_short_answers(KeywordJudge(), 24)
+        False
+    """
+    return (
+        judge is not None
+        and not isinstance(judge, KeywordJudge)
+        and max_new_tokens < CLASSIFIER_MIN_TOKENS
+    )
 
 
 def build_judge(

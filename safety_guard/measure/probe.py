@@ -493,8 +493,9 @@ class SafetyProbe:
             start = time.perf_counter()
         prompts = prompts or self.harmful
         decided = None  # recorded answers are whole: another judge will read them
-        if self.config.early_stop and isinstance(self.judge, KeywordJudge):
-            decided = None if self.config.record_answers else self.judge.is_decided
+        keyword = isinstance(self.judge, KeywordJudge)
+        if self.config.early_stop and keyword and not self.config.record_answers:
+            decided = self.judge.is_decided
         mine = list(range(rank, len(prompts), world))
         if first:  # an unflagged prompt refuses on its greedy path: no decoding
             mine = [i for i in mine if flags[i]]
