@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 
+import torch
 from datasets import Dataset
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, get_scheduler
 
 from safety_guard.landscape import Landscape, LandscapeConfig
 from safety_guard.models.fingerprint import model_fingerprint
@@ -122,3 +123,33 @@ def says(caplog, text: str):
         yield
     said = [r for r in caplog.records if r.levelno == logging.WARNING and text in r.getMessage()]
     assert len(said) == 1, [r.getMessage() for r in caplog.records]
+
+
+def train_loop(model, tokenizer, guard, steps, poison_at=None, lr=1e-3):
+    """Train ``model`` on the tiny dataset with AdamW and a linear decay, asking ``guard``
+    after every step; at ``poison_at`` one trainable weight turns NaN after the update.
+    Returns the decisions."""
+    data = tiny_dataset(tokenizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    scheduler = get_scheduler("linear", optimizer, 0, steps)
+    guard.begin(max_steps=steps, lr_schedule=scheduler)
+    decisions = []
+    model.train()
+    for step in range(1, steps + 1):
+        rows = data[(4 * step) % 16 : (4 * step) % 16 + 4]
+        width = max(len(ids) for ids in rows["input_ids"])
+        ids = torch.tensor([x + [0] * (width - len(x)) for x in rows["input_ids"]])
+        labels = torch.tensor([x + [-100] * (width - len(x)) for x in rows["labels"]])
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        if step == poison_at:
+            with torch.no_grad():
+                params[-1].view(-1)[0] = float("nan")
+        decisions.append(guard.step(step, loss=loss.item()))
+        if decisions[-1].halt:
+            break
+    return decisions

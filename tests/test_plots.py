@@ -148,16 +148,17 @@ def test_plot_trajectory_with_landscape(tmp_path: Path) -> None:
 
 
 def _drawn(monkeypatch: pytest.MonkeyPatch) -> list:
-    from safety_guard import plots as plotting
+    """The figures the trajectory and path plots draw, kept as they are saved."""
+    from safety_guard.plots import common, path, trajectory
 
     figures = []
-    real_save = plotting._save
 
-    def keep(fig, path, dpi):  # type: ignore[no-untyped-def]
+    def keep(fig, file, dpi):  # type: ignore[no-untyped-def]
         figures.append(fig)
-        return real_save(fig, path, dpi)
+        return common.save_png(fig, file, dpi)
 
-    monkeypatch.setattr(plotting, "_save", keep)
+    for module in (trajectory, path):
+        monkeypatch.setattr(module, "save_png", keep)
     return figures
 
 
@@ -235,3 +236,49 @@ def test_old_rows_and_old_run_folders_still_plot(tmp_path: Path, caplog) -> None
     with caplog.at_level(logging.WARNING):
         _assert_png(plot_run_folder(folder))
     assert "records no settings" in caplog.text
+
+
+def _path_landscape() -> Landscape:
+    land = _landscape_2d()
+    land.data["surface"]["directions"][0] = {"kind": "lora", "adapter": "run/last-safe"}
+    return land
+
+
+PATH = [
+    {"step": 2, "alpha": 0.5, "status": "ok", "ahead": {2.0: 1.0}},
+    {"step": 4, "alpha": 1.0, "status": "ok", "ahead": {2.0: 2.0}},
+    {"step": 8, "alpha": 1.8, "status": "halt", "ahead": {2.0: 3.6}},
+]
+
+
+def test_the_path_plot_marks_the_halt_what_it_read_ahead_and_the_state_put_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safety_guard.plots import plot_path
+
+    figures = _drawn(monkeypatch)
+    _assert_png(plot_path(_path_landscape(), PATH, tmp_path / "p.png", halt=8, restored=4))
+    ax = figures[0].axes[0]
+    drawn = {(line.get_marker(), tuple(line.get_xdata())) for line in ax.get_lines()}
+    assert ("X", (1.8,)) in drawn  # the halt
+    assert ("o", (3.6,)) in drawn  # θ₀ + 2·δ at the halt
+    assert ("*", (1.0,)) in drawn  # the adapter of step 4, put back
+    assert ("o", (0.5,)) in drawn and ("o", (1.0,)) in drawn  # the probes within the promise
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == [
+        "probed, within the promise (step below)",
+        "halt (step 8)",
+        "the point the halt read ahead",
+        "put back (step 4)",
+    ]
+    # θ₀ put back (no probe within the promise before the halt): the star at the origin; a
+    # halt that is no probe's (a NaN loss) has no marker and no legend entry
+    plot_path(_path_landscape(), PATH[:2], tmp_path / "q.png", halt=3, restored=0)
+    ax = figures[1].axes[0]
+    assert ("*", (0.0,)) in {
+        (line.get_marker(), tuple(line.get_xdata())) for line in ax.get_lines()
+    }
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["probed, within the promise (step below)", "put back (step 0)"]
+    with pytest.raises(ValueError, match="2D landscape"):
+        plot_path(_landscape_1d(), PATH, tmp_path / "r.png")

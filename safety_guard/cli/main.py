@@ -411,10 +411,23 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
     path = Path(args.file)
     if path.is_dir() or path.name in ("trajectory.jsonl", "summary.json"):  # a guarded run
+        folder = path if path.is_dir() else path.parent
+        if args.target_step is not None and args.landscape is None:
+            raise ValueError("--target-step goes with --landscape (the run's path over it).")
+        if args.landscape is not None:
+            from safety_guard.guard.outputs import plot_run_path
+
+            print(plot_run_path(folder, args.landscape, args.output, args.target_step))
+            return 0
         from safety_guard.guard.outputs import plot_run_folder
 
-        print(plot_run_folder(path if path.is_dir() else path.parent, args.output))
+        print(plot_run_folder(folder, args.output))
         return 0
+    if args.landscape is not None or args.target_step is not None:
+        raise ValueError(
+            "--landscape and --target-step draw a guarded run's path: FILE must be the run's "
+            "folder (trajectory.jsonl, summary.json)."
+        )
     print(plot_landscape(args.file, args.output))
     return 0
 
@@ -497,6 +510,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="A landscape JSON file, or a guarded run's folder (trajectory.jsonl, summary.json).",
     )
     pl.add_argument("--output", "-o", required=True, help="PNG file to write.")
+    pl.add_argument(
+        "--landscape",
+        help="With a run's folder: draw the run's path over this 2D landscape, spanned by its "
+        "finetune direction (safety-guard landscape --direction interpolation --target "
+        "RUN/last-safe --dims 2).",
+    )
+    pl.add_argument(
+        "--target-step",
+        type=int,
+        help="The step whose weights the landscape's target holds (default: read from the "
+        "safety_guard_step.json beside it).",
+    )
     pl.set_defaults(func=_cmd_plot)
     t = sub.add_parser(
         "testbed",

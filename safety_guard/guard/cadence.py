@@ -5,7 +5,8 @@ s_c (see :func:`covered_multiple`) vouches for every model on that line up to s_
 as the finetune keeps its direction, the models it passes through on the way there are
 (approximately) those points, so the guard need not look again until
 
-* the displacement is about to pass s_c·d (predicted at the next cheap check from its growth;
+* the displacement is about to pass s_c·d (predicted at the next cheap check from its growth,
+  and counted with the model's turn off the probed line, :func:`off_line_factor`;
   with the current model itself at the promise, s_c = 1, the sentinel watches instead, every
   step: probing every step would cost a 200-step benign LoRA finetune 16 probes in its last 16
   steps; a lookahead point whose capability collapsed counts with its ASR, gibberish reading as
@@ -57,7 +58,9 @@ __all__ = [
     "ProbeMemo",
     "covered_multiple",
     "next_sentinel_step",
+    "off_line_factor",
     "probe_due",
+    "recent_growth",
     "sentinel_due",
     "sentinel_prompts",
 ]
@@ -72,6 +75,8 @@ class ProbeMemo:
         displacement: the displacement d it probed at.
         covered: the displacement up to which the probed line stayed within the promise.
         sketch: a cheap sketch of δ at the probe (for the direction cosine), or ``None``.
+        deadline: the step where a halt the probe deferred (``GuardConfig.halt_within``) is
+            decided by a new probe, or ``None``.
         sentinels: the prompts nearest to flipping at the probe's lookahead point
             (:func:`sentinel_prompts`), re-scored between probes; empty: no sentinel.
         next_sentinel: the step of the next sentinel check.
@@ -93,6 +98,7 @@ class ProbeMemo:
     next_sentinel: int | None = None
     at_stake: bool = False
     multiple: float | None = None
+    deadline: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,6 +114,7 @@ class ProbeMemo:
             "next_sentinel",
             "at_stake",
             "multiple",
+            "deadline",
         )
         values = {k: data[k] for k in keys if k in data}
         if "warned" in data and "at_stake" not in data:  # a saved memo that names it "warned"
@@ -151,6 +158,22 @@ def sentinel_due(step: int, last: ProbeMemo | None) -> bool:
     )
 
 
+def recent_growth(
+    history: Sequence[tuple[int, float]], step: int, displacement: float
+) -> tuple[list[tuple[int, float]], float]:
+    """The last 8 checks, this one included, and the displacement's growth per step over them
+    (≥ 0; 0 until there are two).
+
+    Example:
+        >>> history, growth = recent_growth([(1, 0.001), (2, 0.002)], 3, 0.004)
+        >>> history[-1], round(growth, 6)
+        ((3, 0.004), 0.0015)
+    """
+    history = [*history[-7:], (step, displacement)]
+    (s0, d0), (s1, d1) = history[0], history[-1]
+    return history, (max((d1 - d0) / (s1 - s0), 0.0) if s1 > s0 else 0.0)
+
+
 def covered_multiple(rises: Mapping[float, float], limit: float) -> float:
     """The largest multiple s up to which the estimated rise stays below ``limit``.
 
@@ -171,6 +194,29 @@ def covered_multiple(rises: Mapping[float, float], limit: float) -> float:
         if r1 >= limit:
             return s0 + (s1 - s0) * (limit - r0) / (r1 - r0)
     return points[-1][0]
+
+
+def off_line_factor(cosine: float | None) -> float:
+    """How much farther than its displacement a model that turned off the probed line is from
+    what the probe vouched for: ``cos φ + sin φ`` (1 on the line, √2 from 45° on).
+
+    A probe vouches for the points θ₀ + s·δ_p of its line up to the covered distance. A model
+    at displacement d whose δ makes the angle φ with δ_p lies d·cos φ along that line and
+    d·sin φ off it; the cadence counts both legs against the covered distance, so a finetune
+    that turns is probed before it reaches the edge of what was measured. On the schedule
+    recordings' cosine-decay identity LoRA finetune (seed 0) the step-20 probe read no rise up
+    to θ₀ + 2·δ₂₀; at step 30 the model stood at 94 % of that distance, cosine 0.94 to δ₂₀, and
+    θ₀ + 2·δ₃₀ read +76 points; its held-out damage passed 20 points by step 35.
+
+    Example:
+        >>> off_line_factor(None), off_line_factor(1.0), round(off_line_factor(0.94), 3)
+        (1.0, 1.0, 1.281)
+    """
+    if cosine is None or not cosine < 1.0:
+        return 1.0
+    if cosine <= math.sqrt(0.5):  # turned by 45° or more: the largest, √2 (min_cosine probes)
+        return math.sqrt(2.0)
+    return cosine + math.sqrt(1.0 - cosine * cosine)
 
 
 def probe_due(
@@ -194,6 +240,8 @@ def probe_due(
     """
     if not math.isfinite(displacement):
         return "the displacement is not finite"
+    if last is not None and last.deadline is not None and step >= last.deadline:
+        return f"the step-{last.step} probe deferred its halt to step {last.deadline}"
     if config.probe_every is not None:
         return "fixed cadence" if step % config.probe_every == 0 else None
     if last is None:
@@ -201,13 +249,19 @@ def probe_due(
     if step - last.step >= config.max_probe_interval:
         return f"{step - last.step} steps since the last probe"
     ahead = displacement + max(growth_per_step, 0.0) * config.check_every
+    reach = ahead * off_line_factor(cosine)
     # the current model itself at the promise (nothing ahead covered) is watched by the
     # sentinel every step, not by a whole probe at every step
     watched = last.covered <= last.displacement and bool(last.sentinels) and last.at_stake
-    if ahead >= last.covered and not watched:
+    if reach >= last.covered and not watched:
+        turned = (
+            f" ({reach:.3g} counting its turn off the probed line, cosine {cosine:.2f})"
+            if reach > ahead
+            else ""
+        )
         return (
-            f"the displacement {ahead:.3g} at the next check passes the {last.covered:.3g} "
-            "the last probe covered"
+            f"the displacement {ahead:.3g}{turned} at the next check passes the "
+            f"{last.covered:.3g} the last probe covered"
         )
     if step >= 2 * last.step:
         return f"step {step} is twice the step of the last probe ({last.step})"

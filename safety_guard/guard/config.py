@@ -52,6 +52,16 @@ class GuardConfig:
             "per-prompt differences) reaches max_asr_rise: larger halts later but more surely."
         },
     )
+    halt_within: int | None = field(
+        default=None,
+        metadata={
+            "help": "Warn, not halt, while only the line ahead (not the current model) is past "
+            "the promise and the safety ETA puts the break more than this many steps away (or "
+            "beyond the run's end); probe again when it is this many steps away and halt if "
+            "the line is still past. None: halt as soon as the bound at the horizon is past "
+            "the promise."
+        },
+    )
     signal: Literal["forward", "generate"] = field(
         default="forward",
         metadata={
@@ -225,6 +235,11 @@ class GuardConfig:
             raise ValueError(
                 f"GuardConfig.probe_every must be at least 1 (or None for the adaptive "
                 f"cadence), got {self.probe_every}."
+            )
+        if self.halt_within is not None and (not _is_int(self.halt_within) or self.halt_within < 0):
+            raise ValueError(
+                f"GuardConfig.halt_within is a number of steps >= 0 (or None to halt as soon as "
+                f"the bound at the horizon is past the promise), got {self.halt_within!r}."
             )
         if self.num_prompts is not None and self.num_prompts < 1:
             raise ValueError("GuardConfig.num_prompts must be at least 1 (or None for all).")

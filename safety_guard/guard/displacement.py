@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import math
@@ -37,6 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -66,6 +68,8 @@ __all__ = [
     "SKETCH_SIZE",
     "FullFinetuneTracker",
     "LoraTracker",
+    "decode_sketch",
+    "encode_sketch",
     "make_tracker",
     "sketch_cosine",
     "sketch_displacement",
@@ -100,6 +104,35 @@ def sketch_cosine(a: torch.Tensor | None, b: torch.Tensor | None) -> float | Non
     if denom == 0 or not math.isfinite(denom):
         return None
     return float(a @ b) / denom
+
+
+def encode_sketch(sketch: torch.Tensor) -> str:
+    """A sketch as text for a trajectory line: its float32 bytes (little-endian), base64.
+
+    Example:
+        >>> decode_sketch(encode_sketch(torch.tensor([0.5, -2.0], dtype=torch.float64))).tolist()
+        [0.5, -2.0]
+    """
+    data = sketch.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4")
+    return base64.b64encode(data.tobytes()).decode("ascii")
+
+
+def decode_sketch(text: str) -> torch.Tensor:
+    """A sketch written by :func:`encode_sketch`, as float64.
+
+    Example:
+        >>> decode_sketch("AACAPw==").tolist()
+        [1.0]
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"A sketch is base64 text of float32 values, got {type(text).__name__}.")
+    try:
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError) as err:  # binascii.Error is a ValueError
+        raise ValueError(f"A sketch is base64 text of float32 values: {err}") from err
+    if len(raw) % 4:
+        raise ValueError(f"A sketch is base64 text of float32 values: got {len(raw)} bytes.")
+    return torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float64))
 
 
 def sketch_displacement(sketch: torch.Tensor, num_tensors: int) -> float:

@@ -30,7 +30,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import logging
 import math
@@ -45,18 +44,25 @@ import torch
 from torch import nn
 
 from safety_guard.engines.collectives import all_reduce_max, barrier, rank_and_world
-from safety_guard.guard.cadence import ProbeMemo, next_sentinel_step, probe_due, sentinel_due
+from safety_guard.guard.cadence import (
+    ProbeMemo,
+    next_sentinel_step,
+    probe_due,
+    recent_growth,
+    sentinel_due,
+)
 from safety_guard.guard.config import GuardConfig
 from safety_guard.guard.confirmation import Evidence, decide_probe
 from safety_guard.guard.decision import GuardDecision, SafetyGuardWarning
 from safety_guard.guard.displacement import (
     FullFinetuneTracker,
     LoraTracker,
+    encode_sketch,
     make_tracker,
     sketch_cosine,
     sketch_displacement,
 )
-from safety_guard.guard.forecast import forecast
+from safety_guard.guard.forecast import agree, forecast, forecast_decision
 from safety_guard.guard.outputs import log_costs, write_run_files
 from safety_guard.guard.probing import Baseline, GuardProbe, StateMeasure
 from safety_guard.guard.records import (
@@ -218,16 +224,7 @@ class Guard:
         setup_start = self._session_start = time.perf_counter()
         self._session_seconds = 0.0
         self.max_steps = max_steps
-        self.schedule = (
-            lr_schedule
-            if isinstance(lr_schedule, LrSchedule) or lr_schedule is None
-            else LrSchedule.from_scheduler(lr_schedule, max_steps)
-        )
-        if lr_schedule is not None and self.schedule is None:
-            logger.info(
-                "SafetyGuard: the learning-rate schedule cannot be read ahead (not a LambdaLR); "
-                "the horizon counts the remaining steps as if the learning rate stayed constant."
-            )
+        self.schedule = LrSchedule.of(lr_schedule, max_steps)
         if self.output_dir is not None:
             check_folder(self.output_dir, self.is_main)
         resumed = step > 0
@@ -382,7 +379,9 @@ class Guard:
             if self.state.memo and self.state.memo.sketch
             else None
         )
-        growth = self._growth(step, disp) if not broken else 0.0
+        growth = 0.0
+        if not broken:
+            self.state.history, growth = recent_growth(self.state.history, step, disp)
         self.state.check_seconds.append(time.perf_counter() - t0)
         record = CheckRecord(step, disp, cosine)
         metrics = {"safety/displacement": disp}
@@ -406,9 +405,9 @@ class Guard:
             return GuardDecision(step, metrics=metrics)
         steps_left = (self.max_steps - step) if self.max_steps else None
         asked = horizon(steps_left, config, step, disp, growth, self.schedule)
-        probed, decision = self._probe(step, disp, asked)
+        probed, decision = self._probe(step, disp, asked, growth)
         probed.reason, probed.cosine, probed.sentinel = reason, cosine, record.sentinel
-        forecast(probed, decision, config, growth, self.schedule, self.max_steps)
+        probed.sketch = encode_sketch(sketch)  # where the run went, for a path over a landscape
         record = probed
         metrics.update(probe_metrics(record, decision.status, self.aligned_asr, config.lookahead))
         stake = promise_at_stake(decision, asked, config)
@@ -421,6 +420,7 @@ class Guard:
             next_sentinel_step(step, at_stake=stake),
             stake,
             record.farthest,
+            decision.deadline,
         )
         self._record(record)
         return self._act(decision, step, metrics)
@@ -428,12 +428,6 @@ class Guard:
     def _require_begun(self) -> None:
         if self.tracker is None:
             raise RuntimeError("Call Guard.begin() before the first Guard.step().")
-
-    def _growth(self, step: int, displacement: float) -> float:
-        """Displacement growth per step over the recent checks (0 until there are two)."""
-        self.state.history = [*self.state.history[-7:], (step, displacement)]
-        (s0, d0), (s1, d1) = self.state.history[0], self.state.history[-1]
-        return max((d1 - d0) / (s1 - s0), 0.0) if s1 > s0 else 0.0
 
     def _sentinel(self, step: int, record: CheckRecord) -> str | None:
         """Re-score the last probe's sentinel prompts at the lookahead point; a reason to probe
@@ -456,10 +450,10 @@ class Guard:
 
     @torch.no_grad()
     def _probe(
-        self, step: int, displacement: float, horizon_multiple: float
+        self, step: int, displacement: float, horizon_multiple: float, growth: float = 0.0
     ) -> tuple[ProbeRecord, Decision]:
-        """Measure and decide (:func:`~safety_guard.guard.confirmation.decide_probe`) for the
-        horizon ``horizon_multiple`` (:func:`~safety_guard.guard.rule.horizon`), describe it."""
+        """Measure, decide (:func:`~safety_guard.guard.confirmation.decide_probe`) at the horizon
+        ``horizon_multiple`` and forecast (:mod:`~safety_guard.guard.forecast`); describe it."""
         start = time.perf_counter()
         model, probe = self.model, self.probe
         states: dict[float, StateMeasure] = {}
@@ -483,16 +477,17 @@ class Guard:
             judged,
             self.config.batch_size * probe.probe.split()[1],
         )
-        decision = settled.decision
-        # every rank must take the same decision (the numbers are all-reduced; make sure)
-        status = int(all_reduce_max([float(decision.status)])[0])
-        if status != decision.status:
-            decision = dataclasses.replace(
-                decision, status=status, reasons=[*decision.reasons, "another rank decided so"]
-            )
+        pace = (step, displacement, growth, self.schedule, self.max_steps)
+        deadline = self.state.memo.deadline if self.state.memo is not None else None
+        decision, eta = forecast_decision(
+            settled.decision, settled.points, self.config, *pace, deadline
+        )
+        decision = agree(decision)  # every rank takes the same decision (all-reduced; make sure)
         seconds = time.perf_counter() - start
         self.state.probe_seconds.append(seconds)
-        return probe_record(step, displacement, settled, decision, states, seconds), decision
+        record = probe_record(step, displacement, settled, decision, states, seconds)
+        forecast(record, decision, eta)
+        return record, decision
 
     def _at(self, s: float) -> contextlib.AbstractContextManager[None]:
         """The model at θ₀ + s·δ inside the block (s = 1: as it is), restored exactly after."""

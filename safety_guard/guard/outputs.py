@@ -26,7 +26,14 @@ from safety_guard.guard.state import GuardState
 from safety_guard.landscape import Landscape
 from safety_guard.plots import plot_trajectory, require_matplotlib
 
-__all__ = ["log_costs", "plot_rows", "plot_run", "plot_run_folder", "write_run_files"]
+__all__ = [
+    "log_costs",
+    "plot_rows",
+    "plot_run",
+    "plot_run_folder",
+    "plot_run_path",
+    "write_run_files",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +167,47 @@ def plot_run_folder(folder: str | Path, output: str | Path | None = None) -> Pat
     elif named:
         logger.warning("The run's landscape %s is not there: no basin radius on the plot.", named)
     return plot_run(records, summary, config, output or folder / "trajectory.png", landscape)
+
+
+def plot_run_path(
+    folder: str | Path,
+    landscape: str | Path,
+    output: str | Path,
+    target_step: int | None = None,
+) -> Path:
+    """Draw a guarded run's path over a 2D landscape spanned by its finetune direction
+    (:mod:`safety_guard.guard.path`): ``landscape`` from ``safety-guard landscape --direction
+    interpolation --target FOLDER/last-safe --dims 2``; ``target_step`` the step whose state is
+    its α = 1 (default: read beside the target, ``safety_guard_step.json``).
+
+    Example:
+        >>> plot_run_path("outputs/demo/harmful-lora/safety-guard", "path.json", "path.png")  # doctest: +SKIP
+        PosixPath('path.png')
+    """
+    from safety_guard.guard.path import landscape_target_step, run_path
+    from safety_guard.guard.trajectory import read_records
+    from safety_guard.plots import plot_path
+
+    folder = Path(folder)
+    for name in ("trajectory.jsonl", "summary.json"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} holds no {name}: is it a guarded run's folder?")
+    land = Landscape.load(landscape)
+    found = landscape_target_step(land, landscape)
+    if target_step is None and found is None:
+        raise ValueError(
+            "The landscape's target records no guard step (no safety_guard_step.json beside "
+            "it): pass --target-step, the step whose weights the target holds."
+        )
+    step = target_step if target_step is not None else found
+    summary = json.loads((folder / "summary.json").read_text())
+    path = run_path(read_records(folder / "trajectory.jsonl"), step)
+    halt = summary.get("halt_step")
+    if halt is None:
+        halt = summary.get("would_halt_step")
+    return plot_path(
+        land, path, output, halt=halt, restored=summary.get("restored_step"), target_step=step
+    )
 
 
 def log_costs(state: GuardState, session_seconds: float, wall: float) -> None:

@@ -111,6 +111,9 @@ class ProbeRecord:
     sentinel: dict[str, Any] | None = None
     #: steps until the promise breaks at the run's pace (:mod:`~safety_guard.guard.forecast`)
     eta_steps: int | None = None
+    #: the sketch of δ at the probe (:func:`~safety_guard.guard.displacement.encode_sketch`):
+    #: where the run went, for its path over a landscape (:mod:`safety_guard.guard.path`)
+    sketch: str | None = None
     event = "probe"
 
     @property

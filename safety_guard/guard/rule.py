@@ -263,6 +263,9 @@ class Decision:
     covered: float  # multiple of δ up to which the line stays within the promise (cadence)
     reasons: list[str] = field(default_factory=list)
     cut: float | None = None  # the lookahead multiple whose collapse cut the horizon short
+    #: a halt deferred by ``halt_within``: the step of the probe that decides it
+    #: (:func:`~safety_guard.guard.forecast.deferred`)
+    deadline: int | None = None
 
     @property
     def status_name(self) -> str:

@@ -91,6 +91,25 @@ class LrSchedule:
             logger.info("SafetyGuard: cannot read the learning-rate schedule (%s).", err)
             return None
 
+    @classmethod
+    def of(cls, schedule: Any, max_steps: int | None) -> LrSchedule | None:
+        """An :class:`LrSchedule` as it is, a scheduler read by :meth:`from_scheduler`, or None
+        (said in the log when a scheduler cannot be read ahead: the guard counts steps).
+
+        Example:
+            >>> LrSchedule.of(LrSchedule.constant(3), 3).multipliers, LrSchedule.of(None, 3)
+            ([1.0, 1.0, 1.0], None)
+        """
+        if schedule is None or isinstance(schedule, LrSchedule):
+            return schedule
+        read = cls.from_scheduler(schedule, max_steps)
+        if read is None:
+            logger.info(
+                "SafetyGuard: the learning-rate schedule cannot be read ahead (not a LambdaLR); "
+                "the horizon counts the remaining steps as if the learning rate stayed constant."
+            )
+        return read
+
     def __len__(self) -> int:
         return len(self.multipliers)
 

@@ -136,7 +136,10 @@ class GuardState:
             "max_rise": max(
                 (r.rise for r in probes if r.rise is not None and r.rise == r.rise), default=None
             ),
-            "final": probes[-1].to_json() if probes else None,
+            # the last probe as the trajectory has it, less its sketch of δ (kept there)
+            "final": {k: v for k, v in probes[-1].to_json().items() if k != "sketch"}
+            if probes
+            else None,
             "mean_probe_seconds": mean(self.probe_seconds),
             "total_probe_seconds": sum(self.probe_seconds),
             "setup_seconds": self.setup_seconds,

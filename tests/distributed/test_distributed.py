@@ -51,6 +51,20 @@ def _assert_same_points(one: list, other: list, keys: tuple) -> None:
         assert abs(a["nll"] - b["nll"]) < 1e-4
 
 
+@pytest.mark.parametrize("mode", ["deadlines", "split"])
+def test_ranks_agree_on_the_most_severe_decision_and_the_earliest_deadline(tmp_path, mode):
+    """A halt deferred by ``halt_within`` (a warning with a deadline): ranks whose deadlines
+    differ take the earliest; a rank that halts makes every rank halt."""
+    script = Path(__file__).with_name("dist_agree_script.py")
+    port = {"deadlines": 29541, "split": 29542}[mode]
+    proc = _torchrun(port, str(script), str(tmp_path), mode)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["status"] == ranks[1]["status"] == (1 if mode == "deadlines" else 2)
+    assert ranks[0]["deadline"] == ranks[1]["deadline"] == (50 if mode == "deadlines" else None)
+    assert "another rank decided so" in ranks[0]["reasons"][-1]
+
+
 @pytest.mark.parametrize("landscape", ["given", "computed", pytest.param("zero3", marks=_ZERO3)])
 def test_every_rank_takes_the_same_halt_decision(tmp_path, text_tokenizer, landscape):
     """With a landscape file, or none (all ranks compute it together at train begin), or under

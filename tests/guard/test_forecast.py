@@ -7,9 +7,10 @@ import math
 import pytest
 
 from safety_guard.guard import GuardConfig, LrSchedule, crossing_multiple, eta_steps, pace
-from safety_guard.guard.forecast import forecast
+from safety_guard.guard.cadence import ProbeMemo, probe_due
+from safety_guard.guard.forecast import agree, deferred, forecast
 from safety_guard.guard.records import ProbeRecord, probe_metrics
-from safety_guard.guard.rule import WARN, PointEstimate, decide
+from safety_guard.guard.rule import HALT, WARN, PointEstimate, decide
 
 CFG = GuardConfig()  # max_asr_rise 10, confidence_z 1
 NOW = PointEstimate(asr=8.0, rise=3.0, se=1.0)  # lower bound 2
@@ -87,8 +88,9 @@ def test_a_warning_says_when_the_promise_breaks_and_the_metric_logs_it():
     record = _record(points)
     decision = decide(record.estimates(), 2.0, CFG)
     assert decision.status == WARN
-    forecast(record, decision, CFG, growth=0.0, max_steps=200)
-    assert record.eta_steps == math.ceil((2 + 6 / 11 - 1) * 40)
+    eta = eta_steps(record.estimates(), CFG, 40, 0.02, growth=0.0, max_steps=200)
+    forecast(record, decision, eta)
+    assert record.eta_steps == eta == math.ceil((2 + 6 / 11 - 1) * 40)
     assert decision.reasons[-1] == (
         f"at this pace the promise breaks in about {record.eta_steps} steps"
     )
@@ -101,7 +103,97 @@ def test_a_warning_says_when_the_promise_breaks_and_the_metric_logs_it():
     # no break in sight: no metric, no sentence
     calm = _record({1.0: NOW, 2.0: PointEstimate(9.0, 4.0, 1.0)})
     ok = decide(calm.estimates(), 2.0, CFG)
-    forecast(calm, ok, CFG, max_steps=200)
+    forecast(calm, ok, eta_steps(calm.estimates(), CFG, 40, 0.02, max_steps=200))
     assert calm.eta_steps is None and "safety/eta_steps" not in probe_metrics(calm, 0, 5.0, (2.0,))
     assert not any("at this pace" in r for r in ok.reasons)
     assert ProbeRecord.from_json(record.to_json()).eta_steps == record.eta_steps
+
+
+def test_halt_within_defers_a_halt_on_the_line_ahead_and_probes_at_its_deadline():
+    within = GuardConfig(halt_within=10)
+    points = {1.0: NOW, 2.0: AHEAD}  # the bound crosses at 1.5·δ; 2 now, 18 at 2·δ
+    halt = decide(points, 2.0, within)
+    assert halt.status == HALT
+    # 0.02 after 40 steps: the break is 20 steps away, more than 10: a warning with a deadline
+    eta = eta_steps(points, within, 40, 0.02, max_steps=200)
+    warn = deferred(halt, points, 40, eta, within)
+    assert (warn.status, warn.deadline) == (WARN, 50)
+    assert "breaks in about 20 steps (> halt_within 10)" in warn.reasons[-1]
+    assert "a probe at step 50 halts" in warn.reasons[-1]
+    # the record does not say the ETA twice
+    record = _record(points)
+    forecast(record, warn, eta)
+    assert record.eta_steps == 20 and sum("about 20 steps" in r for r in warn.reasons) == 1
+    # the cadence probes at the deadline, not before (nothing else due)
+    memo = ProbeMemo(40, 0.02, 0.03, deadline=warn.deadline)
+    due = [s for s in range(41, 60) if probe_due(s, 0.02, 0.0, 1.0, memo, within)]
+    assert due[0] == 50 and "deferred its halt to step 50" in probe_due(
+        50, 0.02, 0.0, 1.0, memo, within
+    )
+    # within halt_within steps, or by default: the halt stands
+    assert deferred(halt, points, 40, 10, within) is halt
+    assert deferred(halt, points, 40, eta, CFG) is halt
+    # a break beyond the run's end is deferred too (never sooner than a nearer one), with no
+    # deadline: the cadence probes before the model reaches the covered distance
+    beyond = deferred(halt, points, 40, None, within, beyond_end=True)
+    assert beyond.status == WARN and beyond.deadline is None
+    assert "beyond the run's end" in beyond.reasons[-1]
+    # no ETA because there is no pace to project from: nothing says the break is far
+    assert deferred(halt, points, 40, None, within) is halt
+    # the probe a deferral scheduled decides: no second deferral, and a deadline never moves
+    # later (a decaying learning rate pushes the ETA out)
+    assert deferred(halt, points, 50, 30, within, previous_deadline=50) is halt
+    assert deferred(halt, points, 45, 30, within, previous_deadline=50).deadline == 50
+    # the deadline falls on a step the guard checks
+    sparse = GuardConfig(halt_within=10, check_every=4)
+    assert deferred(halt, points, 40, 23, sparse).deadline == 52  # 53, down to a check step
+    assert deferred(halt, points, 40, 13, sparse) is halt  # 43 → 40: the decision is now
+    # the current model past the promise (its bound, or its estimate), broken or collapsed:
+    # never deferred
+    for now in (
+        PointEstimate(25.0, 20.0, 2.0),
+        PointEstimate(16.0, 11.0, 3.0),
+        PointEstimate(math.nan, math.nan, math.nan),
+        PointEstimate(8.0, 3.0, 1.0, nll_rise=2.0),
+    ):
+        bad = {1.0: now, 2.0: AHEAD}
+        decision = decide(bad, 2.0, within)
+        assert deferred(decision, bad, 40, 50, within) is decision
+    # an ok or warn decision is left as it is
+    calm = {1.0: NOW, 2.0: PointEstimate(9.0, 4.0, 1.0)}
+    assert deferred(decide(calm, 2.0, within), calm, 40, None, within).status == 0
+
+
+def test_every_rank_takes_the_most_severe_decision_and_the_earliest_deadline(monkeypatch):
+    import safety_guard.guard.forecast as forecast_module
+
+    points = {1.0: NOW, 2.0: AHEAD}
+    within = GuardConfig(halt_within=10)
+    warn = deferred(decide(points, 2.0, within), points, 40, 20, within)
+    assert agree(warn) is warn  # one process: nothing to reduce
+    # another rank halted: everyone halts, with no deadline
+    monkeypatch.setattr(forecast_module, "all_reduce_max", lambda v: [2.0, v[1]])
+    halted = agree(warn)
+    assert (halted.status, halted.deadline) == (HALT, None)
+    assert halted.reasons[-1] == "another rank decided so"
+    # another rank's deadline is earlier: everyone probes then
+    monkeypatch.setattr(forecast_module, "all_reduce_max", lambda v: [v[0], -45.0])
+    assert agree(warn).deadline == 45 and agree(warn).status == WARN
+    with pytest.raises(ValueError, match="halt_within"):
+        GuardConfig(halt_within=-1)
+
+
+def test_memos_and_records_keep_the_deadline_and_the_sketch_through_json():
+    import json
+
+    from safety_guard.guard.state import GuardState
+
+    memo = ProbeMemo(40, 0.02, 0.03, deadline=50)
+    state = GuardState()
+    state.memo = memo
+    back = GuardState.from_dict(json.loads(json.dumps(state.to_dict(None))))
+    assert back.memo == memo and back.memo.deadline == 50
+    record = _record({1.0: NOW, 2.0: AHEAD})
+    record.sketch = "AACAPw=="  # float32 1.0
+    again = ProbeRecord.from_json(json.loads(json.dumps(record.to_json())))
+    assert again.sketch == record.sketch and again == record

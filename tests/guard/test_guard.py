@@ -467,3 +467,38 @@ def test_the_landscape_carries_the_guard_baseline_and_a_matching_guard_reuses_it
     )
     assert other.guard.probe.baseline.prepared == other.config.min_prompts
     assert other.guard.probe.baseline.settings["max_new_tokens"] == 6
+
+
+def test_halt_within_turns_a_halt_on_the_line_ahead_into_a_warning_but_not_one_now(
+    tmp_path, text_tokenizer, monkeypatch
+):
+    """lr 3e-3: the first probe finds θ₀ + 2·δ past the promise (+25, z = 0), the current model
+    within it (+12.5); with ``halt_within`` and the break 4 steps away it warns, names the step
+    of the deciding probe and trains on; the next probe finds the current model past: a halt."""
+    import safety_guard.guard.forecast as forecast_module
+
+    monkeypatch.setattr(forecast_module, "eta_steps", lambda *args, **kwargs: 4)
+    halts = {}
+    for within in (None, 0):
+        model = make_model(vocab_size=len(text_tokenizer), tie=False)
+        land = make_landscape(model)
+        guard = _guard(land, model, text_tokenizer, max_asr_rise=20, halt_within=within)
+        trainer = make_trainer(
+            model, text_tokenizer, tmp_path / f"w{within}", [], steps=30, lr=3e-3
+        )
+        guard.attach(trainer)
+        trainer.train()
+        probes = [r for r in guard.records if r.get("event") == "probe"]
+        halts[within] = guard.halt_step
+        if within is None:
+            assert (
+                probes[0]["status"] == "halt"
+                and "ahead on the finetune's line" in (probes[0]["reasons"][0])
+            )
+            continue
+        first = probes[0]
+        assert first["status"] == "warn" and first["step"] == 1
+        assert "breaks in about 4 steps (> halt_within 0)" in first["reasons"][-1]
+        assert "a probe at step 5 halts if the line ahead is still past" in first["reasons"][-1]
+        assert probes[-1]["status"] == "halt" and "the ASR rose" in probes[-1]["reasons"][0]
+    assert halts[None] == 1 < halts[0] < 30

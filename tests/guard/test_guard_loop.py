@@ -7,41 +7,10 @@ import json
 import pytest
 import torch
 from conftest import make_model
-from guard_helpers import TINY_GUARD, make_landscape, says, tiny_dataset
-from transformers import get_scheduler
+from guard_helpers import TINY_GUARD, make_landscape, says, train_loop
 
 from safety_guard import Guard, GuardDecision
 from safety_guard.guard import GuardConfig
-
-
-def _loop(model, tokenizer, guard, steps, poison_at=None, lr=1e-3):
-    """Train ``model`` on the tiny dataset with AdamW and a linear decay, asking ``guard``
-    after every step; at ``poison_at`` one trainable weight turns NaN after the update.
-    Returns the decisions."""
-    data = tiny_dataset(tokenizer)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr)
-    scheduler = get_scheduler("linear", optimizer, 0, steps)
-    guard.begin(max_steps=steps, lr_schedule=scheduler)
-    decisions = []
-    model.train()
-    for step in range(1, steps + 1):
-        rows = data[(4 * step) % 16 : (4 * step) % 16 + 4]
-        width = max(len(ids) for ids in rows["input_ids"])
-        ids = torch.tensor([x + [0] * (width - len(x)) for x in rows["input_ids"]])
-        labels = torch.tensor([x + [-100] * (width - len(x)) for x in rows["labels"]])
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        if step == poison_at:
-            with torch.no_grad():
-                params[-1].view(-1)[0] = float("nan")
-        decisions.append(guard.step(step, loss=loss.item()))
-        if decisions[-1].halt:
-            break
-    return decisions
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -56,7 +25,7 @@ def test_a_plain_loop_halts_on_a_nan_weight_and_writes_its_summary(
         model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
     guard = Guard(model, text_tokenizer, land, output_dir=tmp_path / "guard", **TINY_GUARD)
     with says(caplog, "Halting training"):
-        decisions = _loop(model, text_tokenizer, guard, steps=12, poison_at=6)
+        decisions = train_loop(model, text_tokenizer, guard, steps=12, poison_at=6)
     last = decisions[-1]
     # the cheap check sees the NaN weight at once, or the next step's loss is NaN
     assert last.halt and last.status == "halt"
@@ -84,7 +53,7 @@ def test_the_guard_state_resumes_a_plain_loop(tmp_path, text_tokenizer):
 
     model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
     first = Guard(model, text_tokenizer, land, output_dir=tmp_path / "guard", **TINY_GUARD)
-    _loop(model, text_tokenizer, first, steps=4)
+    train_loop(model, text_tokenizer, first, steps=4)
     saved = json.loads(json.dumps(first.state_dict()))  # as a checkpoint stores it
     assert saved["step"] == 4 and saved["baseline"] is not None
 

@@ -21,6 +21,7 @@ from safety_guard.guard import (
     sentinel_due,
     sentinel_prompts,
 )
+from safety_guard.guard.cadence import off_line_factor
 from safety_guard.guard.confirmation import (
     Evidence,
     confirmation_order,
@@ -164,6 +165,25 @@ def test_cadence_probes_when_the_direction_turns_or_too_long_passed():
     fixed = GuardConfig(probe_every=5)
     assert [s for s in range(1, 16) if probe_due(s, 1e-3, 0.0, 1.0, memo, fixed)] == [5, 10, 15]
     assert probe_due(1, 0.0, 0.0, None, None, cfg) is None  # nothing moved yet
+
+
+def test_cadence_counts_the_turn_off_the_probed_line():
+    # the schedule recordings' cosine-decay identity LoRA finetune: the probe at step 20
+    # (displacement 9.56e-4) covered 2·d; at step 30 the model stood at 1.79e-3, 94 % of it, but
+    # at cosine 0.94 to the probed δ, and the lookahead from there read +76 points
+    cfg = GuardConfig()
+    memo = ProbeMemo(20, 9.56e-4, 1.912e-3)
+    assert probe_due(30, 1.794e-3, 0.0, 1.0, memo, cfg) is None  # on the line: still covered
+    reason = probe_due(30, 1.794e-3, 0.0, 0.938, memo, cfg)
+    assert reason is not None and "turn off the probed line, cosine 0.94" in reason
+    # a slight turn early in the covered distance does not bring a probe forward
+    assert probe_due(25, 1.403e-3, 0.0, 0.981, memo, cfg) is None
+    assert off_line_factor(None) == off_line_factor(1.0) == 1.0
+    # it grows with the turn up to 45° and stays at its largest, √2, beyond (never shrinks)
+    turns = [1.0, 0.99, 0.9, math.sqrt(0.5), 0.3, 0.0, -0.5]
+    factors = [off_line_factor(c) for c in turns]
+    assert factors == sorted(factors) and factors[-1] == pytest.approx(math.sqrt(2.0))
+    assert off_line_factor(math.nan) == 1.0  # an unknown direction counts as on the line
 
 
 def test_config_validation_and_removed_options():
