@@ -4,8 +4,8 @@ With LoRA and ``restore_on_halt`` (the default) a halt loads back the adapter of
 that found the run within the promise. For every recorded LoRA run of ``guard_runs.py`` that
 ``GuardConfig()`` halts in the replay, this script trains the run again, unguarded, with the
 same data, seed and learning-rate schedule, up to that probe's step; checks that it reached the
-recorded weights (the displacement at a recorded step equals the recording's); and measures the
-keyword ASR of that adapter on the 100 held-out harmful prompts (generation, 24 tokens), minus
+recorded weights (its displacement, at a recorded step, within 1e-4 of the recording's: runs
+recorded with other library versions differ by float rounding); and measures the keyword ASR of that adapter on the 100 held-out harmful prompts (generation, 24 tokens), minus
 the aligned model's. A halt whose last safe probe is step 0 leaves the aligned model itself
 (damage 0 by definition, nothing trained).
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import machine_info, markdown_table
-from guard_runs import classify, last_safe_step, replay
+from guard_runs import classify, last_safe_step, replay, reproduced
 
 from safety_guard.guard import GuardConfig
 
@@ -41,7 +42,7 @@ def restored_step(result: dict[str, Any], config: GuardConfig) -> tuple[int | No
     return rep["halt"], last_safe_step(rep)
 
 
-def measure(result: dict[str, Any], step: int, folder: Path) -> dict[str, Any]:
+def measure(result: dict[str, Any], step: int) -> dict[str, Any]:
     """Train the run again up to ``step`` and measure its held-out ASR there."""
     from transformers import TrainerCallback
 
@@ -73,19 +74,26 @@ def measure(result: dict[str, Any], step: int, folder: Path) -> dict[str, Any]:
         guarded=False,
         seed=run["seed"],
     )
-    out = run_finetune(again, folder / "restored-run", None, progress=False, callbacks=[stop])
+    with tempfile.TemporaryDirectory() as scratch:  # the trainer's folder: nothing kept
+        out = run_finetune(again, scratch, None, progress=False, callbacks=[stop])
     recorded = {r["step"]: r["displacement"] for r in result["records"]}.get(step)
     return {
         "step": step,
         "heldout_asr": out["final_heldout_asr"],
         "displacement": stop.displacement,
         "recorded_displacement": recorded,
-        # the same weights as the recording's at that step (None: not a recorded step)
-        "reproduced": None
-        if recorded is None
-        else abs(stop.displacement - recorded) <= 1e-6 * recorded,
         "seconds": out["seconds"],
     }
+
+
+def _difference(done: dict[str, Any]) -> str:
+    """The retrained displacement's relative difference from the recording's, and whether that
+    is the same weights (:func:`guard_runs.reproduced`); "-" for a step not recorded."""
+    same = reproduced(done)
+    if same is None:
+        return "-"
+    relative = done["displacement"] / done["recorded_displacement"] - 1.0
+    return f"{relative:+.1e} ({'same' if same else 'NOT the same'})"
 
 
 def main() -> None:
@@ -117,7 +125,7 @@ def main() -> None:
                 if step == 0:
                     done = {"step": 0, "heldout_asr": aligned, "displacement": 0.0}
                 else:
-                    done = measure(result, step, folder)
+                    done = measure(result, step)
                 saved.write_text(json.dumps(done, indent=1))
                 print(f"{folder.name}: step {step}, held-out ASR {done['heldout_asr']:.1f}")
             _, over20, _ = classify(result["curve"])
@@ -132,9 +140,7 @@ def main() -> None:
                     "the recording's, same step": next(
                         (f"{a - aligned:.0f}" for s, a in result["curve"] if s == step), "-"
                     ),
-                    "same weights as recorded": {None: "-", True: "yes", False: "NO"}[
-                        done.get("reproduced")
-                    ],
+                    "displacement against the recording's": _difference(done),
                     "damage >20 at": over20 or "never",
                 }
             )

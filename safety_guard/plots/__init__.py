@@ -15,18 +15,13 @@ chosen. Files are written atomically (temporary file in the same folder, then re
 * :func:`plot_path` — a finetune's probed states over a 2D landscape spanned by its own
   direction and a random one, with the ASR along its line.
 
+One module each: :mod:`~safety_guard.plots.landscape`, :mod:`~safety_guard.plots.trajectory`,
+:mod:`~safety_guard.plots.path`, and what they share, :mod:`~safety_guard.plots.common`.
+
 Example:
-    >>> from safety_guard.landscape import Landscape
-    >>> from safety_guard.plots import plot_landscape, plot_trajectory
+    >>> from safety_guard.plots import plot_landscape
     >>> plot_landscape("landscape.json", "plots/landscape.png")  # doctest: +SKIP
     PosixPath('plots/landscape.png')
-    >>> records = [
-    ...     {"step": 0, "displacement": 0.0, "rise": 0.0},
-    ...     {"step": 50, "displacement": 0.08, "rise": 4.0,
-    ...      "lookahead": {"2": {"rise": 14.0, "lower": 11.0}}, "event": "warn"},
-    ... ]
-    >>> plot_trajectory(records, "plots/trajectory.png", promise=10)  # doctest: +SKIP
-    PosixPath('plots/trajectory.png')
 """
 
 from safety_guard.plots.common import require_matplotlib
