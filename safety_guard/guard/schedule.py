@@ -98,7 +98,7 @@ class LrSchedule:
 
         Example:
             >>> LrSchedule.of(LrSchedule.constant(3), 3).multipliers, LrSchedule.of(None, 3)
-            ([1.0, 1.0, 1.0], None)
+            ((1.0, 1.0, 1.0), None)
         """
         if schedule is None or isinstance(schedule, LrSchedule):
             return schedule
