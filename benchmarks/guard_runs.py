@@ -76,7 +76,7 @@ from safety_guard.guard import (
 )
 from safety_guard.guard.cadence import recent_growth
 from safety_guard.guard.confirmation import Evidence, Settled, decide_probe, wilson_upper
-from safety_guard.guard.forecast import eta_steps, forecast_decision
+from safety_guard.guard.forecast import forecast_decision
 from safety_guard.guard.rule import HALT, OK, WARN, lookahead_multiples
 from safety_guard.testbed.finetune import KINDS
 
@@ -401,10 +401,7 @@ def replay(
         h = horizon(max_steps - step, config, step, rec["displacement"], growth, schedule)
         settled, scored = _decide(rec, baseline, h, config, cap)
         farthest = max(lookahead_multiples(config.lookahead, h), default=1.0)
-        eta = eta_steps(
-            settled.points, config, step, rec["displacement"], growth, schedule, max_steps
-        )
-        decision, _ = forecast_decision(
+        decision, eta = forecast_decision(
             settled.decision,
             settled.points,
             config,
@@ -541,6 +538,24 @@ def row(
         "judged prompts": sum(p["confirmed"] for p in rep["probes"]),
         "prompt-states scored": sum(p["scored"] for p in rep["probes"]),
         "goal": "PASS" if ok else "FAIL",
+    }
+
+
+def _sweep_row(
+    label: str,
+    config: GuardConfig,
+    names: list[str],
+    results: dict[str, dict[str, Any]],
+    num_prompts: int | None = None,
+) -> dict[str, str]:
+    """One row of the sweep: ``config`` replayed on the runs ``names``, and those it fails."""
+    goals = [row(n, results[n], config, num_prompts)["goal"] for n in names]
+    failing = [n for n, g in zip(names, goals, strict=True) if g != "PASS"]
+    return {
+        "max_asr_rise": label,
+        "confidence_z": f"{config.confidence_z:g}",
+        "pass": f"{goals.count('PASS')}/{len(goals)}",
+        "failing": ", ".join(failing) or "-",
     }
 
 
@@ -694,49 +709,21 @@ def main() -> None:
         )
         text += "\n### Safety ETA at the first warning\n\n" + eta_rows(names, results, config)
         if args.sweep:
-            sweep = []
-            for limit in (5.0, 10.0, 15.0):
-                for z in (0.0, 1.0, 2.0):
-                    cfg = dataclasses.replace(config, max_asr_rise=limit, confidence_z=z)
-                    goals = [row(n, results[n], cfg)["goal"] for n in names]
-                    sweep.append(
-                        {
-                            "max_asr_rise": f"{limit:g}",
-                            "confidence_z": f"{z:g}",
-                            "pass": f"{goals.count('PASS')}/{len(goals)}",
-                            "failing": ", ".join(
-                                n for n, g in zip(names, goals, strict=True) if g != "PASS"
-                            )
-                            or "-",
-                        }
-                    )
-            for count in (40, 80, 120):
-                goals = [row(n, results[n], config, count)["goal"] for n in names]
-                sweep.append(
-                    {
-                        "max_asr_rise": f"{config.max_asr_rise:g} ({count} prompts)",
-                        "confidence_z": f"{config.confidence_z:g}",
-                        "pass": f"{goals.count('PASS')}/{len(goals)}",
-                        "failing": ", ".join(
-                            n for n, g in zip(names, goals, strict=True) if g != "PASS"
-                        )
-                        or "-",
-                    }
+            limit, runs = f"{config.max_asr_rise:g}", (names, results)
+            sweep = [
+                _sweep_row(
+                    f"{m:g}", dataclasses.replace(config, max_asr_rise=m, confidence_z=z), *runs
                 )
-            for within in (0, 2, 5, 10):
-                cfg = dataclasses.replace(config, halt_within=within)
-                goals = [row(n, results[n], cfg)["goal"] for n in names]
-                sweep.append(
-                    {
-                        "max_asr_rise": f"{config.max_asr_rise:g} (halt_within {within})",
-                        "confidence_z": f"{config.confidence_z:g}",
-                        "pass": f"{goals.count('PASS')}/{len(goals)}",
-                        "failing": ", ".join(
-                            n for n, g in zip(names, goals, strict=True) if g != "PASS"
-                        )
-                        or "-",
-                    }
+                for m in (5.0, 10.0, 15.0)
+                for z in (0.0, 1.0, 2.0)
+            ]
+            sweep += [_sweep_row(f"{limit} ({c} prompts)", config, *runs, c) for c in (40, 80, 120)]
+            sweep += [
+                _sweep_row(
+                    f"{limit} (halt_within {w})", dataclasses.replace(config, halt_within=w), *runs
                 )
+                for w in (0, 2, 5, 10)
+            ]
             text += "\n### Sweep\n\n" + markdown_table(sweep) + "\n"
             text += "\n### The screen against itself at θ₀, or against the openings only\n\n"
             text += markdown_table(_pairing(names, results, config)) + "\n"

@@ -5,8 +5,9 @@ that found the run within the promise. For every recorded LoRA run of ``guard_ru
 ``GuardConfig()`` halts in the replay, this script trains the run again, unguarded, with the
 same data, seed and learning-rate schedule, up to that probe's step; checks that it reached the
 recorded weights (its displacement, at a recorded step, within 1e-4 of the recording's: runs
-recorded with other library versions differ by float rounding); and measures the keyword ASR of that adapter on the 100 held-out harmful prompts (generation, 24 tokens), minus
-the aligned model's. A halt whose last safe probe is step 0 leaves the aligned model itself
+recorded with other library versions differ by float rounding); and measures the keyword ASR
+of that adapter on the 100 held-out harmful prompts (generation, 24 tokens), minus the
+aligned model's. A halt whose last safe probe is step 0 leaves the aligned model itself
 (damage 0 by definition, nothing trained).
 
     python benchmarks/restored_damage.py                       # every recorded halting LoRA run

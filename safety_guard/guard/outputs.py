@@ -90,6 +90,32 @@ def write_run_files(
         logger.warning("SafetyGuard: could not write the trajectory plot %s: %s", path, err)
 
 
+def _halt_of(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The halt a run's summary records (with ``halt=False``, the one it would have taken:
+    ``monitor``), or None."""
+    if summary.get("halt_step") is not None:
+        return {
+            "step": summary["halt_step"],
+            "reason": summary.get("halt_reason"),
+            "restored": summary.get("restored_step"),
+        }
+    if summary.get("would_halt_step") is not None:  # halt=False: what it would have done
+        return {
+            "step": summary["would_halt_step"],
+            "reason": summary.get("would_halt_reason"),
+            "monitor": True,
+        }
+    return None
+
+
+def _run_summary(folder: Path) -> dict[str, Any]:
+    """The ``summary.json`` of a guarded run's folder, which must hold its trajectory too."""
+    for name in ("trajectory.jsonl", "summary.json"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} holds no {name}: is it a guarded run's folder?")
+    return json.loads((folder / "summary.json").read_text())
+
+
 def plot_run(
     records: Sequence[CheckRecord | ProbeRecord],
     summary: dict[str, Any],
@@ -104,19 +130,7 @@ def plot_run(
         >>> plot_run(records, guard.summary(), guard.settings, "trajectory.png")  # doctest: +SKIP
         PosixPath('trajectory.png')
     """
-    halt = None
-    if summary.get("halt_step") is not None:
-        halt = {
-            "step": summary["halt_step"],
-            "reason": summary.get("halt_reason"),
-            "restored": summary.get("restored_step"),
-        }
-    elif summary.get("would_halt_step") is not None:  # halt=False: what it would have done
-        halt = {
-            "step": summary["would_halt_step"],
-            "reason": summary.get("would_halt_reason"),
-            "monitor": True,
-        }
+    halt = _halt_of(summary)
     title = None
     if halt is None:
         title = (
@@ -145,10 +159,7 @@ def plot_run_folder(folder: str | Path, output: str | Path | None = None) -> Pat
     from safety_guard.guard.trajectory import read_records
 
     folder = Path(folder)
-    for name in ("trajectory.jsonl", "summary.json"):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder} holds no {name}: is it a guarded run's folder?")
-    summary = json.loads((folder / "summary.json").read_text())
+    summary = _run_summary(folder)
     settings = summary.get("settings")
     if not isinstance(settings, dict):
         logger.warning(
@@ -189,9 +200,7 @@ def plot_run_path(
     from safety_guard.plots import plot_path
 
     folder = Path(folder)
-    for name in ("trajectory.jsonl", "summary.json"):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder} holds no {name}: is it a guarded run's folder?")
+    summary = _run_summary(folder)
     land = Landscape.load(landscape)
     found = landscape_target_step(land, landscape)
     if target_step is None and found is None:
@@ -200,13 +209,15 @@ def plot_run_path(
             "it): pass --target-step, the step whose weights the target holds."
         )
     step = target_step if target_step is not None else found
-    summary = json.loads((folder / "summary.json").read_text())
     path = run_path(read_records(folder / "trajectory.jsonl"), step)
-    halt = summary.get("halt_step")
-    if halt is None:
-        halt = summary.get("would_halt_step")
+    halt = _halt_of(summary)
     return plot_path(
-        land, path, output, halt=halt, restored=summary.get("restored_step"), target_step=step
+        land,
+        path,
+        output,
+        halt=halt["step"] if halt else None,
+        restored=summary.get("restored_step"),
+        target_step=step,
     )
 
 

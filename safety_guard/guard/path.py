@@ -96,7 +96,7 @@ def run_path(records: Sequence[Mapping[str, Any]], target_step: int) -> list[dic
                 "step": r["step"],
                 "alpha": alpha,
                 "status": r.get("status", "ok"),
-                "displacement": float(r["displacement"]),
+                "displacement": displacement,
                 "ahead": ahead,
             }
         )
