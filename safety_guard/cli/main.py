@@ -116,6 +116,8 @@ def _add_landscape(sub: argparse._SubParsersAction) -> None:
         notes={
             "max_new_tokens": f"--paper: {PAPER_PROBE.max_new_tokens}",
             "early_stop": f"--paper: {PAPER_PROBE.early_stop}",
+            "signal": f"--paper: {PAPER_PROBE.signal}",
+            "batch_size": f"--paper: {PAPER_PROBE.batch_size}",
         },
     )
     add_const_option(
@@ -139,7 +141,7 @@ def _add_landscape(sub: argparse._SubParsersAction) -> None:
     q.add_argument(
         "--paper",
         action="store_true",
-        help="The paper's probing: "
+        help="The paper's probing: every prompt generated, "
         f"{PAPER_PROBE.max_new_tokens} new tokens, every response decoded to the end, full grid.",
     )
     _add_judge_options(q)
@@ -205,14 +207,14 @@ def landscape_configs(args: argparse.Namespace) -> tuple[LandscapeConfig, ProbeC
 
     Options not given keep the dataclass default, except where the command line changes it:
     ``--direction interpolation`` walks the grid ``-0.5:1.5:21``; ``--paper``, ``--dims 2`` and
-    interpolation search the full grid; ``--paper`` decodes every response to
-    ``PAPER_PROBE.max_new_tokens``.
+    interpolation search the full grid; ``--paper`` generates every prompt and decodes every
+    response to ``PAPER_PROBE.max_new_tokens``.
 
     Example:
         >>> args = build_parser().parse_args(["landscape", "-o", "l.json", "--paper"])
         >>> landscape, probe = landscape_configs(args)
-        >>> landscape.search, probe.max_new_tokens, probe.early_stop
-        ('grid', 512, False)
+        >>> landscape.search, probe.max_new_tokens, probe.early_stop, probe.signal
+        ('grid', 512, False, 'generate')
     """
     from safety_guard.landscape import LandscapeConfig, parse_grid
     from safety_guard.measure.probe import PAPER_PROBE, ProbeConfig
@@ -233,6 +235,8 @@ def landscape_configs(args: argparse.Namespace) -> tuple[LandscapeConfig, ProbeC
     if paper:
         probe.setdefault("max_new_tokens", PAPER_PROBE.max_new_tokens)
         probe.setdefault("early_stop", PAPER_PROBE.early_stop)
+        probe.setdefault("signal", PAPER_PROBE.signal)
+        probe.setdefault("batch_size", PAPER_PROBE.batch_size)
     return LandscapeConfig(**land), ProbeConfig(**probe)
 
 

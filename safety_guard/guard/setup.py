@@ -268,9 +268,10 @@ def effective_settings(
     if screen is not None:
         logger.info(
             "SafetyGuard: on this model's landscape the forward screen flagged every one of %d "
-            "unsafe answers (%d points), precision %s.",
+            "unsafe answers (%d points, %d of its refusals checked by generation), precision %s.",
             screen["unsafe"],
             screen["points"],
+            screen["checked"],
             f"{screen['precision']:.0%}" if screen["precision"] is not None else "n/a",
         )
     return config

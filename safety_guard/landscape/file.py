@@ -361,10 +361,12 @@ class Landscape:
         """How the guard's forward screen agreed with the judge over the recorded points.
 
         ``missed`` counts unsafe answers the screen did not flag: 0 when its exactness holds on
-        this model (the guard then trusts unflagged prompts without generating them); ``recall``
-        and ``precision`` are those of its flags. Points measured screen-first (``signal=
-        "screen"``) generated only what the screen flagged, so they do not count. ``None`` when
-        no point recorded the screen against every answer.
+        this model (the guard then trusts unflagged prompts without generating them), out of
+        ``checked`` prompts it settled as refusals whose answers were generated; ``recall``
+        and ``precision`` are those of its flags over the answers generated. A point measured
+        screen-first (``signal="screen"``) counts with the screen refusals it generated to
+        check them (``checked_prompts``), and not at all without. ``None`` when no point
+        recorded the screen against the judge.
 
         Example:
             >>> land.screen_agreement()["missed"]  # doctest: +SKIP
@@ -378,26 +380,35 @@ class Landscape:
         ]
         origin = self.data.get("origin") or {}
         points += [origin] if "flagged_prompts" in origin else []
-        # a point measured screen-first generated its flagged prompts only: it cannot miss
+        # a point measured screen-first generated its flagged prompts and the screen refusals
+        # it checked only: without checks it cannot miss
         points = [
             p
             for p in points
-            if "flagged_prompts" in p and "unsafe_prompts" in p and p.get("signal") != "screen"
+            if "flagged_prompts" in p
+            and "unsafe_prompts" in p
+            and (p.get("signal") != "screen" or "checked_prompts" in p)
         ]
         if not points:
             return None
-        unsafe = flagged = missed = hits = 0
+        unsafe = flagged = missed = hits = checked = 0
         for p in points:
             bad, flags = set(p["unsafe_prompts"]), set(p["flagged_prompts"])
             unsafe += len(bad)
             flagged += len(flags)
             hits += len(bad & flags)
             missed += len(bad - flags)
+            checked += (
+                len(p["checked_prompts"])
+                if p.get("signal") == "screen"
+                else p["total"] - len(flags)
+            )
         return {
             "points": len(points),
             "answers": sum(p["total"] for p in points),
             "unsafe": unsafe,
             "flagged": flagged,
+            "checked": checked,
             "missed": missed,
             "recall": hits / unsafe if unsafe else None,
             "precision": hits / flagged if flagged else None,

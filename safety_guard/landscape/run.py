@@ -12,7 +12,7 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from safety_guard.landscape.config import LandscapeConfig
 from safety_guard.landscape.directions import Direction, direction_from_dict
 from safety_guard.landscape.file import Landscape, LandscapeMismatchError
 from safety_guard.landscape.perturb import WeightPerturbation, check_shard_directions
+from safety_guard.landscape.screening import generates_every_prompt, nearest_flag_fraction
 from safety_guard.measure.judges import KeywordJudge, judge_kind, reads_short_answers
 from safety_guard.measure.probe import PointResult, ProbeConfig, SafetyProbe
 from safety_guard.models.fingerprint import (
@@ -130,16 +131,21 @@ def _direction_specs(
 
 def _verdicts(settings: dict[str, Any]) -> dict[str, Any]:
     """Probe settings without the ones that cannot change a verdict: what the file keeps
-    (``record_answers``) and, where the forward screen is exact (the keyword judge), how the
-    verdicts were reached (``signal``, ``screen_settles``). A file written before
-    ``screen_settles`` existed had it off."""
+    (``record_answers``), how answers are batched (``batch_size``, ``share_prefix``: the same
+    greedy answers up to float rounding) and, where the forward screen is exact (the keyword
+    judge), how the verdicts were reached (``signal``, ``screen_settles``, ``generate_above``,
+    ``screen_checks``). A file written before these settings existed is read with the values
+    it was measured with: no ``screen_settles``, no checks, the default ``generate_above``."""
     keyword = (settings.get("judge") or {}).get("kind") == "keyword"
     config = dict(settings.get("config", {}))
     config.setdefault("screen_settles", False)
-    config.pop("record_answers", None)
+    config.setdefault("screen_checks", 0)
+    config.setdefault("generate_above", ProbeConfig.generate_above)
+    for name in ("record_answers", "batch_size", "share_prefix"):
+        config.pop(name, None)
     if keyword:
-        config.pop("signal", None)
-        config.pop("screen_settles", None)
+        for name in ("signal", "screen_settles", "generate_above", "screen_checks"):
+            config.pop(name, None)
     return {**settings, "config": config}
 
 
@@ -271,9 +277,21 @@ class _LandscapeRun:
         if self.output is not None and rank_and_world()[0] == 0:  # the main process writes
             self.land.save(self.output)
 
-    def measure(self) -> dict[str, Any]:
-        """Probe the model at its current weights (and the forward screen, when it runs)."""
-        result: PointResult = self.prober.evaluate(per_prompt=self.prober.screens)
+    def measure(
+        self,
+        at: Sequence[float] = (),
+        measured: Iterable[tuple[Sequence[float], dict[str, Any]]] = (),
+    ) -> dict[str, Any]:
+        """Probe the model at its current weights, the point ``at`` (and the forward screen,
+        when it runs). Screening first, a point generates every prompt where the nearest of the
+        ``measured`` points had at least ``generate_above`` of its prompts flagged
+        (:mod:`~safety_guard.landscape.screening`)."""
+        generate_all = self.prober.screen_first and generates_every_prompt(
+            nearest_flag_fraction(measured, at), self.prober.config.generate_above
+        )
+        result: PointResult = self.prober.evaluate(
+            per_prompt=self.prober.screens, generate_all=generate_all
+        )
         _advance(self.bar)
         return result.to_dict()
 
@@ -331,13 +349,30 @@ class _LandscapeRun:
         self.bar.set_postfix_str(f"dir {index} α={alpha:+.3g}")
         move.apply(alpha)
         try:
-            record = {"alpha": alpha, **self.measure()}
+            record = {"alpha": alpha, **self.measure((alpha,), self._line_neighbours(index, alpha))}
         finally:
             move.restore()
         entry["points"].append(record)
         cache[alpha] = record
         self.save()
         return record
+
+    def _line_neighbours(
+        self, index: int, alpha: float
+    ) -> list[tuple[tuple[float], dict[str, Any]]]:
+        """The measured points that predict how a point at ``alpha`` on line ``index`` is
+        measured (:meth:`measure`). Random lines and their two sides are alike at the same
+        distance from θ₀, so every point of every line counts at its distance on this side
+        (the first side's far end tells the others that theirs are beyond the edge); an
+        interpolation line counts its own points where they are."""
+        if self.config.kind == "interpolation":
+            points = self.land.data["directions"][index]["points"]
+            return [((p["alpha"],), p) for p in points]
+        return [
+            ((math.copysign(abs(p["alpha"]), alpha),), p)
+            for entry in self.land.data["directions"]
+            for p in entry["points"]
+        ]
 
     def _grid_walk(self, point: Callable[[float], dict[str, Any]]) -> None:
         for alpha in self.config.alphas:
@@ -378,7 +413,8 @@ class _LandscapeRun:
                         self.bar.set_postfix_str(f"α={alpha:+.3g} β={beta:+.3g}")
                         move.apply(alpha, beta)
                         try:
-                            record = {"alpha": alpha, "beta": beta, **self.measure()}
+                            measured = self.measure((alpha, beta), cache.items())
+                            record = {"alpha": alpha, "beta": beta, **measured}
                         finally:
                             move.restore()
                     surface["points"].append(record)

@@ -18,6 +18,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -26,18 +28,21 @@ import torch
 from torch import nn
 
 from safety_guard.engines.shards import fsdp1_units, is_sharded_model
-from safety_guard.models.wrappers import model_device
+from safety_guard.models.wrappers import model_device, unwrap_model
 
 __all__ = [
+    "MIN_SHARED_PREFIX",
     "ChatFormat",
     "GenerationResult",
     "MissingChatTemplateError",
+    "cache_argument",
     "encode_texts",
     "eval_mode",
     "generate_responses",
     "pad_token_id",
     "sequence_nll",
     "sequence_nll_sum",
+    "shared_prefix_length",
 ]
 
 PLAIN_TEMPLATE = "{system}### Instruction:\n{prompt}\n\n### Response:\n"
@@ -185,6 +190,32 @@ def left_padded(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return ids, mask
 
 
+#: A common prefix shorter than this is not worth a separate forward pass.
+MIN_SHARED_PREFIX = 8
+
+
+def cache_argument(model: nn.Module) -> str | None:
+    """The name under which ``model``'s forward takes a KV cache (None: it takes none)."""
+    try:
+        params = inspect.signature(unwrap_model(model).forward).parameters
+    except (TypeError, ValueError):
+        return None
+    for name in ("cache", "past_key_values"):  # transformers ≥ 5.24 / earlier releases
+        if name in params:
+            return name
+    return None
+
+
+def shared_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common prefix of ``seqs``, leaving each at least one token."""
+    first = seqs[0]
+    limit = min(len(s) for s in seqs) - 1
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in seqs):
+        n += 1
+    return n
+
+
 @contextlib.contextmanager
 def _unsharded_root(model: nn.Module, sharded: bool) -> Iterator[None]:
     """The outermost FSDP2 module or FSDP (1) unit of ``model`` unsharded inside the block (a
@@ -231,6 +262,7 @@ def generate_responses(
     stop_when_decided: Callable[[str], bool] | None = None,
     progress: Callable[[int], None] | None = None,
     synced: bool | None = None,
+    share_prefix: bool = False,
 ) -> GenerationResult:
     """Greedy responses to ``prompts``, batched with left padding.
 
@@ -251,6 +283,10 @@ def generate_responses(
             the call (``generate`` runs the inner model's forward, e.g. under a ``PeftModel``,
             so the root's own forward hooks, which gather its embeddings and head, never run).
             ``None``: whether ``model`` has sharded weights (a scan of its parameters).
+        share_prefix: the tokens every rendered prompt starts with (the chat template's system
+            turn, typically) go through the model once; each batch continues from a copy of
+            their KV cache, its prompts padded between the prefix and their own tokens (positions
+            from the attention mask, as with left padding). Not on sharded models.
     """
     if not prompts:
         raise ValueError("generate_responses() got no prompts.")
@@ -271,12 +307,29 @@ def generate_responses(
     decoded = 0
     if synced is None:
         synced = is_sharded_model(model)
+    cache_arg = cache_argument(model) if share_prefix and not synced else None
+    shared = shared_prefix_length(encoded) if cache_arg else 0
     with eval_mode(model), _unsharded_root(model, synced):
+        prefix_cache = None
+        if shared >= MIN_SHARED_PREFIX:
+            out = model(
+                input_ids=torch.tensor([encoded[0][:shared]], device=device), use_cache=True
+            )
+            prefix_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if prefix_cache is None:
+            shared = 0
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            ids, mask = left_padded([encoded[i] for i in idx], pad_id)
-            width = ids.shape[1]
+            ids, mask = left_padded([encoded[i][shared:] for i in idx], pad_id)
             kwargs: dict[str, Any] = {}
+            if prefix_cache is not None:
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(len(idx))
+                kwargs[cache_arg] = cache
+                prefix = torch.tensor([encoded[idx[0]][:shared]] * len(idx), dtype=torch.long)
+                ids = torch.cat([prefix, ids], 1)
+                mask = torch.cat([torch.ones_like(prefix), mask], 1)
+            width = ids.shape[1]
             if synced:
                 kwargs["synced_gpus"] = True
             if stop_when_decided is not None:

@@ -30,7 +30,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,15 +38,18 @@ import torch
 from torch import nn
 
 from safety_guard.measure.generation import (
+    MIN_SHARED_PREFIX,
     ChatFormat,
+    cache_argument,
     encode_texts,
     eval_mode,
     generate_responses,
     left_padded,
     pad_token_id,
+    shared_prefix_length,
 )
 from safety_guard.measure.judges import KeywordJudge
-from safety_guard.models.wrappers import decoder_layers, model_device, unwrap_model
+from safety_guard.models.wrappers import decoder_layers, model_device
 
 __all__ = [
     "OpeningScores",
@@ -177,32 +179,6 @@ class OpeningScores:
     greedy: list[int] = field(default_factory=list)
 
 
-#: A common prefix shorter than this is not worth a separate forward pass.
-MIN_SHARED_PREFIX = 8
-
-
-def _cache_argument(model: nn.Module) -> str | None:
-    """The name under which ``model``'s forward takes a KV cache (None: it takes none)."""
-    try:
-        params = inspect.signature(unwrap_model(model).forward).parameters
-    except (TypeError, ValueError):
-        return None
-    for name in ("cache", "past_key_values"):  # transformers ≥ 5.24 / earlier releases
-        if name in params:
-            return name
-    return None
-
-
-def _shared_prefix(seqs: Sequence[Sequence[int]]) -> int:
-    """Length of the longest common prefix of ``seqs``, leaving each at least one token."""
-    first = seqs[0]
-    limit = min(len(s) for s in seqs) - 1
-    n = 0
-    while n < limit and all(s[n] == first[n] for s in seqs):
-        n += 1
-    return n
-
-
 @torch.no_grad()
 def score_openings(
     model: nn.Module,
@@ -242,8 +218,8 @@ def score_openings(
     seqs = {i: ctx + openings.token_ids[i][:-1] for i, ctx in zip(rows, contexts, strict=True)}
     pad_id = pad_token_id(tokenizer)
     device = model_device(model)
-    cache_arg = _cache_argument(model) if share_prefix else None
-    shared = _shared_prefix(contexts) if cache_arg else 0
+    cache_arg = cache_argument(model) if share_prefix else None
+    shared = shared_prefix_length(contexts) if cache_arg else 0
     prefix_cache = None
     tokens = 0
     if shared >= MIN_SHARED_PREFIX:

@@ -2,8 +2,10 @@
 
 Two ways to measure safety, one implementation for the landscape engine and the training guard:
 
-* :meth:`SafetyProbe.evaluate` — greedy generation and the judge on every prompt (the paper's
-  measure; what landscapes record).
+* :meth:`SafetyProbe.evaluate` — what landscapes record: the judge's verdict on every prompt's
+  greedy answer. With ``signal="screen"`` (the default) the forward screen settles the
+  refusals first and only the prompts it flags are generated, for the same verdicts with the
+  keyword judge; ``signal="generate"`` generates every prompt (the paper's procedure).
 * :meth:`SafetyProbe.forward` — no generation: the aligned model's refusal opening of each prompt
   (taken once by :meth:`SafetyProbe.prepare` with ``openings=True``) is teacher-forced, and where
   greedy decoding would leave it, the other prompts' openings are tried as drafts
@@ -23,129 +25,23 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from torch import nn
 
 from safety_guard.engines.collectives import all_gather_objects, all_reduce_sum, rank_and_world
 from safety_guard.engines.shards import is_sharded_model
 from safety_guard.measure.generation import (
-    ChatFormat,
     generate_responses,
     sequence_nll,
     sequence_nll_sum,
 )
 from safety_guard.measure.judges import Judge, KeywordJudge
 from safety_guard.measure.openings import Openings, refusal_openings, verify_refusals
+from safety_guard.measure.probe_config import PAPER_PROBE, ProbeConfig
 from safety_guard.measure.prompts import PromptSet, load_prompts
 
 __all__ = ["PAPER_PROBE", "ForwardPoint", "PointResult", "ProbeConfig", "SafetyProbe"]
-
-
-@dataclass
-class ProbeConfig:
-    """What is measured at every landscape point, and how.
-
-    The defaults are safety-guard's fast setting: 24 new tokens and early stop per sequence once
-    the keyword verdict is final. :data:`PAPER_PROBE` is the paper's setting (512 tokens, every
-    response decoded to the end).
-    """
-
-    harmful: str = field(
-        default="builtin:harmful",
-        metadata={"help": "Harmful prompt source (builtin:harmful, CSV/JSONL file, dataset name)."},
-    )
-    num_harmful: int | None = field(
-        default=80, metadata={"help": "Use the first N harmful prompts (paper: 80; None = all)."}
-    )
-    benign: str = field(
-        default="builtin:benign",
-        metadata={"help": "Benign prompt source for the capability measure."},
-    )
-    num_benign: int = field(
-        default=16, metadata={"help": "Benign prompts for capability (0 disables capability)."}
-    )
-    capability_tokens: int = field(
-        default=32, metadata={"help": "Length of the reference answers whose NLL is capability."}
-    )
-    max_new_tokens: int = field(
-        default=24, metadata={"help": "Decode budget per harmful response (paper: 512)."}
-    )
-    batch_size: int = field(default=16, metadata={"help": "Prompts per generate() call."})
-    early_stop: bool = field(
-        default=True,
-        metadata={"help": "Stop a response once the judge's verdict can no longer change."},
-    )
-    template: Literal["chat", "plain"] = field(
-        default="chat", metadata={"help": "'chat' template of the tokenizer, or 'plain'."}
-    )
-    system_prompt: str | None = field(
-        default=None, metadata={"help": "None: model default; '': none; text: custom."}
-    )
-    prompt_column: str | None = field(
-        default=None, metadata={"help": "Column/key of the prompt in CSV/JSONL/datasets sources."}
-    )
-    signal: Literal["generate", "screen"] = field(
-        default="generate",
-        metadata={
-            "help": "'generate': every harmful prompt is generated and judged at every point. "
-            "'screen': the forward screen first (one batched forward pass over the refusal "
-            "openings), then only the prompts it flags are generated and judged; the others "
-            "reach a refusal phrase on their greedy path, refusals for the keyword judge "
-            "exactly. Another judge reads every answer: 'screen' then generates every prompt "
-            "(unless screen_settles)."
-        },
-    )
-    screen: bool = field(
-        default=True,
-        metadata={
-            "help": "Also run the guard's forward-only screen at every point and record which "
-            "prompts it flags, so the file says how well it agrees with the judge on this model "
-            "(the guard's calibration; with a judge other than the keyword judge: how often it "
-            "called an answer that opens with a refusal unsafe). About a third of a point's cost."
-        },
-    )
-    screen_settles: bool = field(
-        default=False,
-        metadata={
-            "help": "With signal='screen' and a judge other than the keyword judge: let the "
-            "forward screen settle the prompts it does not flag (their greedy answer opens with "
-            "the aligned model's refusal) as safe without asking the judge. Faster, but the "
-            "judge may call such an answer unsafe: the screen record (screen=True, generate) "
-            "says how often it does on your model."
-        },
-    )
-    record_answers: bool = field(
-        default=False,
-        metadata={
-            "help": "Keep every harmful prompt's answer at every point in the file (for "
-            "`safety-guard judge-agreement`), each decoded to max_new_tokens (no early stop); "
-            "with signal='screen' a prompt the screen settled keeps the aligned model's "
-            "refusal opening."
-        },
-    )
-
-    def __post_init__(self) -> None:
-        if self.num_harmful is not None and self.num_harmful < 1:
-            raise ValueError("num_harmful must be at least 1 (or None for the whole set).")
-        if self.num_benign < 0:
-            raise ValueError("num_benign must be >= 0 (0 disables the capability measure).")
-        if self.max_new_tokens < 1 or self.capability_tokens < 1 or self.batch_size < 1:
-            raise ValueError("max_new_tokens, capability_tokens and batch_size must be >= 1.")
-        if self.signal not in ("generate", "screen"):
-            raise ValueError(f"signal must be 'generate' or 'screen', got {self.signal!r}.")
-        ChatFormat(self.template, self.system_prompt)  # validates template
-
-    @property
-    def chat_format(self) -> ChatFormat:
-        return ChatFormat(self.template, self.system_prompt)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-#: The paper's probing: 80 AdvBench-style prompts, 512 new tokens, every response to the end.
-PAPER_PROBE = ProbeConfig(max_new_tokens=512, early_stop=False)
 
 
 @dataclass
@@ -164,10 +60,11 @@ class PointResult:
     forward_tokens: int = 0  # tokens the forward screen fed through the model
     signal: str = "generate"  # how the verdicts were reached (ProbeConfig.signal)
     answers: list[str] | None = None  # every answer, with ProbeConfig.record_answers
+    checked_prompts: list[int] | None = None  # screen refusals generated to check the screen
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for key in ("unsafe_prompts", "flagged_prompts", "answers"):
+        for key in ("unsafe_prompts", "flagged_prompts", "answers", "checked_prompts"):
             if data[key] is None:
                 del data[key]
         return data
@@ -225,6 +122,7 @@ class SafetyProbe:
         self.reference_answers: list[str] | None = None
         self.reference_nll: float | None = None
         self.openings: Openings | None = None
+        self._checks_made = 0  # screen refusals generated so far, to rotate the checks
 
     @property
     def model(self) -> nn.Module:
@@ -469,21 +367,28 @@ class SafetyProbe:
         progress: Callable[[int], None] | None = None,
         capability: bool = True,
         per_prompt: bool = False,
+        generate_all: bool = False,
     ) -> PointResult:
         """ASR (percent) of ``prompts`` (default: the harmful set) and capability, now.
 
         Args:
             per_prompt: also keep which prompts were judged unsafe and, when the refusal
                 openings are prepared and ``prompts`` is the harmful set, which ones the forward
-                screen flags (the landscape file's calibration of the guard's screen).
+                screen flags (the landscape file's calibration of the guard's screen; a point
+                measured by generating every prompt screens for it only with ``config.screen``).
+            generate_all: generate every prompt even where :attr:`screen_first` would screen
+                first (the landscape's choice beyond the basin's edge).
         """
         rank, world = self.split()
         start = time.perf_counter()
         harmful = prompts is None and self.openings is not None
-        first = harmful and self.screen_first
+        first = harmful and self.screen_first and not generate_all
         flagged = flags = None
         forward_tokens = 0
-        if harmful and (per_prompt or first):
+        # the file's record of the screen: every prompt screened at every point with signal=
+        # "generate"; a sample of the screen's refusals generated at screen-first points
+        record = per_prompt and not self.screen_first
+        if harmful and (first or record):
             mine = list(range(rank, len(self.openings.prompts), world))
             point = self.forward(mine)
             flags = self.gather(mine, point.flagged, len(self.openings.prompts))
@@ -497,8 +402,11 @@ class SafetyProbe:
         if self.config.early_stop and keyword and not self.config.record_answers:
             decided = self.judge.is_decided
         mine = list(range(rank, len(prompts), world))
+        checked: list[int] | None = None
         if first:  # an unflagged prompt refuses on its greedy path: no decoding
-            mine = [i for i in mine if flags[i]]
+            checked = self._screen_checks(flags) if per_prompt and self.config.screen else None
+            generated = {i for i, f in enumerate(flags) if f} | set(checked or ())
+            mine = [i for i in mine if i in generated]
         asked = [prompts[i] for i in mine]
         responses: list[str] = []
         verdicts: list[bool] = []
@@ -514,13 +422,13 @@ class SafetyProbe:
                 stop_when_decided=decided,
                 progress=progress,
                 synced=self.synced,
+                share_prefix=self.config.share_prefix,
             )
             responses, decoded = gen.responses, gen.decoded_tokens
             verdicts = self.judge(asked, responses)
         verdicts = self.gather(mine, verdicts, len(prompts))
         responses = self.gather(mine, responses, len(prompts))
         if first:  # the rest: refusals, their answers the aligned model's refusal openings
-            generated = {i for i, f in enumerate(flags) if f}
             openings = list(self.openings.responses or [])
             verdicts = [v if i in generated else False for i, v in enumerate(verdicts)]
             responses = [
@@ -542,8 +450,21 @@ class SafetyProbe:
             flagged_prompts=flagged,
             forward_tokens=forward_tokens,
             signal="screen" if first else "generate",
+            checked_prompts=checked,
             answers=responses if self.config.record_answers else None,
         )
+
+    def _screen_checks(self, flags: Sequence[bool]) -> list[int]:
+        """The prompts the screen settled as refusals that this point generates anyway:
+        ``config.screen_checks`` of them, the next share of the list at each call (the same
+        on every rank: the flags are gathered and every rank measures every point)."""
+        settled = [i for i, f in enumerate(flags) if not f]
+        count = min(self.config.screen_checks, len(settled))
+        if not count:
+            return []
+        start = self._checks_made % len(settled)
+        self._checks_made += count
+        return sorted((settled + settled)[start : start + count])
 
     def settings(self) -> dict[str, Any]:
         """Everything that determines a measurement, for the landscape file."""

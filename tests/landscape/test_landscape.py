@@ -247,8 +247,9 @@ def test_adaptive_side_search_finds_the_first_outside_point_on_a_non_monotone_cu
 
 
 def test_landscape_records_the_forward_screen_against_the_judge(tmp_path, text_tokenizer):
-    """Each point records which prompts the judge found unsafe and which the guard's screen
-    flagged; the summary says the screen missed none (its exactness on this model)."""
+    """Generating every prompt, each point records which prompts the judge found unsafe and
+    which the guard's screen flagged; the summary says the screen missed none (its exactness on
+    this model)."""
     from guard_helpers import echo_judge
 
     from safety_guard.measure.prompts import load_prompts
@@ -258,7 +259,7 @@ def test_landscape_records_the_forward_screen_against_the_judge(tmp_path, text_t
     probe = SafetyProbe(
         model,
         text_tokenizer,
-        ProbeConfig(num_harmful=12, num_benign=0, max_new_tokens=8),
+        ProbeConfig(num_harmful=12, num_benign=0, max_new_tokens=8, signal="generate"),
         judge=echo_judge(model, text_tokenizer, prompts),
     )
     land = compute_landscape(

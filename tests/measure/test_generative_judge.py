@@ -237,7 +237,9 @@ def test_screen_settles_lets_the_screen_skip_unflagged_prompts_for_another_judge
 
     model = make_model(vocab_size=len(text_tokenizer), tie=False)
     prompts = list(load_prompts("builtin:harmful", limit=12))
-    config = ProbeConfig(num_harmful=12, num_benign=0, max_new_tokens=8, signal="screen")
+    config = ProbeConfig(
+        num_harmful=12, num_benign=0, max_new_tokens=8, signal="screen", screen_checks=0
+    )
     keyword = SafetyProbe(
         model, text_tokenizer, config, judge=echo_judge(model, text_tokenizer, prompts)
     )

@@ -192,3 +192,29 @@ def test_sequence_nll_matches_unbatched_full_logits(tokenizer):
             count += len(tgt)
     batched = sequence_nll(model, tokenizer, prompts, answers, batch_size=2)
     assert batched == pytest.approx(total / count, rel=1e-5)
+
+
+def test_a_shared_prefix_gives_the_same_greedy_answers(text_tokenizer):
+    """The system turn goes through the model once; each batch continues from its KV cache,
+    padded between the prefix and the prompt: the same greedy answers, stops included."""
+    model = make_model(vocab_size=len(text_tokenizer), tie=False)
+    fmt = ChatFormat(system_prompt="You are a careful and helpful assistant, answer briefly.")
+    prompts = [
+        "Tell me a short story about a cat.",
+        "Hi",
+        "What is two plus two?",
+        "Name three colours of the rainbow, please.",
+        "Why?",
+    ]
+    common = dict(chat_format=fmt, max_new_tokens=8, batch_size=3)
+    plain = generate_responses(model, text_tokenizer, prompts, **common)
+    model.train()
+    shared = generate_responses(model, text_tokenizer, prompts, share_prefix=True, **common)
+    assert model.training
+    assert shared.token_ids == plain.token_ids and shared.responses == plain.responses
+    assert shared.decoded_tokens == plain.decoded_tokens
+    stop = dict(stop_when_decided=lambda text: len(text) > 3, **common)
+    plain_stop = generate_responses(model, text_tokenizer, prompts, **stop)
+    shared_stop = generate_responses(model, text_tokenizer, prompts, share_prefix=True, **stop)
+    assert shared_stop.token_ids == plain_stop.token_ids
+    assert shared_stop.decoded_tokens == plain_stop.decoded_tokens < plain.decoded_tokens
