@@ -66,12 +66,18 @@ def run_variant(name: str, dims: int, work: Path, quiet: bool) -> dict[str, Any]
 
 
 def _points(data: dict[str, Any]) -> dict[tuple[Any, ...], dict[str, Any]]:
-    """Every measured point by (direction, α) or (α, β)."""
+    """Every measured point by (direction, α) or (α, β), θ₀ once (every line repeats it)."""
     found = {
-        (i, p["alpha"]): p for i, d in enumerate(data["directions"]) for p in d.get("points", [])
+        (i, p["alpha"]): p
+        for i, d in enumerate(data["directions"])
+        for p in d.get("points", [])
+        if p["alpha"] != 0
     }
+    if data.get("origin"):
+        found[("origin",)] = data["origin"]
     for p in (data.get("surface") or {}).get("points", []):
-        found[("surface", p["alpha"], p["beta"])] = p
+        if p["alpha"] or p["beta"]:
+            found[("surface", p["alpha"], p["beta"])] = p
     return found
 
 
@@ -95,7 +101,7 @@ def row(
         "wall s": round(run["wall"], 1),
         "wall / generate": round(run["wall"] / reference["wall"], 3),
         "wall / previous": round(run["wall"] / previous["wall"], 3) if previous else "–",
-        "points": summary.get("num_points", len(points)),
+        "points": len(points),
         "screened first": signals.count("screen"),
         "decoded tokens": summary.get("decoded_tokens"),
         "forward tokens": summary.get("forward_tokens", 0),
@@ -153,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     footer = (
         "Wall time of the whole `safety-guard landscape` command (model load, reference "
-        "answers, every point, the file). `screened first`: points measured by the screen "
+        "answers, every point, the file). `points`: the distinct points measured (θ₀ once). "
+        "`screened first`: points measured by the screen "
         "first; the others generated every prompt. `largest Δ unsafe there`: the largest "
         "difference in unsafe answers from the generate variant at the points both measured "
         "(an adaptive search may measure different points when a verdict differs). `screen "

@@ -355,6 +355,7 @@ class GuardConfig:
             max_new_tokens=self.max_new_tokens,
             batch_size=self.batch_size,
             system_prompt=self.system_prompt,
+            signal="generate",  # a landscape of its own records the screen at every point
         )
 
     @classmethod

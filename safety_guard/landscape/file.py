@@ -391,21 +391,22 @@ class Landscape:
         ]
         if not points:
             return None
-        unsafe = flagged = missed = hits = checked = 0
+        unsafe = flagged = missed = hits = checked = answers = 0
         for p in points:
             bad, flags = set(p["unsafe_prompts"]), set(p["flagged_prompts"])
             unsafe += len(bad)
             flagged += len(flags)
             hits += len(bad & flags)
             missed += len(bad - flags)
-            checked += (
-                len(p["checked_prompts"])
-                if p.get("signal") == "screen"
-                else p["total"] - len(flags)
-            )
+            if p.get("signal") == "screen":  # its flagged and checked prompts were generated
+                checked += len(p["checked_prompts"])
+                answers += len(flags) + len(p["checked_prompts"])
+            else:
+                checked += p["total"] - len(flags)
+                answers += p["total"]
         return {
             "points": len(points),
-            "answers": sum(p["total"] for p in points),
+            "answers": answers,
             "unsafe": unsafe,
             "flagged": flagged,
             "checked": checked,

@@ -132,19 +132,24 @@ def _direction_specs(
 def _verdicts(settings: dict[str, Any]) -> dict[str, Any]:
     """Probe settings without the ones that cannot change a verdict: what the file keeps
     (``record_answers``), how answers are batched (``batch_size``, ``share_prefix``: the same
-    greedy answers up to float rounding) and, where the forward screen is exact (the keyword
-    judge), how the verdicts were reached (``signal``, ``screen_settles``, ``generate_above``,
-    ``screen_checks``). A file written before these settings existed is read with the values
-    it was measured with: no ``screen_settles``, no checks, the default ``generate_above``."""
+    greedy answers up to float rounding), how a screen-first walk chooses (``screen_checks``,
+    ``generate_above``) where it does not screen first, and, where the forward screen is exact
+    (the keyword judge), how the verdicts were reached (``signal``, ``screen_settles`` too). A
+    file written before these settings existed never switched to generating every prompt and
+    had ``screen_settles`` off and no checks."""
     keyword = (settings.get("judge") or {}).get("kind") == "keyword"
     config = dict(settings.get("config", {}))
     config.setdefault("screen_settles", False)
     config.setdefault("screen_checks", 0)
-    config.setdefault("generate_above", ProbeConfig.generate_above)
+    above = config.get("generate_above")
+    config["generate_above"] = "never" if above is None or above > 1 else above
     for name in ("record_answers", "batch_size", "share_prefix"):
         config.pop(name, None)
+    if keyword or config.get("signal", "generate") == "generate":
+        for name in ("generate_above", "screen_checks"):
+            config.pop(name, None)
     if keyword:
-        for name in ("signal", "screen_settles", "generate_above", "screen_checks"):
+        for name in ("signal", "screen_settles"):
             config.pop(name, None)
     return {**settings, "config": config}
 
@@ -427,6 +432,30 @@ class _LandscapeRun:
         self.save()
 
 
+def _say_how_points_are_measured(prober: SafetyProbe) -> None:
+    """Log why a landscape asked to screen first generates every prompt, or that another judge
+    reads every answer (after :meth:`SafetyProbe.prepare`, when the openings are known)."""
+    if prober.config.signal == "screen" and not prober.screen_first:
+        reasons = []
+        if not prober.screen_settles:
+            reasons.append(
+                f"the forward screen vouches for the keyword judge only (this one: "
+                f"{judge_kind(prober.judge)}; screen_settles lets it settle refusal openings)"
+            )
+        if prober.config.record_answers:
+            reasons.append("record_answers keeps every prompt's own answer")
+        if prober.synced:
+            reasons.append("sharded generation runs in lockstep")
+        logger.info(
+            "signal='screen' generates every prompt here: %s.", "; ".join(reasons) or "no openings"
+        )
+    elif not isinstance(prober.judge, KeywordJudge) and not prober.screen_first:
+        logger.info(
+            "The %s judge reads every answer: every harmful prompt is generated at every point.",
+            judge_kind(prober.judge),
+        )
+
+
 def compute_landscape(
     model: nn.Module,
     tokenizer: Any,
@@ -484,18 +513,6 @@ def compute_landscape(
     fingerprint = model_fingerprint(model)  # before any move; also checks the model is usable
     name = model_name or getattr(getattr(model, "config", None), "name_or_path", None)
 
-    if prober.config.signal == "screen" and not prober.screen_first:
-        logger.info(
-            "signal='screen' generates every prompt here: the forward screen vouches for the "
-            "keyword judge only (this one: %s; screen_settles lets it settle refusal openings "
-            "for another), and sharded generation runs in lockstep.",
-            judge_kind(prober.judge),
-        )
-    elif not isinstance(prober.judge, KeywordJudge) and not prober.screen_first:
-        logger.info(
-            "The %s judge reads every answer: every harmful prompt is generated at every point.",
-            judge_kind(prober.judge),
-        )
     if reads_short_answers(prober.judge, prober.config.max_new_tokens):
         logger.warning(
             "The %s judge reads answers of at most %d tokens: a classifier may call a "
@@ -504,6 +521,7 @@ def compute_landscape(
             prober.config.max_new_tokens,
         )
     prober.prepare(openings=prober.screens)
+    _say_how_points_are_measured(prober)
     settings = prober.settings()
     land = _resumed_landscape(output, resume, model, config, settings, line_specs)
     barrier()  # under torchrun every rank has read the file before the main process rewrites it

@@ -40,6 +40,7 @@ __all__ = [
     "eval_mode",
     "generate_responses",
     "pad_token_id",
+    "prefix_shareable",
     "sequence_nll",
     "sequence_nll_sum",
     "shared_prefix_length",
@@ -206,6 +207,33 @@ def cache_argument(model: nn.Module) -> str | None:
     return None
 
 
+def prefix_shareable(model: nn.Module) -> bool:
+    """Whether generation may continue from a shared prefix's KV cache with the prompts padded
+    after it: not where the padding would change what a token sees (sliding-window, chunked or
+    linear-attention layers measure distance by cache index) nor where the model asks for its
+    own kind of cache (``generation_config.cache_implementation``).
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> tiny = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=8,
+        ...                    num_hidden_layers=1, num_attention_heads=2)
+        >>> prefix_shareable(LlamaForCausalLM(tiny))
+        True
+    """
+    base = unwrap_model(model)
+    config = getattr(base, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    if config is None:
+        return False
+    if getattr(config, "sliding_window", None) or getattr(config, "attention_chunk_size", None):
+        return False
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        return False
+    generation = getattr(base, "generation_config", None)
+    return getattr(generation, "cache_implementation", None) is None
+
+
 def shared_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
     """Length of the longest common prefix of ``seqs``, leaving each at least one token."""
     first = seqs[0]
@@ -286,7 +314,8 @@ def generate_responses(
         share_prefix: the tokens every rendered prompt starts with (the chat template's system
             turn, typically) go through the model once; each batch continues from a copy of
             their KV cache, its prompts padded between the prefix and their own tokens (positions
-            from the attention mask, as with left padding). Not on sharded models.
+            from the attention mask, as with left padding). Not on sharded models, nor where
+            :func:`prefix_shareable` says the padding would change the answers.
     """
     if not prompts:
         raise ValueError("generate_responses() got no prompts.")
@@ -307,7 +336,9 @@ def generate_responses(
     decoded = 0
     if synced is None:
         synced = is_sharded_model(model)
-    cache_arg = cache_argument(model) if share_prefix and not synced else None
+    cache_arg = (
+        cache_argument(model) if share_prefix and not synced and prefix_shareable(model) else None
+    )
     shared = shared_prefix_length(encoded) if cache_arg else 0
     with eval_mode(model), _unsharded_root(model, synced):
         prefix_cache = None

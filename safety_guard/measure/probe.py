@@ -351,9 +351,11 @@ class SafetyProbe:
         """Whether :meth:`evaluate` generates only the prompts the screen flags: ``signal=
         "screen"`` with a judge the screen settles for (:attr:`screen_settles`), on one process
         or ranks that each hold the whole model (sharded generation runs in lockstep), with the
-        refusal openings of exactly the harmful prompts measured."""
+        refusal openings of exactly the harmful prompts measured, and no answers to record
+        (``record_answers`` keeps every prompt's own answer)."""
         return (
             self.config.signal == "screen"
+            and not self.config.record_answers  # recorded answers are every prompt's own
             and self.screens
             and self.screen_settles
             and not self.synced
@@ -387,7 +389,7 @@ class SafetyProbe:
         forward_tokens = 0
         # the file's record of the screen: every prompt screened at every point with signal=
         # "generate"; a sample of the screen's refusals generated at screen-first points
-        record = per_prompt and not self.screen_first
+        record = per_prompt and self.config.screen and not self.screen_first
         if harmful and (first or record):
             mine = list(range(rank, len(self.openings.prompts), world))
             point = self.forward(mine)
@@ -454,14 +456,14 @@ class SafetyProbe:
             answers=responses if self.config.record_answers else None,
         )
 
-    def _screen_checks(self, flags: Sequence[bool]) -> list[int]:
+    def _screen_checks(self, flags: Sequence[bool]) -> list[int] | None:
         """The prompts the screen settled as refusals that this point generates anyway:
         ``config.screen_checks`` of them, the next share of the list at each call (the same
         on every rank: the flags are gathered and every rank measures every point)."""
         settled = [i for i, f in enumerate(flags) if not f]
         count = min(self.config.screen_checks, len(settled))
-        if not count:
-            return []
+        if not count:  # none asked for: no record; none left: every prompt was generated
+            return None if not self.config.screen_checks else []
         start = self._checks_made % len(settled)
         self._checks_made += count
         return sorted((settled + settled)[start : start + count])

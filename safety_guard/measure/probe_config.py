@@ -89,11 +89,11 @@ class ProbeConfig:
         metadata={
             "help": "Record how the guard's forward-only screen agrees with the judge on this "
             "model (the guard's calibration; with a judge other than the keyword judge: how "
-            "often it called an answer that opens with a refusal unsafe). With signal='generate' "
-            "the screen runs at every point, on every prompt; with signal='screen' a point "
-            "measured screen-first also generates screen_checks of the prompts the screen "
-            "settled as refusals, and any unsafe answer among them counts as a miss (and as "
-            "unsafe)."
+            "often it called an answer that opens with a refusal unsafe). A point that generates "
+            "every prompt screens every prompt beside it (except where a screen-first walk "
+            "switched to generating beyond the edge); a point measured screen-first also "
+            "generates screen_checks of the prompts the screen settled as refusals, and any "
+            "unsafe answer among them counts as a miss (and as unsafe)."
         },
     )
     screen_checks: int = field(
@@ -127,9 +127,8 @@ class ProbeConfig:
         default=False,
         metadata={
             "help": "Keep every harmful prompt's answer at every point in the file (for "
-            "`safety-guard judge-agreement`), each decoded to max_new_tokens (no early stop); "
-            "with signal='screen' a prompt the screen settled keeps the aligned model's "
-            "refusal opening."
+            "`safety-guard judge-agreement`), each decoded to max_new_tokens (no early stop): "
+            "every prompt is then generated, signal='screen' or not."
         },
     )
 

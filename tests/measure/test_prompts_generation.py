@@ -218,3 +218,31 @@ def test_a_shared_prefix_gives_the_same_greedy_answers(text_tokenizer):
     shared_stop = generate_responses(model, text_tokenizer, prompts, share_prefix=True, **stop)
     assert shared_stop.token_ids == plain_stop.token_ids
     assert shared_stop.decoded_tokens == plain_stop.decoded_tokens < plain.decoded_tokens
+
+
+def test_no_shared_prefix_where_padding_would_change_what_a_token_sees(text_tokenizer):
+    """Sliding-window layers measure distance by cache index: padding after a shared prefix
+    would move it out of the window, so those models generate without sharing."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from safety_guard.measure.generation import prefix_shareable
+
+    config = MistralConfig(
+        vocab_size=len(text_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=16,
+    )
+    torch.manual_seed(0)
+    windowed = MistralForCausalLM(config)
+    assert not prefix_shareable(windowed)
+    assert prefix_shareable(make_model(vocab_size=len(text_tokenizer)))
+    fmt = ChatFormat(system_prompt="You are a careful and helpful assistant, answer briefly.")
+    prompts = ["Tell me a short story about a cat.", "Hi", "What is two plus two?"]
+    common = dict(chat_format=fmt, max_new_tokens=12, batch_size=3)
+    plain = generate_responses(windowed, text_tokenizer, prompts, **common)
+    shared = generate_responses(windowed, text_tokenizer, prompts, share_prefix=True, **common)
+    assert shared.token_ids == plain.token_ids

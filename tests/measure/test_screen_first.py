@@ -194,6 +194,7 @@ def test_a_file_of_the_previous_defaults_is_resumed_by_the_new_ones(tmp_path, te
     output.write_text(json.dumps(data))
     resumed = run()
     assert resumed.complete and resumed.curves()[0]["asr"] == old.curves()[0]["asr"]
+    run(signal="generate", screen_checks=3)  # checks do not matter where nothing screens first
     with pytest.raises(LandscapeMismatchError, match="settings"):
         run(max_new_tokens=4)  # a decode budget changes verdicts: refused
 
@@ -218,3 +219,20 @@ def test_far_ends_learn_from_the_far_ends_measured_before(tmp_path, text_tokeniz
     assert flag_fraction(first[-0.4]) >= 0.25  # beyond this edge: the prediction is tested
     # the first line's far end at -0.4 predicts its other side and the second line's far ends
     assert first[0.4]["signal"] == second[-0.4]["signal"] == second[0.4]["signal"] == "generate"
+
+
+def test_recorded_answers_and_zero_checks(text_tokenizer):
+    """record_answers keeps every prompt's own answer, so it generates every prompt; without
+    checks (screen_checks=0) a screen-first point records no screen agreement."""
+    model = make_model(vocab_size=len(text_tokenizer), tie=False)
+    judge = echo_judge(model, text_tokenizer, PROMPTS)
+    recorded = _probe(model, text_tokenizer, judge, "screen")
+    recorded.config.record_answers = True
+    assert not recorded.screen_first
+    point = recorded.evaluate(per_prompt=True, capability=False)
+    assert point.signal == "generate" and len(point.answers) == 24
+    unchecked = _probe(model, text_tokenizer, judge, "screen")
+    unchecked.config.screen_checks = 0
+    point = unchecked.evaluate(per_prompt=True, capability=False)
+    assert point.signal == "screen" and point.checked_prompts is None
+    assert "checked_prompts" not in point.to_dict()
