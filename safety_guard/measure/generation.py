@@ -35,6 +35,7 @@ __all__ = [
     "ChatFormat",
     "GenerationResult",
     "MissingChatTemplateError",
+    "SharedPrefix",
     "cache_argument",
     "encode_texts",
     "eval_mode",
@@ -43,6 +44,7 @@ __all__ = [
     "prefix_shareable",
     "sequence_nll",
     "sequence_nll_sum",
+    "share_prefix_cache",
     "shared_prefix_length",
 ]
 
@@ -244,6 +246,58 @@ def shared_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
     return n
 
 
+@dataclass
+class SharedPrefix:
+    """The KV cache of the tokens a batch of sequences starts with, computed once.
+
+    Attributes:
+        length: how many leading tokens it holds (every sequence's first ``length`` are these).
+        cache: the model's cache object for one sequence.
+        argument: the name under which the model's forward takes it (``cache`` or
+            ``past_key_values``).
+    """
+
+    length: int
+    cache: Any
+    argument: str
+
+    def for_batch(self, rows: int) -> dict[str, Any]:
+        """Keyword arguments that continue ``rows`` sequences from a copy of the prefix."""
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(rows)
+        return {self.argument: cache}
+
+
+@torch.no_grad()
+def share_prefix_cache(
+    model: nn.Module, seqs: Sequence[Sequence[int]], device: torch.device
+) -> SharedPrefix | None:
+    """Run the common prefix of ``seqs`` through ``model`` once, or say it cannot be shared.
+
+    None where the model takes no cache argument, where :func:`prefix_shareable` says padding
+    after the prefix would change the answers, where the prefix is shorter than
+    :data:`MIN_SHARED_PREFIX`, or where the forward returns no cache. The caller pads each
+    sequence's remaining tokens after the prefix and gives positions from the attention mask.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> tiny = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8,
+        ...     intermediate_size=8, num_hidden_layers=1, num_attention_heads=2))
+        >>> seqs = [list(range(1, 11)) + [12], list(range(1, 11)) + [13, 14]]
+        >>> share_prefix_cache(tiny.eval(), seqs, torch.device("cpu")).length
+        10
+    """
+    argument = cache_argument(model)
+    if argument is None or not prefix_shareable(model):
+        return None
+    length = shared_prefix_length(seqs)
+    if length < MIN_SHARED_PREFIX:
+        return None
+    out = model(input_ids=torch.tensor([list(seqs[0][:length])], device=device), use_cache=True)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    return None if cache is None else SharedPrefix(length, cache, argument)
+
+
 @contextlib.contextmanager
 def _unsharded_root(model: nn.Module, sharded: bool) -> Iterator[None]:
     """The outermost FSDP2 module or FSDP (1) unit of ``model`` unsharded inside the block (a
@@ -336,30 +390,18 @@ def generate_responses(
     decoded = 0
     if synced is None:
         synced = is_sharded_model(model)
-    cache_arg = (
-        cache_argument(model) if share_prefix and not synced and prefix_shareable(model) else None
-    )
-    shared = shared_prefix_length(encoded) if cache_arg else 0
     with eval_mode(model), _unsharded_root(model, synced):
-        prefix_cache = None
-        if shared >= MIN_SHARED_PREFIX:
-            out = model(
-                input_ids=torch.tensor([encoded[0][:shared]], device=device), use_cache=True
-            )
-            prefix_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        if prefix_cache is None:
-            shared = 0
+        prefix = share_prefix_cache(model, encoded, device) if share_prefix and not synced else None
+        shared = prefix.length if prefix is not None else 0
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             ids, mask = left_padded([encoded[i][shared:] for i in idx], pad_id)
             kwargs: dict[str, Any] = {}
-            if prefix_cache is not None:
-                cache = copy.deepcopy(prefix_cache)
-                cache.batch_repeat_interleave(len(idx))
-                kwargs[cache_arg] = cache
-                prefix = torch.tensor([encoded[idx[0]][:shared]] * len(idx), dtype=torch.long)
-                ids = torch.cat([prefix, ids], 1)
-                mask = torch.cat([torch.ones_like(prefix), mask], 1)
+            if prefix is not None:
+                kwargs.update(prefix.for_batch(len(idx)))
+                prefix_ids = torch.tensor([encoded[idx[0]][:shared]] * len(idx), dtype=torch.long)
+                ids = torch.cat([prefix_ids, ids], 1)
+                mask = torch.cat([torch.ones_like(prefix_ids), mask], 1)
             width = ids.shape[1]
             if synced:
                 kwargs["synced_gpus"] = True

@@ -29,7 +29,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,15 +37,13 @@ import torch
 from torch import nn
 
 from safety_guard.measure.generation import (
-    MIN_SHARED_PREFIX,
     ChatFormat,
-    cache_argument,
     encode_texts,
     eval_mode,
     generate_responses,
     left_padded,
     pad_token_id,
-    shared_prefix_length,
+    share_prefix_cache,
 )
 from safety_guard.measure.judges import KeywordJudge
 from safety_guard.models.wrappers import decoder_layers, model_device
@@ -196,7 +193,9 @@ def score_openings(
     every opening ends at the last position and only ``max opening length`` positions get logits.
     With ``share_prefix`` the tokens every rendered prompt starts with (the chat template's
     system turn, typically) go through the model once, and each batch continues from a copy of
-    their KV cache. The model's training flag is restored; the tokenizer is not modified.
+    their KV cache, where :func:`~safety_guard.measure.generation.share_prefix_cache` allows
+    it (not on sliding-window models, for one). The model's training flag is restored; the
+    tokenizer is not modified.
     """
     chat_format = chat_format or ChatFormat()
     n = len(openings.prompts)
@@ -218,20 +217,13 @@ def score_openings(
     seqs = {i: ctx + openings.token_ids[i][:-1] for i, ctx in zip(rows, contexts, strict=True)}
     pad_id = pad_token_id(tokenizer)
     device = model_device(model)
-    cache_arg = cache_argument(model) if share_prefix else None
-    shared = shared_prefix_length(contexts) if cache_arg else 0
-    prefix_cache = None
     tokens = 0
-    if shared >= MIN_SHARED_PREFIX:
-        with eval_mode(model):
-            out = model(
-                input_ids=torch.tensor([contexts[0][:shared]], device=device), use_cache=True
-            )
-        prefix_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    with eval_mode(model):
+        prefix = share_prefix_cache(model, contexts, device) if share_prefix else None
+    shared = 0
+    if prefix is not None:
+        shared = prefix.length
         tokens += shared
-    if prefix_cache is None:
-        shared = 0
-    else:
         seqs = {i: seq[shared:] for i, seq in seqs.items()}
     order = sorted(rows, key=lambda i: len(seqs[i]))
     captured: dict[str, torch.Tensor] = {}
@@ -253,11 +245,9 @@ def score_openings(
                 positions = (mask.cumsum(-1) - 1).clamp_min(0) + shared
                 tokens += int(mask.sum())
                 extra: dict[str, Any] = {"use_cache": False}
-                if prefix_cache is not None:
-                    cache = copy.deepcopy(prefix_cache)
-                    cache.batch_repeat_interleave(len(idx))
+                if prefix is not None:
                     mask = torch.cat([torch.ones((len(idx), shared), dtype=torch.long), mask], 1)
-                    extra = {cache_arg: cache, "use_cache": True}
+                    extra = {**prefix.for_batch(len(idx)), "use_cache": True}
                 out = model(
                     input_ids=ids.to(device),
                     attention_mask=mask.to(device),

@@ -119,6 +119,42 @@ def test_shared_prefix_gives_the_same_scores(text_tokenizer):
     assert shared.tokens < plain.tokens  # the system turn went through the model once
 
 
+def test_no_shared_prefix_on_a_sliding_window_model(text_tokenizer):
+    """Padding after a shared prefix would move tokens out of a sliding window, so the screen of
+    such a model scores every sequence whole: the same scores as without sharing."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from safety_guard.measure.generation import ChatFormat
+
+    config = MistralConfig(
+        vocab_size=len(text_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=16,
+    )
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config)
+    fmt = ChatFormat(system_prompt="You are a careful and helpful assistant, answer briefly.")
+    judge = echo_judge(model, text_tokenizer, PROMPTS)
+    openings = refusal_openings(model, text_tokenizer, PROMPTS, judge=judge, chat_format=fmt)
+    kwargs = dict(chat_format=fmt, batch_size=5)
+    shared = score_openings(model, text_tokenizer, openings, **kwargs)
+    plain = score_openings(model, text_tokenizer, openings, share_prefix=False, **kwargs)
+    opened = ~torch.isnan(plain.margin)
+    assert opened.any()
+    assert shared.tokens == plain.tokens
+    assert torch.allclose(shared.margin[opened], plain.margin[opened], atol=1e-5)
+    assert shared.deviation == plain.deviation
+    from safety_guard.measure.generation import share_prefix_cache
+
+    seqs = [[1] * 12 + [2], [1] * 12 + [3, 4]]
+    assert share_prefix_cache(model, seqs, torch.device("cpu")) is None
+    assert share_prefix_cache(make_model(vocab_size=40), seqs, torch.device("cpu")).length == 12
+
+
 def test_verified_refusals_are_exact_and_drafts_recover_paraphrases(text_tokenizer):
     """verify_refusals: every prompt it calls a refusal is one by generation, at every
     perturbation; it flags no more prompts than the own-opening margin does."""
