@@ -33,6 +33,24 @@ def make_model(
     return model
 
 
+def sliding_window_model(vocab_size: int, window: int = 16) -> torch.nn.Module:
+    """A 2-layer Mistral built from a config whose attention sees only the last ``window``
+    tokens (hidden size 32)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=window,
+    )
+    torch.manual_seed(0)
+    return MistralForCausalLM(config)
+
+
 @pytest.fixture
 def tiny_model() -> LlamaForCausalLM:
     return make_model()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_model, sliding_window_model
 from guard_helpers import echo_judge
 
 from safety_guard.landscape.directions import RandomDirection
@@ -122,21 +122,9 @@ def test_shared_prefix_gives_the_same_scores(text_tokenizer):
 def test_no_shared_prefix_on_a_sliding_window_model(text_tokenizer):
     """Padding after a shared prefix would move tokens out of a sliding window, so the screen of
     such a model scores every sequence whole: the same scores as without sharing."""
-    from transformers import MistralConfig, MistralForCausalLM
-
     from safety_guard.measure.generation import ChatFormat
 
-    config = MistralConfig(
-        vocab_size=len(text_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=16,
-    )
-    torch.manual_seed(0)
-    model = MistralForCausalLM(config)
+    model = sliding_window_model(len(text_tokenizer))
     fmt = ChatFormat(system_prompt="You are a careful and helpful assistant, answer briefly.")
     judge = echo_judge(model, text_tokenizer, PROMPTS)
     openings = refusal_openings(model, text_tokenizer, PROMPTS, judge=judge, chat_format=fmt)

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_model, sliding_window_model
 
 from safety_guard.measure.generation import (
     ChatFormat,
@@ -223,21 +223,9 @@ def test_a_shared_prefix_gives_the_same_greedy_answers(text_tokenizer):
 def test_no_shared_prefix_where_padding_would_change_what_a_token_sees(text_tokenizer):
     """Sliding-window layers measure distance by cache index: padding after a shared prefix
     would move it out of the window, so those models generate without sharing."""
-    from transformers import MistralConfig, MistralForCausalLM
-
     from safety_guard.measure.generation import prefix_shareable
 
-    config = MistralConfig(
-        vocab_size=len(text_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=16,
-    )
-    torch.manual_seed(0)
-    windowed = MistralForCausalLM(config)
+    windowed = sliding_window_model(len(text_tokenizer))
     assert not prefix_shareable(windowed)
     assert prefix_shareable(make_model(vocab_size=len(text_tokenizer)))
     fmt = ChatFormat(system_prompt="You are a careful and helpful assistant, answer briefly.")
