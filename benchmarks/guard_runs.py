@@ -102,11 +102,14 @@ def run_name(
     scheduler: str = "constant",
     steps: int | None = None,
     warmup_ratio: float = 0.0,
+    learning_rate: float | None = None,
 ) -> str:
-    """``harmful-lora-0.0002-seed0``; a schedule other than constant, a warmup, or other steps
-    than the suite's, are named too (``benign-lora-0.0002-linear-200-seed0``,
-    ``harmful-lora-0.0002-cosine-w0.1-200-seed0``)."""
+    """``harmful-lora-0.0002-seed0``; a schedule other than constant, a warmup, other steps
+    than the suite's, or another peak learning rate, are named too
+    (``benign-lora-0.0002-linear-200-seed0``, ``harmful-lora-0.0002-cosine-w0.1-200-seed0``,
+    ``varied-lora-0.0001-linear-200-seed0``)."""
     lr, default_steps = METHODS[method]
+    lr = learning_rate or lr
     extra = "" if scheduler == "constant" else f"-{scheduler}"
     if warmup_ratio:
         extra += f"-w{warmup_ratio:g}"
@@ -122,6 +125,27 @@ def record_steps(max_steps: int) -> list[int]:
 # -- recording ------------------------------------------------------------------------------------
 
 
+def testbed_build() -> dict[str, Any]:
+    """Which testbed build a recording ran on: its marker's creation time and torch thread
+    counts (a build whose thread count changed midway differs from others at float rounding),
+    and the SHA-256 of its weights file."""
+    import hashlib
+
+    from safety_guard.testbed import build_testbed
+
+    folder = build_testbed(progress=False)
+    marker = json.loads((folder / "testbed.json").read_text(encoding="utf-8"))
+    digest = hashlib.sha256()
+    with open(folder / "model.safetensors", "rb") as weights:
+        for chunk in iter(lambda: weights.read(1 << 20), b""):
+            digest.update(chunk)
+    return {
+        "created": marker["created"],
+        "torch_threads": marker.get("torch_threads"),
+        "sha256": digest.hexdigest(),
+    }
+
+
 def run_one(
     kind: str,
     method: str,
@@ -130,6 +154,7 @@ def run_one(
     scheduler: str = "constant",
     steps: int | None = None,
     warmup_ratio: float = 0.0,
+    learning_rate: float | None = None,
 ) -> dict[str, Any]:
     """Train one run of the suite with the recorders; returns (and saves) its result (with the
     run's learning-rate multipliers, which the replay's horizon counts in)."""
@@ -141,7 +166,7 @@ def run_one(
     from safety_guard.testbed.finetune import FinetuneRun, run_finetune
 
     lr, default_steps = METHODS[method]
-    steps = steps or default_steps
+    lr, steps = learning_rate or lr, steps or default_steps
     config = GuardConfig()
     recording = dataclasses.replace(config, max_asr_rise=RECORD_LIMIT)
     schedule = set(record_steps(steps))
@@ -199,7 +224,7 @@ def run_one(
         stop_damage=STOP_DAMAGE,
         seed=seed,
     )
-    name = run_name(kind, method, seed, scheduler, steps, warmup_ratio)
+    name = run_name(kind, method, seed, scheduler, steps, warmup_ratio, learning_rate)
     result = run_finetune(run, out / name, None, progress=False, callbacks=[recorder])
     cos = [[sketch_cosine(a, b) for b in recorder.sketches] for a in recorder.sketches]
     result.update(
@@ -212,6 +237,7 @@ def run_one(
             "cosines": cos,
             "config": config.to_dict(),
             "schedule": recorder.schedule.to_dict() if recorder.schedule else None,
+            "testbed": testbed_build(),
         }
     )
     path = out / name / "result.json"
@@ -649,6 +675,13 @@ def main() -> None:
         "--steps", type=int, default=None, help="Steps per run (default: the suite's 40 / 30)."
     )
     parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=None,
+        help="Peak learning rate of every run (default: the suite's 2e-4 for LoRA, 1e-5 for full "
+        "finetuning); named in the runs' folders and the tables' files.",
+    )
+    parser.add_argument(
         "--output-dir",
         type=Path,
         default=Path(__file__).resolve().parent / "results" / "guard_damage",
@@ -671,7 +704,13 @@ def main() -> None:
         for method in args.methods:
             for kind in args.kinds:
                 name = run_name(
-                    kind, method, seed, args.lr_scheduler, args.steps, args.warmup_ratio
+                    kind,
+                    method,
+                    seed,
+                    args.lr_scheduler,
+                    args.steps,
+                    args.warmup_ratio,
+                    args.learning_rate,
                 )
                 path = out / name / "result.json"
                 if path.exists():
@@ -688,6 +727,7 @@ def main() -> None:
                         args.lr_scheduler,
                         args.steps,
                         args.warmup_ratio,
+                        args.learning_rate,
                     )
                     print(f"{name}: done", flush=True)
     if args.screen_aligned:
@@ -731,6 +771,7 @@ def main() -> None:
         # one table per schedule: guard_damage.md, guard_schedules-linear.md, ...-cosine-w0.1.md
         tag = "" if args.lr_scheduler == "constant" else f"-{args.lr_scheduler}"
         tag += f"-w{args.warmup_ratio:g}" if args.warmup_ratio else ""
+        tag += f"-lr{args.learning_rate:g}" if args.learning_rate else ""
         (out.parent / f"{out.name}{tag}{suffix}.md").write_text(text)
         (out.parent / f"{out.name}{tag}{suffix}.json").write_text(json.dumps(rows, indent=1))
 
