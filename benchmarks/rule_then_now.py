@@ -12,7 +12,8 @@ part of a difference from the rest.
 
 The default ``--then`` is ea07e6e, the rule before the horizon counted the learning rate the
 run's schedule has left (the largest lookahead, 2·δ, until the last steps, where the horizon
-shrinks with the steps left at the pace the displacement grew).
+shrinks with the steps left at the pace the displacement grew) and before the cadence counted
+the turn of δ off the probed line.
 
     python benchmarks/rule_then_now.py --runs benchmarks/results/guard_schedules
 
@@ -70,10 +71,14 @@ def replay_at(commit: str, runs: Path) -> dict[str, dict[str, Any]]:
         try:
             done = subprocess.run(
                 [sys.executable, "-c", _CHILD, str(tree), str(runs.resolve())],
-                check=True,
                 capture_output=True,
                 text=True,
             )
+            if done.returncode:
+                raise RuntimeError(
+                    f"The replay of {commit}'s rule failed (exit {done.returncode}):\n"
+                    + done.stderr[-3000:]
+                )
         finally:
             subprocess.run(
                 ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=True
@@ -127,6 +132,12 @@ def main() -> None:
     args = parser.parse_args()
     if not any(args.runs.glob("*/result.json")):
         parser.error(f"no saved runs (*/result.json) under {args.runs}")
+    known = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--quiet", "--verify", f"{args.then}^{{commit}}"],
+        capture_output=True,
+    )
+    if known.returncode:
+        parser.error(f"{args.then!r} is not a commit of this repository ({ROOT})")
     text = markdown_table(table(args.runs, args.then)) + "\n"
     print(text)
     args.output.write_text(text)
