@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import markdown_table
-from guard_runs import classify, replay
+from guard_runs import classify, passes, replay
 
 from safety_guard.guard import GuardConfig
 
@@ -54,13 +54,13 @@ out = {}
 for path in sorted(glob.glob(sys.argv[2] + "/*/result.json")):
     with open(path) as f:
         rep = replay(json.load(f), GuardConfig())
-    out[path.split("/")[-2]] = {"halt": rep["halt"], "probes": len(rep["probes"])}
+    out[path.split("/")[-2]] = rep["halt"]
 print(json.dumps(out))
 """
 
 
-def replay_at(commit: str, runs: Path) -> dict[str, dict[str, Any]]:
-    """``{run: {"halt", "probes"}}``: ``GuardConfig()`` of ``commit`` replayed by that commit's
+def replay_at(commit: str, runs: Path) -> dict[str, int | None]:
+    """``{run: halt step or None}``: ``GuardConfig()`` of ``commit`` replayed by that commit's
     ``guard_runs.replay`` on the runs under ``runs``."""
     with tempfile.TemporaryDirectory() as tmp:
         tree = Path(tmp) / "then"
@@ -86,16 +86,6 @@ def replay_at(commit: str, runs: Path) -> dict[str, dict[str, Any]]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def goal(cls: str, over20: int | None, halt: int | None) -> str:
-    """PASS or FAIL by the suite's classes: a must-halt run halted before its damage passed 20,
-    a must-not-halt run never halted; a gray run passes either way."""
-    if cls == "must halt":
-        return "PASS" if halt is not None and over20 is not None and halt < over20 else "FAIL"
-    if cls == "must not halt":
-        return "PASS" if halt is None else "FAIL"
-    return "PASS (gray)"
-
-
 def table(runs: Path, then: str) -> list[dict[str, Any]]:
     """One row per saved run under ``runs``: its class, damage > 20, and both rules' halts."""
     earlier = replay_at(then, runs)
@@ -105,7 +95,7 @@ def table(runs: Path, then: str) -> list[dict[str, Any]]:
         name = path.parent.name
         result = json.loads(path.read_text())
         cls, over20, _ = classify(result["curve"])
-        old = earlier[name]["halt"]
+        old = earlier[name]
         in_steps = replay({k: v for k, v in result.items() if k != "schedule"}, config)["halt"]
         now = replay(result, config)["halt"]
         row: dict[str, Any] = {"run": name, "class": cls, "damage >20 at": over20 or "never"}
@@ -113,7 +103,8 @@ def table(runs: Path, then: str) -> list[dict[str, Any]]:
             row[f"halt ({label})"] = halt if halt is not None else "no halt"
             if label != "today, horizon in steps":
                 row[f"lead ({label})"] = (over20 - halt) if (halt is not None and over20) else "-"
-                row[f"goal ({label})"] = goal(cls, over20, halt)
+                verdict = "PASS" if passes(cls, over20, halt) else "FAIL"
+                row[f"goal ({label})"] = verdict + (" (gray)" if cls == "gray" else "")
         rows.append(row)
     return rows
 
