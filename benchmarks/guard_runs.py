@@ -40,7 +40,7 @@ allowed). Thresholds are chosen on seed 0 only; seeds 1-2 are reported apart, as
     python benchmarks/guard_runs.py --seeds 0            # calibration: 10 runs (~2 h on 2 cores)
     python benchmarks/guard_runs.py --seeds 1 2          # validation: 20 runs
     python benchmarks/guard_runs.py --replay             # the tables from the saved runs, seconds
-    python benchmarks/guard_runs.py --replay --sweep     # also a grid of max_asr_rise × confidence_z
+    python benchmarks/guard_runs.py --replay --sweep     # also max_asr_rise × confidence_z, ...
 
 Output: ``benchmarks/results/guard_damage{,_validation}.{md,json}`` and one folder per run with
 ``result.json`` under ``--output-dir`` (default ``benchmarks/results/guard_damage``).
@@ -690,7 +690,10 @@ def main() -> None:
         "--replay", action="store_true", help="Only rebuild the tables from saved runs."
     )
     parser.add_argument(
-        "--sweep", action="store_true", help="Also replay a grid of max_asr_rise × confidence_z."
+        "--sweep",
+        action="store_true",
+        help="Also replay a grid of max_asr_rise × confidence_z, prompt counts, halt_within and "
+        "min_cosine.",
     )
     parser.add_argument(
         "--screen-aligned",
@@ -763,6 +766,12 @@ def main() -> None:
                     f"{limit} (halt_within {w})", dataclasses.replace(config, halt_within=w), *runs
                 )
                 for w in (0, 2, 5, 10)
+            ]
+            sweep += [
+                _sweep_row(
+                    f"{limit} (min_cosine {c:g})", dataclasses.replace(config, min_cosine=c), *runs
+                )
+                for c in (0.9, 0.93, 0.95, 0.97)
             ]
             text += "\n### Sweep\n\n" + markdown_table(sweep) + "\n"
             text += "\n### The screen against itself at θ₀, or against the openings only\n\n"

@@ -12,7 +12,9 @@ as the finetune keeps its direction, the models it passes through on the way the
   steps; a lookahead point whose capability collapsed counts with its ASR, gibberish reading as
   compliance, so it brings s_c nearer but does not make it 1),
 * or δ has turned away from the probed direction (cosine of cheap sketches of δ below
-  ``min_cosine``),
+  ``min_cosine``, 0.95: the damage suite's 20 %-poisoned full finetune with linear decay turned
+  20° off its step-12 probe by step 20 while its displacement grew too slowly to pass what that
+  probe covered, and its held-out damage passed 20 points by step 25),
 * or the step is twice the last probe's step (a finetune whose displacement stalls can still
   turn harmful: a poisoned LoRA finetune of the damage suite did),
 * or ``max_probe_interval`` steps have passed,

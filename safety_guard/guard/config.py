@@ -111,7 +111,7 @@ class GuardConfig:
         default=50, metadata={"help": "Adaptive cadence: probe at least every N steps."}
     )
     min_cosine: float = field(
-        default=0.9,
+        default=0.95,
         metadata={
             "help": "Adaptive cadence: probe when the cosine between δ now and at the last "
             "probe (from cheap sketches) falls below this."
